@@ -1,0 +1,119 @@
+"""Safe, self-describing artifacts: safetensors tensors with JSON metadata, written atomically.
+
+Every file promptkd writes (teacher prompts, class vectors, students, checkpoints) goes through
+here, so nothing is ever unpickled and a crash mid-write never destroys the previous file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load_bytes
+from safetensors.torch import save as st_save_bytes
+
+from promptkd.errors import PromptKDError
+
+FORMAT_VERSION = 1
+_META_KEY = "promptkd"
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb"):
+    """Write to a temporary file in the same folder, fsync, then rename over `path`.
+
+    If the writer raises, the temporary file is removed and `path` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        with contextlib.suppress(OSError):
+            dfd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Atomically write pretty JSON."""
+    with atomic_open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise PromptKDError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PromptKDError(f"{path}: not valid JSON ({e})") from None
+
+
+def save_artifact(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Save tensors plus a JSON-able metadata dict into one safetensors file, atomically."""
+    path = Path(path)
+    meta = {"format_version": FORMAT_VERSION, **meta}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    blob = st_save_bytes(tensors, metadata={_META_KEY: json.dumps(meta)})
+    with atomic_open(path, "wb") as f:
+        f.write(blob)
+    return path
+
+
+def load_artifact(path: str | os.PathLike, kind: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load a promptkd artifact; check its `kind` when given. Never unpickles."""
+    path = Path(path)
+    if not path.is_file():
+        raise PromptKDError(f"{path}: file not found")
+    data = path.read_bytes()
+    try:
+        tensors = st_load_bytes(data)
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_len])
+    except (SafetensorError, ValueError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PromptKDError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    raw = (header.get("__metadata__") or {}).get(_META_KEY)
+    if raw is None:
+        raise PromptKDError(f"{path}: safetensors file without promptkd metadata (not a promptkd artifact)")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise PromptKDError(f"{path}: corrupt promptkd metadata ({e})") from None
+    if not isinstance(meta, dict):
+        raise PromptKDError(f"{path}: promptkd metadata must be a JSON object")
+    if kind is not None and meta.get("kind") != kind:
+        raise PromptKDError(f"{path}: expected a {kind} artifact, found kind={meta.get('kind')!r}")
+    return tensors, meta
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """A short stable hash of named tensors (for identifying a teacher's prompts)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]

@@ -1,0 +1,191 @@
+"""What a dataset is (items, splits) and the torch Dataset that reads images for training.
+
+Images are decoded with PIL and converted to RGB the way a user expects (16-bit scaled, alpha
+composited on white), and training augmentation draws from a generator seeded by
+(seed, epoch, index) so that any sample of any epoch can be reproduced or replayed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+from promptkd.errors import PromptKDError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
+)
+
+
+class Item(NamedTuple):
+    """One image: absolute path and integer label (-1 for unlabelled images)."""
+
+    path: str
+    label: int
+
+
+@dataclass
+class DatasetSplits:
+    """A dataset as every builder returns it; `classnames[label]` names each label."""
+
+    name: str
+    classnames: list[str]
+    train: list[Item]
+    val: list[Item]
+    test: list[Item]
+    class_ids: list[str] | None = None  # stable ids (ImageNet wnids) to match classes across datasets
+
+
+def clean_classname(name: str) -> str:
+    """The official prompt learner replaces underscores by spaces before tokenising."""
+    return name.replace("_", " ")
+
+
+def is_image_file(name: str) -> bool:
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[str]:
+    """Absolute paths of image files under `folder`, sorted, hidden files and folders skipped."""
+    folder = os.path.abspath(folder)
+    if not recursive:
+        with os.scandir(folder) as it:
+            return sorted(e.path for e in it if e.is_file() and is_image_file(e.name))
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        out.extend(os.path.join(dirpath, f) for f in filenames if is_image_file(f))
+    return sorted(out)
+
+
+def check_image(path: str, max_pixels: int | None = None) -> str | None:
+    """Cheaply check that `path` decodes; return why not, or None when it is fine.
+
+    open+verify catches non-images and broken headers/PNG checksums; JPEGs are additionally
+    decoded at 1/8 scale (draft mode) because verify() does not notice a truncated JPEG.
+    """
+    limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if limit and w * h > limit:
+                    return f"{w}x{h} pixels is over the limit of {limit} (possible decompression bomb)"
+                fmt = im.format
+                im.verify()
+            if fmt == "JPEG":
+                with Image.open(path) as im:
+                    im.draft("RGB", (1, 1))
+                    im.load()
+    except Image.DecompressionBombError as e:
+        return f"possible decompression bomb ({e})"
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, struct.error, ...) on bad files
+        return f"not a readable image ({type(e).__name__}: {e})"
+    return None
+
+
+class ScanResult(NamedTuple):
+    paths: list[str]
+    skipped: list[tuple[str, str]]  # (path, reason)
+
+
+def scan_images(folder: str | os.PathLike, strict: bool = False, max_pixels: int | None = None) -> ScanResult:
+    """Recursively list and check the images of an unlabelled folder.
+
+    Bad files are skipped and counted (logged), or raise PromptKDError when `strict`, so that a
+    corrupt file is found now rather than hours into training.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PromptKDError(f"{folder}: image folder not found")
+    paths, skipped = [], []
+    for p in list_images(folder):
+        reason = check_image(p, max_pixels)
+        if reason is None:
+            paths.append(p)
+        elif strict:
+            raise PromptKDError(f"{p}: {reason}")
+        else:
+            skipped.append((p, reason))
+    if skipped:
+        log.warning("%s: skipped %d unreadable file(s), e.g. %s: %s", folder, len(skipped), *skipped[0])
+    return ScanResult(paths, skipped)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB without PIL's clipping of 16-bit values or black alpha."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode == "F" and a.size and a.max() <= 1.0:
+            a = a * 255.0
+        elif im.mode.startswith("I;16") or (a.size and a.max() > 255):
+            a = a / 257.0  # 16-bit range onto 8-bit
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Read an image as RGB; a bad file is a PromptKDError naming it."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return to_rgb(im)
+    except Exception as e:
+        raise PromptKDError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+
+
+def augmentation_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed that depends only on (seed, epoch, index): independent of workers and order."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Items -> (image tensor, label, index).
+
+    In train mode `transform(img, generator)` must return (tensor, view) (see TrainTransform);
+    the generator is seeded from (seed, epoch, index) so a resumed run sees the same views.
+    Call set_epoch() each epoch; workers must be re-created per epoch (persistent_workers=False)
+    for them to see it.
+    """
+
+    def __init__(self, items, transform, seed: int = 0, train: bool = True):
+        self.items = list(items)
+        self.transform = transform
+        self.seed = seed
+        self.train = train
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def generator_for(self, index: int) -> torch.Generator:
+        return torch.Generator().manual_seed(augmentation_seed(self.seed, self.epoch, index))
+
+    def __getitem__(self, index: int):
+        path, label = self.items[index]
+        img = load_rgb(path)
+        if self.train:
+            tensor, _view = self.transform(img, self.generator_for(index))
+        else:
+            tensor = self.transform(img)
+        return tensor, label, index

@@ -1,0 +1,365 @@
+"""A procedurally generated image-caption world, for demos and tests that need no files.
+
+Every image is one coloured shape (8 shapes x 8 colours x 4 textures x 3 sizes) on a
+background, rendered at 48 x 48 pixels by vectorised torch code (tens of thousands of
+images per second on one core). Everything is a pure function of a seed.
+
+Two distributions share the same objects:
+
+* the **pretraining** distribution: plain white / grey / black or mildly noisy
+  backgrounds, mild colour jitter, and a caption for every image built from one of the
+  80 CLIP ImageNet templates (``"a bad photo of a large red striped circle."``). It is
+  used to pretrain the two tiny CLIPs (``promptkd.toy.pretrain``).
+* the **domain** distribution, the downstream task: 24 named classes
+  (``"blue circle"``, ``"red star"``, ...: a colour and a shape, words the captions
+  use), drawn on cluttered, coloured, noisy backgrounds with stronger colour and
+  brightness jitter, more size and position variation. Zero-shot transfer works
+  partly; adapting to the domain helps. Classes are in alphabetical order (so a
+  folder scan gives the same labels) and, by the official rule, the first
+  ``ceil(n / 2)`` are the base classes and the rest the novel ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+IMAGE_SIZE = 48
+
+SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring", "star", "crescent")
+COLOURS = {
+    "red": (215, 35, 35),
+    "orange": (245, 135, 20),
+    "yellow": (240, 220, 30),
+    "green": (30, 165, 55),
+    "cyan": (30, 205, 215),
+    "blue": (35, 65, 220),
+    "purple": (135, 45, 190),
+    "pink": (250, 135, 195),
+}
+COLOUR_NAMES = tuple(COLOURS)
+TEXTURES = ("plain", "striped", "dotted", "checkered")
+SIZES = ("small", "medium", "large")
+PRETRAIN_BACKGROUNDS = ("white", "grey", "black", "noisy")
+
+# Radius of the shape in pixels per size, (low, high).
+_SIZE_RANGES = {"small": (7.0, 10.0), "medium": (10.0, 13.5), "large": (13.5, 17.5)}
+
+# Each shape is paired with three colours: class k of shape s has colour (s + offset_k) % 8.
+_DOMAIN_COLOUR_OFFSETS = (0, 3, 5)
+
+# Caption templates: the 80 CLIP ImageNet templates (they include the 60 that PromptSRC
+# averages for its frozen text features), so every word those templates use is trained.
+CAPTION_TEMPLATES = tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
+SIMPLE_TEMPLATE = "a photo of a {}."
+
+
+def _seed_of(*parts) -> int:
+    """A stable 63-bit seed from strings/ints (Python's hash() is salted per process)."""
+    return zlib.crc32("/".join(str(p) for p in parts).encode()) * 2654435761 % (2**63 - 1)
+
+
+def domain_classnames() -> list[str]:
+    """The 24 domain class names, ``"<colour> <shape>"``, in label (alphabetical) order."""
+    names = []
+    for offset in _DOMAIN_COLOUR_OFFSETS:
+        for s, shape in enumerate(SHAPES):
+            names.append(f"{COLOUR_NAMES[(s + offset) % len(COLOUR_NAMES)]} {shape}")
+    return sorted(names)
+
+
+def _class_attributes(name: str) -> tuple[int, int]:
+    colour, shape = name.split(" ")
+    return COLOUR_NAMES.index(colour), SHAPES.index(shape)
+
+
+def _rotate(x: torch.Tensor, y: torch.Tensor, theta: torch.Tensor):
+    c, s = torch.cos(theta), torch.sin(theta)
+    return x * c + y * s, -x * s + y * c
+
+
+def _shape_distance(shape: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Approximate signed distance (in radius units) of each pixel to its image's shape.
+
+    ``shape``: (B,) ints; ``u, v``: (B, H, W) coordinates in the shape's frame, scaled so
+    that the shape's outer radius is 1.
+    """
+    rho = torch.sqrt(u * u + v * v + 1e-12)
+    phi = torch.atan2(v, u)
+    au, av = u.abs(), v.abs()
+    # circle
+    dist = [rho - 1.0]
+    # square (half side 0.8)
+    dist.append(torch.maximum(au, av) - 0.8)
+    # triangle (circumradius 1, pointing up; image y grows downwards)
+    normals = [(0.0, 1.0), (math.cos(math.radians(-30)), -0.5), (math.cos(math.radians(210)), -0.5)]
+    dist.append(torch.stack([nx * u + ny * v for nx, ny in normals]).amax(0) - 0.5)
+    # diamond
+    dist.append((au + av - 1.0) / math.sqrt(2.0))
+    # cross (plus sign)
+    arm = 0.34
+    dist.append(torch.minimum(torch.maximum(au - 1.0, av - arm), torch.maximum(au - arm, av - 1.0)))
+    # ring
+    dist.append((rho - 0.68).abs() - 0.32)
+    # star (five points)
+    t = torch.remainder(5.0 * (phi + math.pi / 2) / (2 * math.pi), 1.0)
+    tri = (2.0 * t - 1.0).abs()
+    dist.append((rho - (0.42 + 0.58 * tri**2)) * 0.7)
+    # crescent: a disc minus a shifted disc
+    dist.append(torch.maximum(rho - 1.0, 0.78 - torch.sqrt((u - 0.5) ** 2 + v * v)))
+    stacked = torch.stack(dist)  # (S, B, H, W)
+    d = stacked.gather(0, shape.view(1, -1, 1, 1).expand(1, *u.shape)).squeeze(0)
+    return d
+
+
+def _grid(size: int):
+    coords = torch.arange(size, dtype=torch.float32) + 0.5
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    return xx, yy
+
+
+def render(
+    shape: torch.Tensor,
+    colour: torch.Tensor,
+    texture: torch.Tensor,
+    size: torch.Tensor,
+    background: str | torch.Tensor,
+    generator: torch.Generator,
+    domain: bool,
+    image_size: int = IMAGE_SIZE,
+) -> torch.Tensor:
+    """Render a batch; returns uint8 images (B, 3, H, W). All randomness comes from ``generator``.
+
+    ``shape, colour, texture, size``: (B,) int tensors indexing SHAPES, COLOUR_NAMES,
+    TEXTURES, SIZES. ``background``: (B,) ints indexing PRETRAIN_BACKGROUNDS, or
+    ``"domain"`` for the cluttered domain backgrounds.
+    """
+    g = generator
+    n = shape.shape[0]
+
+    def rand(*s):
+        return torch.rand(*s, generator=g)
+
+    lo = torch.tensor([_SIZE_RANGES[s][0] for s in SIZES])[size]
+    hi = torch.tensor([_SIZE_RANGES[s][1] for s in SIZES])[size]
+    radius = lo + (hi - lo) * rand(n)
+    if domain:
+        radius = radius * (0.85 + 0.25 * rand(n))
+    margin = radius + 1.0
+    span = image_size - 2 * margin
+    cx = margin + span * rand(n)
+    cy = margin + span * rand(n)
+    max_rot = math.radians(30 if domain else 20)
+    theta = (2 * rand(n) - 1) * max_rot
+
+    xx, yy = _grid(image_size)
+    dx = xx.unsqueeze(0) - cx.view(-1, 1, 1)
+    dy = yy.unsqueeze(0) - cy.view(-1, 1, 1)
+    pu, pv = _rotate(dx, dy, theta.view(-1, 1, 1))  # pixel units, shape frame
+    r = radius.view(-1, 1, 1)
+    dist_px = _shape_distance(shape, pu / r, pv / r) * r
+    alpha = (0.5 - dist_px).clamp(0.0, 1.0)  # one-pixel anti-aliased edge
+
+    # Fill colour with per-image jitter.
+    base = torch.tensor([COLOURS[c] for c in COLOUR_NAMES], dtype=torch.float32)[colour]  # (B, 3)
+    if domain:
+        gains = 0.8 + 0.4 * rand(n, 3)
+        fill = base * gains * (0.75 + 0.4 * rand(n, 1)) + (2 * rand(n, 3) - 1) * 20
+    else:
+        fill = base + (2 * rand(n, 3) - 1) * 14
+    fill = fill.view(n, 3, 1, 1)
+
+    # Texture: darken part of the fill in a pattern tied to the shape's frame.
+    period = (3.0 + 1.5 * rand(n)).view(-1, 1, 1)
+    su = torch.sin(pu * math.pi / period * 2)
+    sv = torch.sin(pv * math.pi / period * 2)
+    patterns = torch.stack(
+        [
+            torch.zeros_like(su),
+            (su > 0).float(),
+            ((su > 0.3) & (sv > 0.3)).float(),
+            ((su > 0) ^ (sv > 0)).float(),
+        ]
+    )
+    pattern = patterns.gather(0, texture.view(1, -1, 1, 1).expand(1, *su.shape)).squeeze(0)
+    shade = 1.0 - 0.55 * pattern.unsqueeze(1)
+    fg = fill * shade
+
+    # Background.
+    if isinstance(background, str):
+        # Domain clutter: low-frequency, desaturated colour blobs plus a gradient.
+        coarse = rand(n, 3, 5, 5) * 255
+        grey = coarse.mean(1, keepdim=True)
+        coarse = grey + (coarse - grey) * 0.45
+        bg = torch.nn.functional.interpolate(coarse, size=(image_size, image_size), mode="bicubic", align_corners=False)
+        ramp = (xx / image_size - 0.5).view(1, 1, image_size, image_size) * (2 * rand(n, 1, 1, 1) - 1) * 80
+        bg = bg + ramp
+        noise_sigma = (8 + 14 * rand(n)).view(-1, 1, 1, 1)
+    else:
+        levels = torch.tensor([[238.0, 22.0], [128.0, 22.0], [18.0, 18.0], [128.0, 28.0]])[background]
+        level = levels[:, 0] + (2 * rand(n) - 1) * levels[:, 1]
+        bg = level.view(-1, 1, 1, 1).expand(n, 3, image_size, image_size).clone()
+        noisy = (background == PRETRAIN_BACKGROUNDS.index("noisy")).float()
+        noise_sigma = (2 + 30 * noisy * (0.6 + 0.4 * rand(n))).view(-1, 1, 1, 1)
+    a = alpha.unsqueeze(1)
+    img = fg * a + bg * (1 - a)
+    img = img + torch.randn(img.shape, generator=g) * noise_sigma
+    return img.round().clamp(0, 255).to(torch.uint8)
+
+
+def describe(colour: int | None, shape: int | None, texture: int | None, size: int | None,
+             background: int | None) -> str:
+    """The noun phrase of a caption; attributes given as None are not mentioned."""
+    words = []
+    if size is not None:
+        words.append(SIZES[size])
+    if colour is not None:
+        words.append(COLOUR_NAMES[colour])
+    if texture is not None:
+        words.append(TEXTURES[texture])
+    words.append(SHAPES[shape] if shape is not None else "shape")
+    phrase = " ".join(words)
+    if background is not None:
+        phrase += f" on a {PRETRAIN_BACKGROUNDS[background]} background"
+    return phrase
+
+
+class World:
+    """The toy world. ``seed`` offsets every sample the world draws; classes never change."""
+
+    image_size = IMAGE_SIZE
+
+    def __init__(self, seed: int = 0):
+        self.seed = int(seed)
+        self._classnames = domain_classnames()
+        self._class_attrs = torch.tensor([_class_attributes(c) for c in self._classnames])
+
+    # -- domain -------------------------------------------------------------------------
+    def domain_classnames(self) -> list[str]:
+        return list(self._classnames)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self._classnames)
+
+    @property
+    def n_base(self) -> int:
+        """Base classes are labels ``0 .. n_base - 1`` (the official ``ceil(n / 2)``)."""
+        return math.ceil(self.n_classes / 2)
+
+    def domain_batch(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """uint8 images (B, 3, 48, 48) of the given domain class labels."""
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        n = labels.shape[0]
+        colour, shape = self._class_attrs[labels].unbind(1)
+        texture = torch.randint(len(TEXTURES), (n,), generator=generator)
+        size = torch.randint(len(SIZES), (n,), generator=generator)
+        return render(shape, colour, texture, size, "domain", generator, domain=True)
+
+    def domain_split(self, split: str, n_per_class: int, seed: int = 0, chunk: int = 2048):
+        """``(images uint8 (N, 3, 48, 48), labels (N,))`` of one split, ``n_per_class`` per class.
+
+        The splits draw from independent streams, so 'train', 'val' and 'test' never share
+        an image; the result depends only on (world seed, split, n_per_class, seed).
+        """
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be 'train', 'val' or 'test', not {split!r}")
+        g = torch.Generator().manual_seed(_seed_of("domain", self.seed, split, seed))
+        labels = torch.arange(self.n_classes).repeat_interleave(n_per_class)
+        images = torch.cat([self.domain_batch(labels[i:i + chunk], g) for i in range(0, len(labels), chunk)]) \
+            if len(labels) else torch.zeros(0, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
+        return images, labels
+
+    def write_domain(self, root: str | Path, n_train: int = 64, n_val: int = 8, n_test: int = 50,
+                     seed: int = 0) -> Path:
+        """Write the domain as a CoOp-style dataset and return ``root``.
+
+        Layout: ``root/images/<class_folder>/<split>_<index>.png`` and
+        ``root/split_zhou_Toy.json`` = ``{"train"|"val"|"test": [[path relative to
+        root/images, label, classname], ...]}``. Class folders are the class names with
+        ``_`` for spaces, so alphabetical folder order equals label order.
+        """
+        from PIL import Image
+
+        root = Path(root)
+        image_dir = root / "images"
+        split_json: dict[str, list] = {}
+        for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+            images, labels = self.domain_split(split, n, seed)
+            arr = images.permute(0, 2, 3, 1).numpy()
+            counters = [0] * self.n_classes
+            entries = []
+            for img, label in zip(arr, labels.tolist()):
+                name = self._classnames[label]
+                folder = name.replace(" ", "_")
+                rel = f"{folder}/{split}_{counters[label]:05d}.png"
+                counters[label] += 1
+                (image_dir / folder).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(np.ascontiguousarray(img)).save(image_dir / rel)
+                entries.append([rel, label, name])
+            split_json[split] = entries
+        (root / "split_zhou_Toy.json").write_text(json.dumps(split_json, indent=0))
+        return root
+
+    # -- pretraining --------------------------------------------------------------------
+    def pretrain_batch(self, n: int, generator: torch.Generator, return_attributes: bool = False):
+        """``(images uint8 (n, 3, 48, 48), captions list[str])`` of the pretraining distribution.
+
+        With ``return_attributes`` also two (n, 5) int tensors (colour, shape, texture,
+        size, background): each image's attributes, and what its caption says (-1 where
+        the caption is silent).
+        """
+        g = generator
+        shape = torch.randint(len(SHAPES), (n,), generator=g)
+        colour = torch.randint(len(COLOUR_NAMES), (n,), generator=g)
+        texture = torch.randint(len(TEXTURES), (n,), generator=g)
+        size = torch.randint(len(SIZES), (n,), generator=g)
+        background = torch.randint(len(PRETRAIN_BACKGROUNDS), (n,), generator=g)
+        images = render(shape, colour, texture, size, background, g, domain=False)
+
+        # Which attributes the caption mentions: colour and shape almost always (each alone
+        # sometimes, so single words get their own meaning), the others now and then.
+        u = torch.rand(n, 6, generator=g)
+        say_colour = u[:, 0] > 0.08
+        say_shape = (u[:, 1] > 0.08) | ~say_colour
+        say_texture = u[:, 2] < 0.5
+        say_size = (u[:, 3] < 0.5) & (size != SIZES.index("medium"))
+        say_bg = u[:, 4] < 0.3
+        simple = u[:, 5] < 0.4
+        tmpl = torch.randint(len(CAPTION_TEMPLATES), (n,), generator=g)
+        true_attrs = torch.stack([colour, shape, texture, size, background], 1)
+        said = torch.stack([say_colour, say_shape, say_texture, say_size, say_bg], 1)
+        attrs = torch.where(said, true_attrs, torch.full_like(true_attrs, -1))
+        captions = []
+        for i in range(n):
+            c, s, t, z, b = (None if v < 0 else v for v in attrs[i].tolist())
+            phrase = describe(c, s, t, z, b)
+            template = SIMPLE_TEMPLATE if simple[i] else CAPTION_TEMPLATES[tmpl[i]]
+            captions.append(template.format(phrase))
+        if return_attributes:
+            return images, captions, true_attrs, attrs
+        return images, captions
+
+    @staticmethod
+    def caption_matches(true_attrs: torch.Tensor, said_attrs: torch.Tensor) -> torch.Tensor:
+        """(B, B) bool: caption j is true of image i (every attribute it mentions matches).
+
+        ``true_attrs``: (B, 5) the images' attributes; ``said_attrs``: (B, 5) what the
+        captions mention, -1 where silent (both from ``pretrain_batch(..., True)``).
+        """
+        said = said_attrs.unsqueeze(0)
+        return ((said < 0) | (true_attrs.unsqueeze(1) == said)).all(-1)
+
+
+def vocabulary_words() -> list[str]:
+    """Every text the world's captions and the downstream prompts can contain, as phrases."""
+    phrases = list(CAPTION_TEMPLATES) + [SIMPLE_TEMPLATE]
+    phrases += list(SHAPES) + list(COLOUR_NAMES) + list(TEXTURES) + list(SIZES)
+    phrases += [f"on a {b} background" for b in PRETRAIN_BACKGROUNDS] + ["shape", "X", "x"]
+    return [p.replace("{}", " ") for p in phrases]
