@@ -1,0 +1,428 @@
+"""The training loop both stages share: SGD + constant warm-up + cosine (stepped per epoch, as the
+official Dassl schedule), mixed precision with fp32 master weights, DDP, exact resume, progress
+and metrics.
+
+Exact resume works because nothing random is hidden: the batch order is a permutation drawn from
+(seed, epoch), each sample's augmentation is drawn from (seed, epoch, index) by the dataset, and
+the optimiser state, step position and RNG states are all in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from promptkd.artifacts import load_artifact, save_artifact
+from promptkd.engine import distributed
+from promptkd.errors import PromptKDError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings; the defaults are the official PromptKD/PromptSRC ViT configs."""
+
+    epochs: int = 20
+    batch_size: int = 8  # global batch (split across DDP ranks)
+    lr: float = 0.005
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-5
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast, master weights stay fp32
+    seed: int = 1
+    num_workers: int = 0
+    drop_last: bool = True
+    grad_clip: float | None = None
+    on_nonfinite: str = "stop"  # stop | skip
+    checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch (0: end of epoch only)
+    max_steps_per_epoch: int | None = None  # cap, for quick runs
+    device: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise PromptKDError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise PromptKDError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise PromptKDError("epochs and batch_size must be >= 1")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def lr_at_epoch(epoch: int, cfg: TrainConfig) -> float:
+    """Dassl's ConstantWarmupScheduler(CosineAnnealingLR(T_max=epochs)) with warm-up recount.
+
+    Official ViT configs: epoch 0 runs at 1e-5, then 0.5*lr*(1+cos(pi*(e-1)/epochs)).
+    """
+    if epoch < cfg.warmup_epochs:
+        return cfg.warmup_lr
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / cfg.epochs))
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """Global batches from a (seed, epoch) permutation; each rank takes its contiguous slice.
+
+    A 2-rank run therefore sees exactly the global batches of a 1-rank run, and resuming at step
+    k just skips the first k batches.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True, drop_last: bool = True,
+                 rank: int = 0, world_size: int = 1):
+        if batch_size % world_size:
+            raise PromptKDError(f"batch size {batch_size} is not divisible by the {world_size} processes")
+        self.n, self.batch_size, self.seed, self.shuffle, self.drop_last = n, batch_size, seed, shuffle, drop_last
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.start_step = 0, 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def num_steps(self) -> int:
+        return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
+
+    def __len__(self) -> int:
+        return max(self.num_steps() - self.start_step, 0)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        per_rank = self.batch_size // self.world_size
+        for step in range(self.start_step, self.num_steps()):
+            batch = order[step * self.batch_size : (step + 1) * self.batch_size]
+            yield batch[self.rank * per_rank : (self.rank + 1) * per_rank]
+
+
+class Stateful(Protocol):
+    """Extra training state that must survive a resume (e.g. the teacher's prompt aggregate)."""
+
+    def state_tensors(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    history: list[dict] = field(default_factory=list)  # one dict per epoch
+    steps: int = 0
+    skipped_steps: int = 0
+    seconds: float = 0.0
+
+
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters and all persistent buffers (BN running stats), by name."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    names |= {n for n, _ in model.named_buffers()}
+    return {k: v for k, v in model.state_dict().items() if k in names}
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "python": _jsonable_py_state(random.getstate()),
+        "numpy": [int(x) for x in np.random.get_state()[1]],
+        "numpy_pos": int(np.random.get_state()[2]),
+    }
+
+
+def _jsonable_py_state(state):
+    return [state[0], list(state[1]), state[2]]
+
+
+def _restore_rng(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    py = meta.get("rng", {}).get("python")
+    if py:
+        random.setstate((py[0], tuple(py[1]), py[2]))
+    if "numpy" in meta.get("rng", {}):
+        np.random.set_state(("MT19937", np.array(meta["rng"]["numpy"], dtype=np.uint32), meta["rng"]["numpy_pos"], 0, 0.0))
+    if "rng.torch" in tensors:
+        torch.set_rng_state(tensors["rng.torch"])
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, step: int,
+                    result: TrainResult, cfg: TrainConfig, scaler, extra: list[Stateful], meta_extra: dict) -> None:
+    tensors = {f"model.{k}": v for k, v in _trainable_state(model).items()}
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            buf = optimizer.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:
+                tensors[f"optim.{name_of[id(p)]}"] = buf
+    tensors["rng.torch"] = torch.get_rng_state()
+    for i, s in enumerate(extra):
+        tensors.update({f"extra{i}.{k}": v for k, v in s.state_tensors().items()})
+    meta = {
+        "kind": "checkpoint",
+        "epoch": epoch,
+        "step": step,
+        "steps": result.steps,
+        "skipped_steps": result.skipped_steps,
+        "seconds": result.seconds,
+        "history": result.history,
+        "config": asdict(cfg),
+        "rng": _rng_state(),
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+        **meta_extra,
+    }
+    save_artifact(path, tensors, meta)
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler,
+                    extra: list[Stateful], cfg: TrainConfig) -> tuple[int, int, TrainResult, dict]:
+    tensors, meta = load_artifact(path, kind="checkpoint")
+    saved_cfg = meta.get("config", {})
+    for key in ("epochs", "batch_size", "lr", "seed", "precision"):
+        if key in saved_cfg and saved_cfg[key] != getattr(cfg, key):
+            raise PromptKDError(
+                f"{path}: cannot resume: checkpoint was written with {key}={saved_cfg[key]!r}, "
+                f"this run has {key}={getattr(cfg, key)!r}"
+            )
+    state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    own = _trainable_state(model)
+    if set(state) != set(own):
+        diff = sorted(set(state) ^ set(own))
+        raise PromptKDError(f"{path}: checkpoint does not match this model (differs in {diff[:4]})")
+    with torch.no_grad():
+        full = model.state_dict()
+        for k, v in state.items():
+            full[k].copy_(v)
+    params = dict(model.named_parameters())
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            p = params[k.removeprefix("optim.")]
+            optimizer.state[p]["momentum_buffer"] = v.to(p.device).clone()
+    for i, s in enumerate(extra):
+        prefix = f"extra{i}."
+        s.load_state_tensors({k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)})
+    if meta.get("scaler") and scaler is not None:
+        scaler.load_state_dict(meta["scaler"])
+    _restore_rng(meta, tensors)
+    result = TrainResult(meta.get("history", []), meta.get("steps", 0), meta.get("skipped_steps", 0), meta.get("seconds", 0.0))
+    return int(meta["epoch"]), int(meta["step"]), result, meta
+
+
+class MetricsLog:
+    """metrics.jsonl on the main process, plus TensorBoard when it is installed."""
+
+    def __init__(self, out_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.path = out_dir / "metrics.jsonl"
+        self.tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            except Exception:  # tensorboard is optional
+                self.tb = None
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            step = record.get("step", 0)
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                    self.tb.add_scalar(f"{record.get('event', 'train')}/{k}", v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _average_gradients(params: list[nn.Parameter], world_size: int) -> None:
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
+        offset += n
+
+
+def _non_finite_grads(params: list[nn.Parameter]) -> bool:
+    return any(p.grad is not None and not torch.isfinite(p.grad).all() for p in params)
+
+
+def train_loop(
+    model: nn.Module,
+    loss_fn: Callable[[tuple], tuple[torch.Tensor, dict]],
+    dataset: Dataset,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    on_epoch_end: Callable[[int], dict] | None = None,
+    extra_state: list[Stateful] | None = None,
+    desc: str = "train",
+    checkpoint_meta: dict | None = None,
+) -> TrainResult:
+    """Train the parameters of `model` that require grad, by SGD on `loss_fn(batch)`.
+
+    `model` must already be on its device. `loss_fn` gets a batch whose tensors are on that
+    device and returns (loss, scalar logs). `dataset` returns (image, label, index) and has
+    `set_epoch(e)` so its augmentation depends on (seed, epoch, index) only. Under torchrun each
+    rank takes its slice of every global batch and gradients are averaged across ranks in one
+    flat all-reduce (the trainable prompts and projector are small, so bucketing buys nothing).
+    `on_epoch_end(epoch)` runs after each epoch (validation, prompt aggregation) and its dict is
+    logged. A checkpoint is written after every epoch (and every `checkpoint_every` steps).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    extra = list(extra_state or [])
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    dist_info = distributed.current()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise PromptKDError("nothing to train: no parameter requires grad")
+    if any(p.dtype != torch.float32 for p in params):
+        raise PromptKDError("trainable parameters must be fp32 master weights (use precision= for mixed precision)")
+    optimizer = torch.optim.SGD(params, lr=lr_at_epoch(0, cfg), momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+
+    sampler = EpochBatchSampler(len(dataset), cfg.batch_size, cfg.seed, True, cfg.drop_last,
+                                dist_info.rank, dist_info.world_size)
+    if sampler.num_steps() == 0:
+        raise PromptKDError(f"dataset has {len(dataset)} images, fewer than one batch of {cfg.batch_size}")
+    steps_per_epoch = sampler.num_steps() if cfg.max_steps_per_epoch is None else min(sampler.num_steps(), cfg.max_steps_per_epoch)
+
+    ckpt_path = out_dir / CHECKPOINT_NAME
+    start_epoch, start_step, result, partial = 0, 0, TrainResult(), {}
+    if resume:
+        if not ckpt_path.is_file():
+            raise PromptKDError(f"--resume: no checkpoint at {ckpt_path}")
+        start_epoch, start_step, result, meta = load_checkpoint(ckpt_path, model, optimizer, scaler, extra, cfg)
+        partial = (meta.get("partial") or {}) if start_step else {}
+        log.info("resuming from %s at epoch %d step %d", ckpt_path, start_epoch, start_step)
+    elif dist_info.is_main and (out_dir / "metrics.jsonl").exists():
+        (out_dir / "metrics.jsonl").unlink()
+
+    if dist_info.enabled:  # every rank starts from rank 0's trainable state
+        for t in _trainable_state(model).values():
+            torch.distributed.broadcast(t, src=0)
+
+    metrics = MetricsLog(out_dir, dist_info.is_main)
+    t_start = time.perf_counter() - result.seconds
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            lr = lr_at_epoch(epoch, cfg)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            first = start_step if epoch == start_epoch else 0
+            sampler.set_epoch(epoch, first)
+            if hasattr(dataset, "set_epoch"):
+                dataset.set_epoch(epoch)
+            loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
+                                pin_memory=device.type == "cuda", persistent_workers=False)
+            model.train()
+            sums: dict[str, float] = dict(partial.get("sums", {})) if epoch == start_epoch else {}
+            n_logged = int(partial.get("n", 0)) if epoch == start_epoch else 0
+            bar = _progress(total=steps_per_epoch, initial=first, desc=f"{desc} {epoch + 1}/{cfg.epochs}",
+                            enabled=cfg.progress and dist_info.is_main)
+            t_epoch = time.perf_counter()
+            images_seen = 0
+            for step, batch in enumerate(loader, start=first):
+                if step >= steps_per_epoch:
+                    break
+                batch = tuple(b.to(device, non_blocking=True) if torch.is_tensor(b) else b for b in batch)
+                with autocast(device, cfg.precision):
+                    loss, logs = loss_fn(batch)
+                optimizer.zero_grad(set_to_none=True)
+                bad = not torch.isfinite(loss.detach()).all()
+                if not bad:
+                    scaler.scale(loss).backward()
+                    if dist_info.enabled:
+                        _average_gradients(params, dist_info.world_size)
+                    if cfg.precision != "fp16":  # fp16 overflow is the scaler's job
+                        bad = _non_finite_grads(params)
+                if bad:
+                    where = f"epoch {epoch + 1} step {step + 1} (global step {result.steps + 1})"
+                    if cfg.on_nonfinite == "stop":
+                        raise PromptKDError(
+                            f"non-finite loss or gradients at {where}; stopped. The last good checkpoint is "
+                            f"kept at {ckpt_path} (pass on_nonfinite='skip' to skip such batches)"
+                        )
+                    log.warning("skipping batch with non-finite loss/gradients at %s", where)
+                    optimizer.zero_grad(set_to_none=True)
+                    result.skipped_steps += 1
+                else:
+                    if cfg.grad_clip:
+                        scaler.unscale_(optimizer)
+                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    scaler.step(optimizer)
+                    scaler.update()
+                result.steps += 1
+                n_images = batch[0].shape[0] * dist_info.world_size
+                images_seen += n_images
+                loss_value = float(loss.detach())
+                logs = {"loss": loss_value, **{k: float(v) for k, v in logs.items()}}
+                for k, v in logs.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n_logged += 1
+                ips = images_seen / max(time.perf_counter() - t_epoch, 1e-9)
+                bar.set_postfix(loss=f"{loss_value:.4g}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
+                bar.update(1)
+                metrics.write({"event": "step", "epoch": epoch, "step": result.steps, "lr": lr, **logs})
+                if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps_per_epoch:
+                    result.seconds = time.perf_counter() - t_start
+                    if dist_info.is_main:
+                        save_checkpoint(ckpt_path, model, optimizer, epoch, step + 1, result, cfg, scaler, extra,
+                                        {**(checkpoint_meta or {}), "partial": {"sums": sums, "n": n_logged}})
+            bar.close()
+            model.eval()
+            record = {"epoch": epoch + 1, "lr": lr, **{k: v / max(n_logged, 1) for k, v in sums.items()}}
+            if on_epoch_end is not None:
+                record.update(on_epoch_end(epoch) or {})
+            result.history.append(record)
+            result.seconds = time.perf_counter() - t_start
+            metrics.write({"event": "epoch", "step": result.steps, **record})
+            if dist_info.is_main:
+                save_checkpoint(ckpt_path, model, optimizer, epoch + 1, 0, result, cfg, scaler, extra, checkpoint_meta or {})
+            distributed.barrier()
+    finally:
+        metrics.close()
+    return result
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False)

@@ -1,0 +1,204 @@
+"""Teacher and student models, their artifacts, and the class-vector file.
+
+Artifact kinds (safetensors + JSON metadata, see promptkd.artifacts):
+- "teacher": the teacher's prompt tensors (`vision.*`, `text.*`) plus which CLIP they belong to
+  and the prompt shapes. The CLIP weights themselves are not copied.
+- "student": the student's vision prompts (`vision.*`) and projector (`projector.*`).
+- "class_vectors": `vectors` (n_classes x teacher dim, L2-normalised) plus the class names, the
+  teacher identity and a hash of its prompts, so a file from another teacher is refused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from promptkd.artifacts import load_artifact, save_artifact, tensor_digest
+from promptkd.errors import PromptKDError
+from promptkd.models.encoders import PromptedImageEncoder, PromptedTextEncoder
+from promptkd.models.loading import ClipBundle, freeze, load_clip
+from promptkd.models.projector import Projector
+
+
+def _check_identity(expected: dict, bundle: ClipBundle, source: str) -> None:
+    got = bundle.identity()
+    if expected.get("model") != got["model"] or (expected.get("pretrained") or None) != (got["pretrained"] or None):
+        raise PromptKDError(
+            f"{source}: made for CLIP {expected.get('model')} / {expected.get('pretrained')}, "
+            f"but the given CLIP is {got['model']} / {got['pretrained']}"
+        )
+
+
+def _bundle_for(meta: dict, clip: ClipBundle | None, device, source: str) -> ClipBundle:
+    ident = meta.get("clip") or {}
+    if clip is None:
+        pre = ident.get("pretrained")
+        if pre and pre.endswith((".pt", ".pth", ".bin", ".safetensors", ".tar")):
+            raise PromptKDError(
+                f"{source}: its CLIP weights were a local file ({pre}); pass that file explicitly "
+                "(--teacher-clip/--clip PATH)"
+            )
+        clip = load_clip(ident.get("model", "?"), pre, device=device)
+    _check_identity(ident, clip, source)
+    return clip
+
+
+class Teacher(nn.Module):
+    """A frozen CLIP with IVLP deep prompts on both towers (PromptSRC's architecture)."""
+
+    def __init__(self, clip: ClipBundle, vision_depth: int = 9, text_depth: int = 9, n_ctx_vision: int = 4,
+                 n_ctx_text: int = 4, ctx_init: str | None = "a photo of a", grad_checkpointing: bool = False):
+        super().__init__()
+        freeze(clip.model)
+        self.clip = clip
+        self.image = PromptedImageEncoder(clip.model.visual, vision_depth, n_ctx_vision, grad_checkpointing)
+        self.text = PromptedTextEncoder(clip.model, clip.tokenizer, text_depth, n_ctx_text, ctx_init, grad_checkpointing)
+        self.register_buffer("logit_scale", clip.model.logit_scale.detach().exp().clone(), persistent=False)
+        self.prompt_config = {
+            "vision_depth": vision_depth, "text_depth": text_depth,
+            "n_ctx_vision": n_ctx_vision if vision_depth else 0, "n_ctx_text": n_ctx_text if text_depth else 0,
+            "ctx_init": ctx_init,
+        }
+
+    @property
+    def dim(self) -> int:
+        return int(self.clip.model.visual.output_dim)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image(images), dim=-1)
+
+    def encode_classnames(self, classnames: list[str], chunk_size: int | None = None) -> torch.Tensor:
+        tokens = self.text.tokenize_classnames(classnames)
+        return F.normalize(self.text.encode(tokens, chunk_size), dim=-1)
+
+    def prompt_tensors(self) -> dict[str, torch.Tensor]:
+        return {**self.image.prompts.tensors("vision"), **self.text.prompts.tensors("text")}
+
+    def load_prompt_tensors(self, tensors: dict[str, torch.Tensor], source: str = "teacher") -> None:
+        self.image.prompts.load_tensors(tensors, "vision", source)
+        self.text.prompts.load_tensors(tensors, "text", source)
+
+    def identity(self) -> dict:
+        """Which teacher this is: the CLIP, the prompt shapes and a hash of the prompt values."""
+        return {"clip": self.clip.identity(), "prompts": self.prompt_config,
+                "prompts_hash": tensor_digest(self.prompt_tensors())}
+
+    def save(self, path: str | Path, **meta) -> Path:
+        return save_artifact(path, self.prompt_tensors(), {"kind": "teacher", **self.identity(), **meta})
+
+    @classmethod
+    def load(cls, path: str | Path, clip: ClipBundle | None = None, device="cpu") -> Teacher:
+        tensors, meta = load_artifact(path, kind="teacher")
+        bundle = _bundle_for(meta, clip, device, str(path))
+        pc = meta.get("prompts") or {}
+        try:
+            teacher = cls(bundle, int(pc["vision_depth"]), int(pc["text_depth"]), int(pc["n_ctx_vision"] or 4),
+                          int(pc["n_ctx_text"] or 4), pc.get("ctx_init"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise PromptKDError(f"{path}: teacher metadata has a missing or malformed prompt config ({e})") from None
+        teacher.load_prompt_tensors(tensors, str(path))
+        teacher.meta = meta
+        return teacher.to(device).eval()
+
+
+class Student(nn.Module):
+    """A frozen small CLIP image tower with deep vision prompts and a projector to the teacher's dim.
+
+    Its output is L2-normalised and lives in the teacher's embedding space, so logits are
+    `logit_scale * features @ class_vectors.T`.
+    """
+
+    def __init__(self, clip: ClipBundle, teacher_dim: int, vision_depth: int = 9, n_ctx_vision: int = 4):
+        super().__init__()
+        freeze(clip.model)
+        self.clip = clip
+        self.image = PromptedImageEncoder(clip.model.visual, vision_depth, n_ctx_vision)
+        self.projector = Projector(int(clip.model.visual.output_dim), int(teacher_dim))
+        self.register_buffer("logit_scale", clip.model.logit_scale.detach().exp().clone(), persistent=False)
+        self.prompt_config = {"vision_depth": vision_depth, "n_ctx_vision": n_ctx_vision if vision_depth else 0}
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.projector(self.image(images)), dim=-1)
+
+    def trainable_tensors(self) -> dict[str, torch.Tensor]:
+        out = dict(self.image.prompts.tensors("vision"))
+        out.update({f"projector.{k}": v for k, v in self.projector.state_dict().items()})
+        return out
+
+    def save(self, path: str | Path, **meta) -> Path:
+        return save_artifact(path, self.trainable_tensors(), {
+            "kind": "student", "clip": self.clip.identity(), "prompts": self.prompt_config,
+            "teacher_dim": self.projector.out_dim, **meta})
+
+    @classmethod
+    def load(cls, path: str | Path, clip: ClipBundle | None = None, device="cpu") -> Student:
+        tensors, meta = load_artifact(path, kind="student")
+        bundle = _bundle_for(meta, clip, device, str(path))
+        pc = meta.get("prompts") or {}
+        try:
+            student = cls(bundle, int(meta["teacher_dim"]), int(pc["vision_depth"]), int(pc["n_ctx_vision"] or 4))
+        except (KeyError, TypeError, ValueError) as e:
+            raise PromptKDError(f"{path}: student metadata is missing or malformed ({e})") from None
+        student.image.prompts.load_tensors(tensors, "vision", str(path))
+        proj = {k.removeprefix("projector."): v for k, v in tensors.items() if k.startswith("projector.")}
+        own = student.projector.state_dict()
+        if set(proj) != set(own) or any(proj[k].shape != own[k].shape for k in own):
+            raise PromptKDError(f"{path}: projector tensors do not match a {student.projector.in_dim}->"
+                                f"{student.projector.out_dim} projector")
+        student.projector.load_state_dict(proj)
+        student.meta = meta
+        return student.to(device).eval()
+
+
+class ClassVectors:
+    """Normalised teacher text features for a list of class names: the shared classifier."""
+
+    def __init__(self, vectors: torch.Tensor, classnames: list[str], teacher: dict):
+        if vectors.ndim != 2 or vectors.shape[0] != len(classnames):
+            raise PromptKDError(f"class vectors: {tuple(vectors.shape)} vectors for {len(classnames)} class names")
+        self.vectors, self.classnames, self.teacher = vectors.float(), list(classnames), teacher
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def save(self, path: str | Path) -> Path:
+        return save_artifact(path, {"vectors": self.vectors}, {
+            "kind": "class_vectors", "classnames": self.classnames, "teacher": self.teacher, "dim": self.dim})
+
+    @classmethod
+    def load(cls, path: str | Path, teacher: Teacher | dict | None = None, dim: int | None = None) -> ClassVectors:
+        """Load, and refuse a file made by another teacher or of another dimension."""
+        tensors, meta = load_artifact(path, kind="class_vectors")
+        if "vectors" not in tensors or not isinstance(meta.get("classnames"), list):
+            raise PromptKDError(f"{path}: class-vector file needs a 'vectors' tensor and a 'classnames' list")
+        cv = cls(tensors["vectors"], meta["classnames"], meta.get("teacher") or {})
+        if meta.get("dim") not in (None, cv.dim):
+            raise PromptKDError(f"{path}: metadata says dim {meta.get('dim')}, vectors have dim {cv.dim}")
+        if teacher is not None:
+            want = teacher.identity() if isinstance(teacher, Teacher) else teacher
+            for key in ("clip", "prompts_hash"):
+                if cv.teacher.get(key) != want.get(key):
+                    raise PromptKDError(
+                        f"{path}: class vectors come from another teacher ({key}: file has "
+                        f"{cv.teacher.get(key)}, this teacher has {want.get(key)})"
+                    )
+        if dim is not None and cv.dim != dim:
+            raise PromptKDError(f"{path}: class vectors have dim {cv.dim}, but the model needs {dim}")
+        return cv
+
+    def check_classnames(self, classnames: list[str], source: str) -> None:
+        """The dataset's classes must be exactly these, in this order."""
+        if list(classnames) == self.classnames:
+            return
+        missing = [c for c in classnames if c not in self.classnames]
+        extra = [c for c in self.classnames if c not in classnames]
+        if missing or extra:
+            raise PromptKDError(
+                f"{source}: class vectors do not match the dataset's classes: "
+                f"{len(missing)} missing (first: {missing[:3]}), {len(extra)} not in the dataset (first: {extra[:3]})"
+            )
+        raise PromptKDError(f"{source}: class vectors list the dataset's classes in a different order")
