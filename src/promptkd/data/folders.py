@@ -7,7 +7,6 @@ is reported up front instead of crashing a data-loader worker mid-training.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from promptkd.data.coop import absolute_path, check_unique, class_folders, read_split_json
 from promptkd.data.dataset import DatasetSplits, Item, clean_classname, scan_images

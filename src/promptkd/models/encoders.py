@@ -146,8 +146,8 @@ class PromptedTextEncoder(nn.Module):
     """An open_clip text tower with deep text prompts (IVLP text side).
 
     Class prompts are tokenised as "<ctx words> <class name>." where the context words are
-    `ctx_init` ("a photo of a") when it tokenises to exactly n_ctx tokens, else n_ctx "X"s with
-    random context vectors. Token positions 1..n_ctx are replaced by the input context; blocks
+    `ctx_init` ("a photo of a") when it has at least n_ctx tokens, else n_ctx "X"s with random
+    context vectors. Token positions 1..n_ctx are replaced by the input context; blocks
     1..depth-1 replace them with their own prompts. Depth 0 is plain CLIP on "a photo of a {c}.".
     """
 
@@ -179,9 +179,12 @@ class PromptedTextEncoder(nn.Module):
         init = None
         prefix = ctx_init or ""
         if depth > 0:
+            # Official rule: with ctx_init of at least n_ctx tokens, the context starts as the
+            # embeddings of its first n_ctx tokens and prompts read "<ctx_init> <name>."; else the
+            # context is random and prompts read "X X .. X <name>.".
             init_ids = self._tokenize([ctx_init])[0] if ctx_init else None
             n_init = int((init_ids > 0).sum()) - 2 if init_ids is not None else -1  # minus SOS, EOT
-            if ctx_init and n_init == n_ctx:
+            if ctx_init and n_ctx <= n_init:
                 with torch.no_grad():
                     init = tower.token_embedding(init_ids[1 : 1 + n_ctx].to(tower.token_embedding.weight.device)).float()
             else:

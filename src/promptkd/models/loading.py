@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,7 +83,9 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], bool]:
 
             sd: Any = load_file(str(path))
         elif torchscript := _is_torchscript(path):
-            sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+            with warnings.catch_warnings():  # TorchScript is deprecated, but it is OpenAI's format
+                warnings.simplefilter("ignore", FutureWarning)
+                sd = torch.jit.load(str(path), map_location="cpu").state_dict()
         else:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -107,6 +110,9 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], bool]:
 def load_weights_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
     """Strict load with an error that names what differs (never a silent strict=False)."""
     own = model.state_dict()
+    # Non-persistent buffers (the text causal mask) appear in TorchScript state dicts: ignore them.
+    transient = {n for n, _ in model.named_buffers()} - set(own)
+    sd = {k: v for k, v in sd.items() if k not in transient}
     missing = [k for k in own if k not in sd]
     extra = [k for k in sd if k not in own]
     shape = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
