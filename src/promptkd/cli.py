@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
             if e.name == name:  # a stage not built yet
                 continue
             raise
-        module.register(sub)
+        register = getattr(module, "register", None)
+        if register is not None:
+            register(sub)
     return parser
 
 

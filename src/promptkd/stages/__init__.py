@@ -1,0 +1,1 @@
+"""Stages: functions from inputs to artifacts (teacher, class vectors, distillation, evaluation)."""

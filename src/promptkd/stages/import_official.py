@@ -1,0 +1,195 @@
+"""Import checkpoints trained by the official PromptSRC / PromptKD code (Dassl `model-best.pth.tar`,
+`model.pth.tar-20`) as our teacher or student artifacts.
+
+Key names (official-promptkd.md sections 1.1 and 2.1):
+- teacher: `prompt_learner.ctx` (text input context), `text_encoder.transformer.resblocks.{i}.VPT_shallow`,
+  `image_encoder.VPT`, `image_encoder.transformer.resblocks.{i}.VPT_shallow`;
+- student: `image_encoder.VPT`, `image_encoder.transformer.resblocks.{i}.VPT_shallow` and the projector
+  `VPT_image_trans.conv1.{0,1,3}.*` (1x1 conv, BatchNorm2d, 1x1 conv).
+The frozen CLIP weights stored beside the prompts are not used: the CLIP comes from the matching
+OpenAI archive (the official GPA checkpoints hold fp16-resummed copies, section 1.2). Every
+prompt tensor must be accounted for: a missing or extra one is an error that names it.
+"""
+
+from __future__ import annotations
+
+import collections
+import pickle
+import re
+from pathlib import Path
+
+import torch
+
+from promptkd.errors import PromptKDError
+from promptkd.models.loading import ClipBundle, load_clip
+from promptkd.models.wrappers import Student, Teacher
+
+# Dassl checkpoints pickle the LR scheduler, whose state holds scheduler and optimiser *objects*.
+# Those (and only those) module prefixes are replaced by inert placeholders; anything else
+# (os.system, builtins.eval, ...) makes the load fail as with plain weights_only=True.
+_PLACEHOLDER_MODULES = ("torch.optim.", "dassl.")
+# Plain containers the pickled optimiser objects use; building them runs no foreign code.
+_SAFE_CONTAINERS = [dict, collections.defaultdict]
+_UNSUPPORTED = re.compile(r"GLOBAL ([\w.]+) was not an allowed global")
+
+
+def _placeholder(name: str) -> type:
+    """A class that accepts any construction and state and runs no code of the checkpoint's."""
+
+    def init(self, *args, **kwargs):
+        pass
+
+    def setstate(self, state):
+        self.__dict__["_state"] = state
+
+    module, _, qual = name.rpartition(".")
+    # A dict subclass, so that pickled item-setting (optimiser state dicts) also lands harmlessly.
+    return type(qual, (dict,), {"__init__": init, "__setstate__": setstate, "__module__": module})
+
+
+def load_dassl_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """The model state dict of a Dassl checkpoint, loaded with weights_only=True plus placeholders."""
+    path = Path(path)
+    if not path.is_file():
+        raise PromptKDError(f"{path}: checkpoint not found")
+    extra: list = list(_SAFE_CONTAINERS)
+    for _ in range(64):
+        try:
+            with torch.serialization.safe_globals(extra):
+                ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+            break
+        except pickle.UnpicklingError as e:
+            m = _UNSUPPORTED.search(str(e))
+            if not m or not m.group(1).startswith(_PLACEHOLDER_MODULES):
+                first = (m.group(1) if m else str(e).strip().splitlines()[0])[:200]
+                raise PromptKDError(f"{path}: refusing to load: the file holds pickled objects other than tensors ({first})") from None
+            extra.append((_placeholder(m.group(1)), m.group(1)))
+        except Exception as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise PromptKDError(f"{path}: not a readable checkpoint ({msg[:200]})") from None
+    else:
+        raise PromptKDError(f"{path}: too many unknown objects in the checkpoint")
+    sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise PromptKDError(f"{path}: expected a Dassl checkpoint with a 'state_dict' of tensors")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def _deep_prompts(sd: dict[str, torch.Tensor], tower: str, source: str) -> dict[int, torch.Tensor]:
+    pat = re.compile(rf"^{tower}\.transformer\.resblocks\.(\d+)\.VPT_shallow$")
+    found = {int(m.group(1)): v for k, v in sd.items() if (m := pat.match(k))}
+    if found:
+        expected = set(range(1, max(found) + 1))
+        if 0 in found:
+            raise PromptKDError(f"{source}: unexpected prompt tensor {tower}.transformer.resblocks.0.VPT_shallow "
+                                "(block 0 takes the input-level prompts)")
+        missing = sorted(expected - set(found))
+        if missing:
+            raise PromptKDError(f"{source}: missing prompt tensor {tower}.transformer.resblocks.{missing[0]}.VPT_shallow "
+                                f"(deep prompts must cover blocks 1..{max(found)})")
+    return found
+
+
+def _check_unknown_prompts(sd: dict[str, torch.Tensor], used: set[str], source: str) -> None:
+    stray = sorted(k for k in sd if k not in used and ("VPT" in k or k.endswith(".ctx")) and "ZS_image_encoder" not in k)
+    if stray:
+        raise PromptKDError(f"{source}: unexpected prompt tensor {stray[0]}" + (f" (+{len(stray) - 1} more)" if len(stray) > 1 else ""))
+
+
+def _check_arch(sd: dict[str, torch.Tensor], clip: ClipBundle, prefix: str, source: str) -> None:
+    """The checkpoint's frozen copy of the tower must have the given CLIP's shapes."""
+    key = f"{prefix}.conv1.weight"
+    if key in sd and tuple(sd[key].shape) != tuple(clip.model.visual.conv1.weight.shape):
+        raise PromptKDError(f"{source}: checkpoint is for another architecture ({key} {tuple(sd[key].shape)}, "
+                            f"{clip.name} has {tuple(clip.model.visual.conv1.weight.shape)})")
+
+
+def import_teacher(checkpoint: str | Path, clip: ClipBundle, out: str | Path) -> Path:
+    """Official PromptSRC/IVLP teacher checkpoint + matching CLIP -> our teacher artifact."""
+    src = str(checkpoint)
+    sd = load_dassl_checkpoint(checkpoint)
+    _check_arch(sd, clip, "image_encoder", src)
+    if "prompt_learner.ctx" not in sd:
+        raise PromptKDError(f"{src}: missing prompt tensor prompt_learner.ctx (not a PromptSRC/IVLP teacher checkpoint?)")
+    if sd["prompt_learner.ctx"].ndim != 2:
+        raise PromptKDError(f"{src}: prompt_learner.ctx has shape {tuple(sd['prompt_learner.ctx'].shape)}; "
+                            "class-specific contexts are not supported")
+    vdeep = _deep_prompts(sd, "image_encoder", src)
+    tdeep = _deep_prompts(sd, "text_encoder", src)
+    if vdeep and "image_encoder.VPT" not in sd:
+        raise PromptKDError(f"{src}: missing prompt tensor image_encoder.VPT (deep vision prompts without input prompts)")
+    n_ctx_text = sd["prompt_learner.ctx"].shape[0]
+    n_ctx_vision = sd["image_encoder.VPT"].shape[0] if "image_encoder.VPT" in sd else 4
+    vision_depth = (1 + len(vdeep)) if "image_encoder.VPT" in sd else 0
+    text_depth = 1 + len(tdeep)
+    teacher = Teacher(clip, vision_depth, text_depth, n_ctx_vision, n_ctx_text, "a photo of a")
+    tensors = {"text.input": sd["prompt_learner.ctx"].float(), **{f"text.deep.{i}": v.float() for i, v in tdeep.items()}}
+    used = {"prompt_learner.ctx"} | {f"text_encoder.transformer.resblocks.{i}.VPT_shallow" for i in tdeep}
+    if vision_depth:
+        tensors["vision.input"] = sd["image_encoder.VPT"].float()
+        tensors.update({f"vision.deep.{i}": v.float() for i, v in vdeep.items()})
+        used |= {"image_encoder.VPT"} | {f"image_encoder.transformer.resblocks.{i}.VPT_shallow" for i in vdeep}
+    _check_unknown_prompts(sd, used, src)
+    teacher.load_prompt_tensors(tensors, src)
+    return teacher.save(out, imported_from=Path(checkpoint).name)
+
+
+def import_student(checkpoint: str | Path, clip: ClipBundle, out: str | Path) -> Path:
+    """Official PromptKD student checkpoint + matching CLIP -> our student artifact."""
+    src = str(checkpoint)
+    sd = load_dassl_checkpoint(checkpoint)
+    _check_arch(sd, clip, "image_encoder", src)
+    proj_keys = {
+        "fc1.weight": "VPT_image_trans.conv1.0.weight", "fc1.bias": "VPT_image_trans.conv1.0.bias",
+        "bn.weight": "VPT_image_trans.conv1.1.weight", "bn.bias": "VPT_image_trans.conv1.1.bias",
+        "bn.running_mean": "VPT_image_trans.conv1.1.running_mean", "bn.running_var": "VPT_image_trans.conv1.1.running_var",
+        "bn.num_batches_tracked": "VPT_image_trans.conv1.1.num_batches_tracked",
+        "fc2.weight": "VPT_image_trans.conv1.3.weight", "fc2.bias": "VPT_image_trans.conv1.3.bias",
+    }
+    for theirs in proj_keys.values():
+        if theirs not in sd:
+            raise PromptKDError(f"{src}: missing projector tensor {theirs} (not a PromptKD student checkpoint?)")
+    vdeep = _deep_prompts(sd, "image_encoder", src)
+    if "image_encoder.VPT" not in sd:
+        raise PromptKDError(f"{src}: missing prompt tensor image_encoder.VPT")
+    used = set(proj_keys.values()) | {"image_encoder.VPT"} | {f"image_encoder.transformer.resblocks.{i}.VPT_shallow" for i in vdeep}
+    stray = sorted(k for k in sd if k.startswith("VPT_image_trans.") and k not in used)
+    if stray:
+        raise PromptKDError(f"{src}: unexpected projector tensor {stray[0]}")
+    _check_unknown_prompts(sd, used, src)
+    fc1 = sd["VPT_image_trans.conv1.0.weight"]
+    if fc1.ndim != 4 or fc1.shape[1] != clip.model.visual.output_dim:
+        raise PromptKDError(f"{src}: projector input dim {fc1.shape[1]} does not match {clip.name}'s "
+                            f"embedding dim {clip.model.visual.output_dim}")
+    student = Student(clip, int(fc1.shape[0]), 1 + len(vdeep), sd["image_encoder.VPT"].shape[0])
+    student.image.prompts.load_tensors(
+        {"vision.input": sd["image_encoder.VPT"].float(), **{f"vision.deep.{i}": v.float() for i, v in vdeep.items()}},
+        "vision", src)
+    proj = {ours: sd[theirs].float() if sd[theirs].is_floating_point() else sd[theirs] for ours, theirs in proj_keys.items()}
+    proj["fc1.weight"] = proj["fc1.weight"].flatten(1)
+    proj["fc2.weight"] = proj["fc2.weight"].flatten(1)
+    own = student.projector.state_dict()
+    for k, v in proj.items():
+        if v.shape != own[k].shape:
+            raise PromptKDError(f"{src}: projector tensor {proj_keys[k]} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+    student.projector.load_state_dict(proj)
+    return student.save(out, imported_from=Path(checkpoint).name)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("import-official", help="convert an official PromptSRC/PromptKD checkpoint into our artifact",
+                       description="Convert an official Dassl checkpoint (model-best.pth.tar / model.pth.tar-20) "
+                                   "of a PromptSRC/IVLP teacher or a PromptKD student into a promptkd artifact.")
+    p.add_argument("kind", choices=["teacher", "student"])
+    p.add_argument("checkpoint", help="the official checkpoint file")
+    p.add_argument("--clip", required=True, help="open_clip model name of the checkpoint's CLIP, e.g. ViT-L-14")
+    p.add_argument("--pretrained", required=True, help="matching CLIP weights: OpenAI archive path (ViT-L-14.pt) or tag")
+    p.add_argument("--out", required=True, help="output artifact (.safetensors)")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> None:
+    clip = load_clip(args.clip, args.pretrained)
+    fn = import_teacher if args.kind == "teacher" else import_student
+    path = fn(args.checkpoint, clip, args.out)
+    print(f"wrote {path}")
