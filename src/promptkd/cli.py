@@ -21,6 +21,8 @@ COMMAND_MODULES = [
     "promptkd.stages.class_vectors",
     "promptkd.stages.distill",
     "promptkd.stages.evaluate",
+    "promptkd.stages.export",
+    "promptkd.stages.predict",
     "promptkd.stages.report",
     "promptkd.stages.import_official",
     "promptkd.stages.demo",

@@ -6,7 +6,7 @@ import os
 import open_clip
 import pytest
 import torch
-from conftest import tiny_config
+from tinyclip import tiny_config
 from safetensors.torch import save_file
 
 from promptkd.errors import PromptKDError

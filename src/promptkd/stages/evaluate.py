@@ -256,6 +256,11 @@ def run_eval(args) -> dict:
             if cv.dim != student.projector.out_dim:
                 raise PromptKDError(f"{args.class_vectors}: class vectors have dim {cv.dim}, the student "
                                     f"projects to {student.projector.out_dim}")
+            made_by = (getattr(student, "meta", {}) or {}).get("teacher") or {}
+            if made_by.get("prompts_hash") and cv.teacher.get("prompts_hash") not in (None, made_by["prompts_hash"]):
+                raise PromptKDError(f"{args.class_vectors}: class vectors come from another teacher than the one "
+                                    f"{args.student} was distilled from (prompts hash {cv.teacher.get('prompts_hash')}"
+                                    f" vs {made_by['prompts_hash']})")
             classifier = align_class_vectors(cv, protocol, str(args.class_vectors))
             encode, preprocess = student, student.clip.preprocess_cfg
             what = {"student": str(args.student), "class_vectors": str(args.class_vectors)}

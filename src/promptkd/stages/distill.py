@@ -1,0 +1,535 @@
+"""Stage II: distil a prompt-tuned teacher into a small student on unlabelled images.
+
+The student (frozen small CLIP image tower + deep vision prompts + projector) is trained only by
+the KL between its logits and the teacher's on the same augmented batch. Both use the teacher's
+stored class vectors as classifier, so the teacher's text tower never runs while training (the
+official code re-encoded every class prompt at every step, official-promptkd.md §6.1).
+
+`distill(cfg, out_dir)` is the file-to-file stage behind `promptkd distill`; `distill_models`
+is the in-process variant for models and item lists already in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from promptkd.artifacts import load_artifact, read_json, write_json
+from promptkd.data.dataset import ImageDataset, Item, load_rgb
+from promptkd.data.transforms import transforms_for
+from promptkd.engine import distributed
+from promptkd.engine.loop import (
+    CHECKPOINT_NAME,
+    TrainConfig,
+    TrainResult,
+    autocast,
+    resolve_device,
+    train_loop,
+)
+from promptkd.errors import PromptKDError
+from promptkd.models.wrappers import ClassVectors, Student, Teacher
+from promptkd.stages.evaluate import (
+    PROTOCOLS,
+    EvalSplit,
+    Protocol,
+    align_class_vectors,
+    build_protocol,
+    evaluate_splits,
+    harmonic_mean,
+    load_teacher,
+)
+
+log = logging.getLogger(__name__)
+
+KD_REDUCTIONS = ("official", "batchmean")
+STUDENT_FILE = "student.safetensors"
+BEST_VAL_FILE = "student-best-val.safetensors"
+CLASS_VECTORS_FILE = "class_vectors.safetensors"
+METRICS_FILE = "metrics.json"
+
+# scripts/promptkd/base2new_train.sh (comment): 200 for these, 1000 for the other eight datasets;
+# xd_train.sh uses 1000 everywhere. configs/protocols/*.yaml state the same values explicitly.
+OFFICIAL_KD_WEIGHT = 1000.0
+OFFICIAL_KD_WEIGHT_200 = ("FGVCAircraft", "OxfordFlowers", "DescribableTextures")
+
+
+def official_kd_weight(dataset: str, protocol: str = "base2novel") -> float:
+    """The KD weight the official scripts use for `dataset` under `protocol`."""
+    from promptkd.data.registry import canonical_name
+
+    if protocol != "base2novel" or ":" in dataset:
+        return OFFICIAL_KD_WEIGHT
+    try:
+        name = canonical_name(dataset)
+    except PromptKDError:
+        return OFFICIAL_KD_WEIGHT
+    return 200.0 if name in OFFICIAL_KD_WEIGHT_200 else OFFICIAL_KD_WEIGHT
+
+
+def class_logits(features: torch.Tensor, class_vectors: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """logit_scale * normalised features @ class_vectors.T, in fp32 even under autocast.
+
+    With a scale of 100, bf16 logits would be off by up to ~0.5; the product is tiny (B x d x C).
+    """
+    with torch.autocast(features.device.type, enabled=False):
+        return logit_scale.float() * features.float() @ class_vectors.to(features.device, torch.float32).T
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+            weight: float = 1.0, reduction: str = "official") -> torch.Tensor:
+    """weight * T^2 * KL(teacher || student).
+
+    official: the summed KL divided by B*C (the official code's `kl_div(sum) / numel`);
+    batchmean: the summed KL divided by B (the paper's Eq. 3), i.e. official * C.
+    Computed in fp32 whatever the autocast dtype (the official code ran it in fp16).
+    """
+    if reduction not in KD_REDUCTIONS:
+        raise PromptKDError(f"kd reduction must be one of {KD_REDUCTIONS}, got {reduction!r}")
+    t = float(temperature)
+    log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    kl = F.kl_div(log_p_s, log_p_t, reduction="sum", log_target=True)
+    denom = student_logits.numel() if reduction == "official" else student_logits.shape[0]
+    return weight * t * t * kl / denom
+
+
+class PairedViews(torch.utils.data.Dataset):
+    """The same random crop and flip rendered for the student's and the teacher's input format.
+
+    Only needed when the two CLIPs normalise or size images differently; the official pair
+    (B/16, L/14) shares one tensor.
+    """
+
+    def __init__(self, items, student_tf, teacher_tf, seed: int):
+        self.base = ImageDataset(items, student_tf, seed=seed, train=True)
+        self.teacher_tf = teacher_tf
+
+    def set_epoch(self, epoch: int) -> None:
+        self.base.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        path, label = self.base.items[index]
+        img = load_rgb(path)
+        x_s, view = self.base.transform(img, self.base.generator_for(index))
+        return x_s, self.teacher_tf.apply_view(img, view), label, index
+
+
+def _same_input(a, b) -> bool:
+    keys = ("size", "mean", "std", "interpolation", "scale", "ratio")
+    return all(getattr(a, k) == getattr(b, k) for k in keys)
+
+
+@dataclass
+class DistillResult:
+    student_path: Path
+    metrics: dict
+    train: TrainResult
+
+
+def _trainable(student: Student) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in student.trainable_tensors().items()}
+
+
+@torch.no_grad()
+def _load_trainable(student: Student, tensors: dict[str, torch.Tensor], source: str) -> None:
+    student.image.prompts.load_tensors(tensors, "vision", source)
+    student.projector.load_state_dict({k.removeprefix("projector."): v for k, v in tensors.items()
+                                       if k.startswith("projector.")})
+
+
+def _best_epoch(history: list[dict], key: str) -> dict | None:
+    """First epoch with the highest `key` (Dassl saves a best model only on strict improvement)."""
+    best = None
+    for rec in history:
+        if key in rec and (best is None or rec[key] > best[key]):
+            best = rec
+    return best
+
+
+def _labelled(splits: dict[str, EvalSplit]) -> bool:
+    return any(it.label >= 0 for s in splits.values() for it in s.items)
+
+
+def _check_teacher_match(cv: ClassVectors, teacher: Teacher, student: Student) -> None:
+    if cv.dim != teacher.dim:
+        raise PromptKDError(f"class vectors have dim {cv.dim}, the teacher's embedding has dim {teacher.dim}")
+    if student.projector.out_dim != teacher.dim:
+        raise PromptKDError(f"student projects to dim {student.projector.out_dim}, the teacher's is {teacher.dim}")
+    want = teacher.identity()
+    for key in ("clip", "prompts_hash"):
+        if cv.teacher and cv.teacher.get(key) != want.get(key):
+            raise PromptKDError(f"class vectors come from another teacher ({key}: vectors have "
+                                f"{cv.teacher.get(key)}, this teacher has {want.get(key)})")
+
+
+def distill_models(
+    teacher: Teacher,
+    student: Student,
+    class_vectors: ClassVectors,
+    train_items: Sequence[Item],
+    out_dir: str | Path,
+    *,
+    val_items: Sequence[Item] = (),
+    test_items: Sequence[Item] = (),
+    protocol: Protocol | None = None,
+    train: TrainConfig | None = None,
+    temperature: float = 1.0,
+    kd_weight: float = OFFICIAL_KD_WEIGHT,
+    kd_reduction: str = "official",
+    select_on_val: bool = True,
+    official_best_on_test: bool = False,
+    eval_batch_size: int = 100,
+    resume: bool = False,
+    meta: dict | None = None,
+) -> DistillResult:
+    """Distil `teacher` into `student` (both already on their device) on `train_items`.
+
+    Val/test splits come from `protocol` when given, else from `val_items` / `test_items`
+    scored over all classes. Each epoch the student is evaluated on the val split (never on
+    test) and the best-on-val student is kept; with `official_best_on_test` the test splits are
+    evaluated every epoch too, to report the official best-on-test number (§6.2), labelled as such.
+    Writes student.safetensors (last epoch, the reported model), student-best-val.safetensors,
+    class_vectors.safetensors, checkpoint, metrics.jsonl and metrics.json into `out_dir`.
+    """
+    cfg = train or TrainConfig()
+    out_dir = Path(out_dir)
+    if kd_reduction not in KD_REDUCTIONS:
+        raise PromptKDError(f"kd reduction must be one of {KD_REDUCTIONS}, got {kd_reduction!r}")
+    if kd_reduction == "batchmean" and kd_weight > 10:
+        log.warning("kd_reduction=batchmean with kd weight %g: batchmean is C times the official loss, so the "
+                    "official weights (1000/200) are far too large; the paper's formula is weight 1", kd_weight)
+    if protocol is None:
+        protocol = Protocol("cross", "custom", list(class_vectors.classnames), list(train_items),
+                            {"val": EvalSplit(list(val_items))} if val_items else {},
+                            {"accuracy": EvalSplit(list(test_items))} if test_items else {})
+    _check_teacher_match(class_vectors, teacher, student)
+    classifier = align_class_vectors(class_vectors, protocol)
+    device = next(student.parameters()).device
+    W = classifier.to(device)
+    dist_info = distributed.current()
+    main = dist_info.is_main
+
+    student_tf, student_test_tf = transforms_for(student.clip.preprocess_cfg)
+    teacher_tf = transforms_for(teacher.clip.preprocess_cfg)[0]
+    paired = not _same_input(student_tf, teacher_tf)
+    dataset = (PairedViews(train_items, student_tf, teacher_tf, cfg.seed) if paired
+               else ImageDataset(train_items, student_tf, seed=cfg.seed, train=True))
+    teacher.eval()
+
+    def loss_fn(batch):
+        x_s = batch[0]
+        x_t = batch[1] if paired else x_s
+        with torch.no_grad():
+            t_logits = class_logits(teacher.encode_images(x_t), W, teacher.logit_scale)
+        s_logits = class_logits(student(x_s), W, student.logit_scale)
+        loss = kd_loss(s_logits, t_logits, temperature, kd_weight, kd_reduction)
+        agreement = (s_logits.argmax(-1) == t_logits.argmax(-1)).float().mean()
+        return loss, {"agreement": agreement.detach()}
+
+    def evaluate(splits):
+        def encode(x):
+            with autocast(device, cfg.precision):
+                return student(x)
+        return evaluate_splits(encode, W, splits, student_test_tf, batch_size=eval_batch_size, device=device,
+                               num_workers=cfg.num_workers, progress=cfg.progress)
+
+    settings = {"temperature": float(temperature), "kd_weight": float(kd_weight), "kd_reduction": kd_reduction,
+                "teacher": teacher.identity(), "classnames": list(protocol.classnames),
+                "student": {"clip": student.clip.identity(), "prompts": student.prompt_config}}
+    ckpt = out_dir / CHECKPOINT_NAME
+    history: list[dict] = []
+    if resume and ckpt.is_file():
+        _, ck_meta = load_artifact(ckpt, kind="checkpoint")
+        saved = ck_meta.get("distill") or {}
+        diff = [k for k in settings if k in saved and saved[k] != settings[k]]
+        if diff:
+            raise PromptKDError(f"{ckpt}: cannot resume: the run was started with other {', '.join(diff)}")
+        history = list(ck_meta.get("history") or [])
+    has_val = select_on_val and _labelled(protocol.val)
+    best = {"val": (_best_epoch(history, "val") or {}).get("val", float("-inf"))}
+    file_meta = {"teacher": settings["teacher"], "classnames": list(protocol.classnames),
+                 "dataset": protocol.dataset, "protocol": protocol.name, "kd": {k: settings[k] for k in
+                 ("temperature", "kd_weight", "kd_reduction")}, **(meta or {})}
+
+    def on_epoch_end(epoch: int) -> dict:
+        if not main:
+            return {}
+        record = {}
+        if has_val:
+            record["val"] = evaluate(protocol.val).get("val", float("nan"))
+            if record["val"] > best["val"]:
+                best["val"] = record["val"]
+                student.save(out_dir / BEST_VAL_FILE, epoch=epoch + 1, selected_on="val", **file_meta)
+        if official_best_on_test:
+            record.update({f"test_{k}": v for k, v in evaluate(protocol.test).items()})
+        return record
+
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ClassVectors(classifier.cpu(), protocol.classnames, class_vectors.teacher).save(out_dir / CLASS_VECTORS_FILE)
+    result = train_loop(student, loss_fn, dataset, cfg, out_dir, resume=resume, on_epoch_end=on_epoch_end,
+                        desc="distill", checkpoint_meta={"distill": settings})
+
+    student_path = out_dir / STUDENT_FILE
+    metrics: dict = {}
+    if main:
+        student.eval()
+        student.save(student_path, epoch=cfg.epochs, selected_on="last", **file_meta)
+        results: dict = {}
+        if _labelled(protocol.test):
+            results["last"] = {"epoch": cfg.epochs, **evaluate(protocol.test)}
+            chosen = _best_epoch(result.history, "val") if has_val else None
+            if chosen is not None:
+                if chosen["epoch"] == cfg.epochs:
+                    scores = {k: v for k, v in results["last"].items() if k != "epoch"}
+                else:
+                    last_state = _trainable(student)
+                    _load_trainable(student, load_artifact(out_dir / BEST_VAL_FILE, kind="student")[0], BEST_VAL_FILE)
+                    scores = evaluate(protocol.test)
+                    _load_trainable(student, last_state, "last epoch")
+                results["best_val"] = {"epoch": chosen["epoch"], "val": chosen["val"], **scores}
+            if official_best_on_test:
+                results["official_best_on_test"] = _official_best(result.history, protocol.name)
+        metrics = {
+            "kind": "distill_metrics", "dataset": protocol.dataset, "protocol": protocol.name, "seed": cfg.seed,
+            **{k: settings[k] for k in ("temperature", "kd_weight", "kd_reduction")},
+            "teacher": settings["teacher"], "student": settings["student"], "classes": len(protocol.classnames),
+            "train_images": len(train_items), "results": results, "history": result.history,
+            "train": {"steps": result.steps, "skipped_steps": result.skipped_steps, "seconds": result.seconds,
+                      "config": asdict(cfg)}, **(meta or {}),
+        }
+        write_json(out_dir / METRICS_FILE, metrics)
+    distributed.barrier()
+    return DistillResult(student_path, metrics, result)
+
+
+def _official_best(history: list[dict], protocol: str) -> dict:
+    """The official number: the epoch with the best (base) *test* accuracy, and its novel accuracy."""
+    key = "test_base" if protocol == "base2novel" else "test_accuracy"
+    rec = _best_epoch(history, key) or {}
+    out = {"epoch": rec.get("epoch"), **{k.removeprefix("test_"): v for k, v in rec.items() if k.startswith("test_")}}
+    if "base" in out and "novel" in out:
+        out["hm"] = harmonic_mean(out["base"], out["novel"])
+    out["note"] = "selected on test data, as the official code does; optimistic, for comparison only"
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# File-to-file stage and configuration.
+
+
+@dataclass
+class DistillConfig:
+    """Everything `promptkd distill` needs; YAML presets in configs/distill/ set these keys."""
+
+    dataset: str = ""
+    root: str | None = None
+    protocol: str = "base2novel"
+    num_shots: int = 0
+    teacher: str = ""
+    teacher_clip_model: str | None = None  # rebuild the teacher's CLIP from this model name / config JSON
+    teacher_clip: str | None = None  # ... and these weights (needed when they were a local file)
+    class_vectors: str | None = None  # None: encode the class names once with the teacher before training
+    student_model: str = "ViT-B-16"
+    student_pretrained: str | None = "openai"
+    vision_depth: int = 9
+    n_ctx_vision: int = 4
+    temperature: float = 1.0
+    kd_weight: float | None = None  # None: the official weight for the dataset (official_kd_weight)
+    kd_reduction: str = "official"
+    precision: str = "auto"  # auto: bf16 (fp16 without bf16) on CUDA, fp32 elsewhere
+    select_on_val: bool = True
+    official_best_on_test: bool = False
+    eval_batch_size: int = 100
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if isinstance(self.train, dict):
+            if "precision" in self.train:
+                raise PromptKDError("set `precision` at the top level of a distill config, not under `train`")
+            self.train = _from_dict(TrainConfig, self.train, "train")
+        if self.protocol not in PROTOCOLS:
+            raise PromptKDError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+        if self.kd_reduction not in KD_REDUCTIONS:
+            raise PromptKDError(f"kd_reduction must be one of {', '.join(KD_REDUCTIONS)}, got {self.kd_reduction!r}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise PromptKDError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.student_pretrained in ("none", ""):
+            self.student_pretrained = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DistillConfig:
+        return _from_dict(cls, d, "distill config")
+
+    @classmethod
+    def from_yaml(cls, *paths: str | Path, overrides: dict | None = None) -> DistillConfig:
+        """Merge YAML presets left to right (the `train:` section key by key), then `overrides`."""
+        merged: dict = {}
+        for p in paths:
+            for k, v in _read_yaml(p).items():
+                if k == "train" and isinstance(v, dict):
+                    merged["train"] = {**merged.get("train", {}), **v}
+                else:
+                    merged[k] = v
+        for k, v in (overrides or {}).items():
+            if k == "train":
+                merged["train"] = {**merged.get("train", {}), **v}
+            else:
+                merged[k] = v
+        return cls.from_dict(merged)
+
+
+def _read_yaml(path) -> dict:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise PromptKDError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise PromptKDError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise PromptKDError(f"{path}: expected a mapping of settings")
+    return data
+
+
+def _from_dict(cls, d: dict, what: str):
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise PromptKDError(f"{what}: unknown key(s) {unknown}; known: {', '.join(sorted(known))}")
+    return cls(**d)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = False) -> Path:
+    """Load teacher, class vectors and data, build the student, distil; returns the student file.
+
+    Under torchrun every process calls this; it joins the process group itself.
+    """
+    from promptkd.models import load_clip
+
+    if not cfg.dataset:
+        raise PromptKDError("distill: no dataset (--dataset or `dataset:` in a config)")
+    if not cfg.teacher:
+        raise PromptKDError("distill: no teacher artifact (--teacher or `teacher:` in a config)")
+    device = resolve_device(cfg.train.device)
+    info = distributed.init_distributed(device.type)
+    if device.type == "cuda" and info.enabled:
+        device = torch.device("cuda", info.local_rank)
+    train_cfg = TrainConfig(**{**asdict(cfg.train), "precision": resolve_precision(cfg.precision, device)})
+
+    teacher = load_teacher(cfg.teacher, cfg.teacher_clip_model, cfg.teacher_clip, device)
+    cv = ClassVectors.load(cfg.class_vectors, teacher=teacher, dim=teacher.dim) if cfg.class_vectors else None
+    protocol = build_protocol(cfg.protocol, cfg.dataset, cfg.root, num_shots=cfg.num_shots, seed=train_cfg.seed,
+                              reference_classnames=cv.classnames if cv is not None else None)
+    if not protocol.classnames:
+        raise PromptKDError(f"{cfg.dataset}: no class names; give --class-vectors for unlabelled images")
+    if cv is None:  # pre-store once, after the teacher's prompts are loaded (§6.1)
+        with torch.no_grad():
+            vectors = teacher.encode_classnames(protocol.classnames, chunk_size=256).float().cpu()
+        cv = ClassVectors(vectors, protocol.classnames, teacher.identity())
+    kd_weight = cfg.kd_weight if cfg.kd_weight is not None else official_kd_weight(cfg.dataset, cfg.protocol)
+
+    torch.manual_seed(train_cfg.seed)  # prompt and projector initialisation
+    clip = load_clip(cfg.student_model, cfg.student_pretrained)
+    student = Student(clip, teacher.dim, cfg.vision_depth, cfg.n_ctx_vision).to(device)
+    config = asdict(cfg)
+    config.update(kd_weight=kd_weight, precision=train_cfg.precision, train=asdict(train_cfg))
+    result = distill_models(
+        teacher, student, cv, protocol.train, out_dir, protocol=protocol, train=train_cfg,
+        temperature=cfg.temperature, kd_weight=kd_weight, kd_reduction=cfg.kd_reduction,
+        select_on_val=cfg.select_on_val, official_best_on_test=cfg.official_best_on_test,
+        eval_batch_size=cfg.eval_batch_size, resume=resume, meta={"config": config},
+    )
+    return result.student_path
+
+
+# ----------------------------------------------------------------------------------------------
+# `promptkd distill`
+
+_TRAIN_FLAGS = ("epochs", "batch_size", "lr", "seed", "num_workers", "device", "max_steps_per_epoch",
+                "checkpoint_every", "on_nonfinite")
+
+
+def config_from_args(args) -> DistillConfig:
+    top = {f.name for f in fields(DistillConfig)} - {"train"}
+    overrides = {k: v for k, v in vars(args).items() if k in top and v is not None}
+    train = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k, None) is not None}
+    if args.no_progress:
+        train["progress"] = False
+    if train:
+        overrides["train"] = train
+    return DistillConfig.from_yaml(*args.config, overrides=overrides)
+
+
+def _run(args) -> int:
+    cfg = config_from_args(args)
+    path = distill(cfg, args.out, resume=args.resume)
+    if distributed.current().is_main:
+        results = read_json(Path(args.out) / METRICS_FILE).get("results", {})
+        print(f"student: {path}")
+        for name, r in results.items():
+            shown = ", ".join(f"{k} {v:.2f}" for k, v in r.items() if isinstance(v, float))
+            print(f"{name}: {shown}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "distill", help="distil a teacher into a small student on unlabelled images",
+        description="Multi-GPU: torchrun --nproc_per_node N -m promptkd.cli distill ... "
+                    "(the batch size is global and split across processes).")
+    p.add_argument("--config", action="append", default=[], metavar="YAML",
+                   help="preset(s) from configs/distill/, merged in order; flags override them")
+    p.add_argument("--out", required=True, metavar="DIR", help="run folder (student, checkpoint, metrics)")
+    p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.safetensors")
+    p.add_argument("--dataset")
+    p.add_argument("--root", help="data root holding the CoOp dataset folders")
+    p.add_argument("--protocol", choices=PROTOCOLS)
+    p.add_argument("--num-shots", type=int, help="K unlabelled images per class (0: all)")
+    p.add_argument("--teacher", metavar="PATH", help="teacher artifact")
+    p.add_argument("--teacher-clip-model", metavar="MODEL")
+    p.add_argument("--teacher-clip", metavar="TAG|PATH", help="the teacher's CLIP weights (if a local file)")
+    p.add_argument("--class-vectors", metavar="PATH", help="the teacher's stored class vectors")
+    p.add_argument("--student-model", metavar="MODEL")
+    p.add_argument("--student-pretrained", metavar="TAG|PATH")
+    p.add_argument("--vision-depth", type=int)
+    p.add_argument("--n-ctx-vision", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--kd-weight", type=float, help="default: the official per-dataset weight")
+    p.add_argument("--kd-reduction", choices=KD_REDUCTIONS)
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--num-workers", type=int)
+    p.add_argument("--device")
+    p.add_argument("--max-steps-per-epoch", type=int)
+    p.add_argument("--checkpoint-every", type=int, metavar="STEPS")
+    p.add_argument("--on-nonfinite", choices=("stop", "skip"))
+    p.add_argument("--eval-batch-size", type=int)
+    p.add_argument("--no-val", dest="select_on_val", action="store_const", const=False,
+                   help="skip the per-epoch validation (and best-on-val selection)")
+    p.add_argument("--official-best-on-test", action="store_const", const=True,
+                   help="also evaluate test every epoch and report the official best-on-test number")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run)
+

@@ -1,0 +1,87 @@
+"""Protocols and `promptkd eval`: base/novel scored apart, val for selection, DG class mapping."""
+
+import json
+
+import pytest
+import torch
+from distill_helpers import make_models, text_class_vectors, write_images
+
+from promptkd.cli import main
+from promptkd.engine import TrainConfig
+from promptkd.models.wrappers import ClassVectors
+from promptkd.stages.distill import distill_models
+from promptkd.stages.evaluate import align_class_vectors, build_protocol
+
+
+@pytest.fixture
+def split_file(tmp_path):
+    """A split_zhou-style file over 4 colour classes: 4 train, 1 val and 2 test images per class."""
+    items, names = write_images(tmp_path / "img", per_class=7)
+    entry = [[str(p).split("img/")[1], y, names[y]] for p, y in items]
+    per = {y: [e for e in entry if e[1] == y] for y in range(4)}
+    split = {"train": [e for y in per for e in per[y][:4]], "val": [per[y][4] for y in per],
+             "test": [e for y in per for e in per[y][5:]]}
+    path = tmp_path / "img" / "split.json"
+    path.write_text(json.dumps(split))
+    return f"split:{path}", names
+
+
+def test_base2novel_protocol_scores_base_and_novel_apart(split_file):
+    name, names = split_file
+    p = build_protocol("base2novel", name)
+    assert p.classnames == names and len(p.train) == 16
+    assert [it.label for it in p.val["val"].items] == [0, 1]  # val of base classes only
+    assert p.test["base"].classes == slice(0, 2) and p.test["novel"].classes == slice(2, None)
+    assert sorted({it.label for it in p.test["novel"].items}) == [0, 1]  # relabelled 0..n-m-1
+
+
+def test_eval_zero_shot_clip_prints_base_novel_hm(split_file, tiny_configs, tmp_path, capsys):
+    name, _ = split_file
+    out = tmp_path / "zs.json"
+    assert main(["eval", "--clip", str(tiny_configs[1]), "--dataset", name, "--no-progress", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert set(res["results"]) == {"base", "novel", "hm"} and res["images"] == {"base": 4, "novel": 4}
+    assert res["model"]["templates"] == ["a photo of a {}."]
+    assert "HM" in capsys.readouterr().out
+    assert main(["eval", "--clip", str(tiny_configs[1]), "--dataset", name, "--split", "val", "--no-progress",
+                 "--out", str(out)]) == 0
+    assert set(json.loads(out.read_text())["results"]) == {"val"}
+
+
+def test_distill_base2novel_selects_on_val_and_reports_last(split_file, tmp_path, tiny_configs):
+    teacher, student = make_models(tiny_configs)
+    name, names = split_file
+    p = build_protocol("base2novel", name)
+    cfg = TrainConfig(epochs=2, batch_size=8, warmup_epochs=0, progress=False)
+    res = distill_models(teacher, student, text_class_vectors(teacher, names), p.train, tmp_path / "run",
+                         protocol=p, train=cfg)
+    results = res.metrics["results"]
+    assert set(results["last"]) == {"epoch", "base", "novel", "hm"}
+    assert results["best_val"]["epoch"] in (1, 2) and "official_best_on_test" not in results
+    assert all("val" in h and not any(k.startswith("test") for k in h) for h in res.metrics["history"])
+
+
+def test_class_vectors_for_other_classes_are_refused_by_eval(split_file, tiny_configs, tmp_path, capsys):
+    teacher, student = make_models(tiny_configs)
+    name, _ = split_file
+    student.save(tmp_path / "student.safetensors")
+    text_class_vectors(teacher, ["red", "green", "cyan", "yellow"]).save(tmp_path / "cv.safetensors")
+    code = main(["eval", "--student", str(tmp_path / "student.safetensors"), "--student-clip-model",
+                 str(tiny_configs[1]), "--class-vectors", str(tmp_path / "cv.safetensors"), "--dataset", name])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "1 missing (first: ['blue'])" in err and "1 not in the dataset (first: ['cyan'])" in err
+
+
+def test_dg_protocol_maps_variant_classes_into_the_reference_list(tmp_path):
+    items, _ = write_images(tmp_path / "variant", per_class=1)
+    for colour in ("green", "yellow"):  # the variant has only 2 of the 4 classes
+        for f in (tmp_path / "variant" / colour).iterdir():
+            f.unlink()
+        (tmp_path / "variant" / colour).rmdir()
+    reference = ["green", "red", "yellow", "blue"]
+    p = build_protocol("dg", f"folder:{tmp_path / 'variant'}", reference_classnames=reference)
+    assert p.classnames == ["blue", "red"] and p.class_indices == [3, 1]
+    assert len(p.train) == len(p.test["accuracy"].items) == 2 and not p.val  # transductive, no val
+    cv = ClassVectors(torch.eye(4), reference, {})
+    assert torch.equal(align_class_vectors(cv, p), torch.eye(4)[[3, 1]])

@@ -1,0 +1,65 @@
+"""The KD loss is exactly the official one, and only prompts and projector learn."""
+
+import math
+
+import pytest
+import torch
+from distill_helpers import make_models, text_class_vectors
+
+from promptkd.models.projector import GlobalBatchNorm1d
+from promptkd.stages.distill import class_logits, kd_loss, official_kd_weight
+
+
+def hand_kl(s, t, T):
+    """sum over batch and classes of p_t * (log p_t - log p_s), by loops."""
+    total = 0.0
+    for b in range(s.shape[0]):
+        zs = [math.exp(v / T) for v in s[b].tolist()]
+        zt = [math.exp(v / T) for v in t[b].tolist()]
+        for c in range(s.shape[1]):
+            ps, pt = zs[c] / sum(zs), zt[c] / sum(zt)
+            total += pt * (math.log(pt) - math.log(ps))
+    return total
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_loss_equals_hand_computation_for_both_reductions(T):
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(3, 5, generator=g) * 4, torch.randn(3, 5, generator=g) * 4
+    kl = hand_kl(s, t, T)
+    official = kd_loss(s, t, temperature=T, weight=1000.0, reduction="official")
+    assert official.item() == pytest.approx(1000 * T * T * kl / (3 * 5), rel=1e-5)
+    batchmean = kd_loss(s, t, temperature=T, weight=1.0, reduction="batchmean")
+    assert batchmean.item() == pytest.approx(T * T * kl / 3, rel=1e-5)
+    assert kd_loss(t, t).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_official_kd_weights():
+    assert official_kd_weight("fgvc_aircraft") == 200 == official_kd_weight("OxfordFlowers") == official_kd_weight("dtd")
+    assert official_kd_weight("ImageNet") == 1000 == official_kd_weight("EuroSAT")
+    assert official_kd_weight("dtd", protocol="cross") == 1000  # xd_train.sh: 1000 everywhere
+
+
+def test_only_prompts_and_projector_get_gradients(tiny_configs):
+    teacher, student = make_models(tiny_configs)
+    cv = text_class_vectors(teacher, ["red", "green", "blue"])
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        t_logits = class_logits(teacher.encode_images(x), cv.vectors, teacher.logit_scale)
+    s_logits = class_logits(student(x), cv.vectors, student.logit_scale)
+    kd_loss(s_logits, t_logits, weight=1000.0).backward()
+    got = {n for n, p in student.named_parameters() if p.grad is not None}
+    assert got == {n for n, p in student.named_parameters() if n.startswith(("image.prompts", "projector."))}
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in student.named_parameters() if n in got)
+    assert all(p.grad is None for p in student.clip.model.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+    assert student.logit_scale.item() == pytest.approx(math.exp(student.clip.model.logit_scale.item()))
+
+
+def test_projector_batchnorm_is_plain_batchnorm_without_process_group():
+    torch.manual_seed(0)
+    ours, ref = GlobalBatchNorm1d(6), torch.nn.BatchNorm1d(6)
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(ours(x), ref(x))
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+    assert list(ours.state_dict()) == list(ref.state_dict())

@@ -1,0 +1,93 @@
+"""`promptkd report` aggregates seeds as the paper does, and the reproduction script's dry run."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from promptkd.cli import main
+from promptkd.errors import PromptKDError
+from promptkd.stages.distill import official_kd_weight
+from promptkd.stages.evaluate import harmonic_mean
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write_run(root, protocol, dataset, seed, **last):
+    d = root / protocol / dataset / f"seed{seed}"
+    d.mkdir(parents=True)
+    (d / "metrics.json").write_text(json.dumps({"kind": "distill_metrics", "protocol": protocol, "dataset": dataset,
+                                                "seed": seed, "results": {"last": {"epoch": 20, **last}}}))
+
+
+def test_report_aggregates_seeds_with_hm_of_means(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs, "base2novel", "OxfordPets", 1, base=90.0, novel=80.0, hm=84.7)
+    write_run(runs, "base2novel", "OxfordPets", 2, base=94.0, novel=60.0, hm=73.2)
+    write_run(runs, "base2novel", "ImageNet", 1, base=80.0, novel=70.0, hm=74.7)
+    for seed, acc in ((1, 50.0), (2, 54.0)):
+        write_run(runs, "cross", "EuroSAT", seed, accuracy=acc)
+    write_run(runs, "cross", "DescribableTextures", 1, accuracy=40.0)
+    write_run(runs, "cross", "ImageNet", 1, accuracy=99.0)  # source: listed, not averaged
+
+    assert main(["report", str(runs), "--out", str(tmp_path / "out")]) == 0
+    tables = json.loads((tmp_path / "out" / "report.json").read_text())["tables"]
+    b2n = tables["base2novel"]
+    assert [r["dataset"] for r in b2n["rows"]] == ["ImageNet", "OxfordPets"]  # paper order
+    pets = b2n["rows"][1]
+    assert pets["base"] == pytest.approx(92.0) and pets["novel"] == pytest.approx(70.0)
+    assert pets["base_std"] == pytest.approx(2.0)  # population std over seeds, as Dassl
+    assert pets["hm"] == pytest.approx(harmonic_mean(92.0, 70.0))  # HM of the means, not mean of HMs
+    assert pets["hm"] != pytest.approx((84.7 + 73.2) / 2, abs=0.1)
+    avg = b2n["average"]
+    assert avg["base"] == pytest.approx(86.0) and avg["novel"] == pytest.approx(70.0)
+    assert avg["hm"] == pytest.approx(harmonic_mean(86.0, 70.0))
+    assert tables["cross"]["average"]["accuracy"] == pytest.approx((52.0 + 40.0) / 2)
+
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| OxfordPets | 2 | 92.00 ± 2.00 | 70.00 ± 10.00 |" in md and "ImageNet (source)" in md
+    rows = list(csv.reader((tmp_path / "out" / "base2novel.csv").open()))
+    assert rows[0][:3] == ["dataset", "seeds", "base"] and rows[-1][0] == "Average"
+    assert (tmp_path / "out" / "base2novel.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_refuses_duplicate_seeds_and_missing_selection(tmp_path):
+    write_run(tmp_path / "a", "cross", "EuroSAT", 1, accuracy=50.0)
+    write_run(tmp_path / "b", "cross", "EuroSAT", 1, accuracy=51.0)
+    with pytest.raises(PromptKDError, match="seed 1 of EuroSAT"):
+        main(["--debug", "report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "o")])
+    with pytest.raises(PromptKDError, match="official_best_on_test"):
+        main(["--debug", "report", str(tmp_path / "a"), "--out", str(tmp_path / "o"),
+              "--select", "official_best_on_test"])
+
+
+def test_protocol_configs_match_the_official_kd_weights():
+    for name, protocol in (("base2novel", "base2novel"), ("cross_dataset", "cross"),
+                           ("domain_generalisation", "dg")):
+        spec = yaml.safe_load((REPO / "configs" / "protocols" / f"{name}.yaml").read_text())
+        assert spec["protocol"] == protocol and spec["seeds"] == [1, 2, 3]
+        assert (REPO / spec["preset"]).is_file()
+        for dataset, settings in spec["datasets"].items():
+            assert settings["kd_weight"] == official_kd_weight(dataset, protocol), dataset
+
+
+def test_reproduce_script_dry_run_lists_every_run(tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "reproduce_paper.py"), "--data", "/data",
+                          "--teachers", "/teachers", "--out", str(tmp_path / "runs"), "--dry-run", "--nproc", "2"],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    distill = [line for line in out if " distill " in line]
+    assert len(distill) == 11 * 3 + 10 * 3 + 4 * 3
+    assert sum(" report " in line for line in out) == 3
+    b2n = [line for line in distill if "--protocol base2novel" in line]
+    assert len(b2n) == 33 and all("torch.distributed.run" in line for line in distill)
+    weight_200 = {line.split("--dataset ")[1].split()[0] for line in b2n if "--kd-weight 200" in line}
+    assert weight_200 == {"FGVCAircraft", "OxfordFlowers", "DescribableTextures"}
+    assert all("--kd-weight 1000" in line for line in distill if "--protocol base2novel" not in line)
+    cross = [line for line in distill if "--protocol cross" in line]
+    assert all("/teachers/ImageNet-xd/teacher.safetensors" in line and "cross_datasets.yaml" in line for line in cross)
+    assert "/teachers/OxfordPets/teacher.safetensors" in next(line for line in b2n if "OxfordPets" in line)
+    assert {line.split("--seed ")[1].split()[0] for line in distill} == {"1", "2", "3"}
