@@ -19,6 +19,7 @@ from promptkd.errors import PromptKDError
 COMMAND_MODULES = [
     "promptkd.stages.teacher",
     "promptkd.stages.class_vectors",
+    "promptkd.stages.cache",
     "promptkd.stages.distill",
     "promptkd.stages.evaluate",
     "promptkd.stages.export",
@@ -63,12 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s" if debug else "%(message)s",
-    )
-    for noisy in ("root", "open_clip", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.ERROR if not debug else logging.INFO)
+    # open_clip logs chatty INFO lines on the root logger: keep the root at WARNING and let only
+    # promptkd's own loggers speak at INFO.
+    logging.basicConfig(level=logging.INFO if debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s" if debug else "%(message)s")
+    logging.getLogger("promptkd").setLevel(logging.WARNING if args.quiet else logging.INFO)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
