@@ -1,0 +1,214 @@
+"""Deployable classifiers: the distilled student plus class vectors, usable in three lines.
+
+    from promptkd.deploy import StudentClassifier
+    clf = StudentClassifier.load("student.safetensors", "classes.safetensors")
+    clf.predict([img1, img2], topk=5)   # [[(classname, prob), ...], ...]
+
+The student's test transform, feature normalisation and logit scale are part of the object, so a
+caller cannot get them wrong. `OnnxClassifier` offers the same `predict` over an exported ONNX file
+(see `promptkd.stages.export`), reading everything it needs from the file's metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+from promptkd.data.dataset import load_rgb, to_rgb
+from promptkd.data.transforms import TestTransform, transforms_for
+from promptkd.errors import PromptKDError
+from promptkd.models.wrappers import ClassVectors, Student, Teacher
+
+log = logging.getLogger(__name__)
+
+ONNX_FORMAT = "promptkd-onnx/1"
+ONNX_INPUT, ONNX_OUTPUT = "image", "logits"
+
+ImageLike = Image.Image | torch.Tensor | str | os.PathLike
+Prediction = list[tuple[str, float]]
+
+
+class _Predictor:
+    """`predict` shared by the PyTorch and ONNX classifiers: they only differ in `logits`."""
+
+    classnames: list[str]
+    transform: TestTransform
+
+    @property
+    def image_size(self) -> int:
+        return self.transform.size
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def preprocess(self, images: ImageLike | Sequence[ImageLike]) -> torch.Tensor:
+        """A normalised (B, 3, S, S) batch: PIL images and paths get the test transform, tensors are
+        taken as already normalised."""
+        if isinstance(images, torch.Tensor):
+            batch = images if images.ndim == 4 else images.unsqueeze(0)
+        else:
+            if isinstance(images, (Image.Image, str, os.PathLike)):
+                images = [images]
+            batch = torch.stack([self._one(x) for x in images]) if len(images) else torch.empty(0, 3, 0, 0)
+        s = self.image_size
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != (3, s, s):
+            raise PromptKDError(f"images must be normalised 3x{s}x{s} tensors (or PIL images / paths); "
+                                f"got shape {tuple(batch.shape)}")
+        return batch.float()
+
+    def _one(self, x: ImageLike) -> torch.Tensor:
+        if isinstance(x, torch.Tensor):
+            return x
+        if isinstance(x, Image.Image):
+            return self.transform(to_rgb(x))
+        return self.transform(load_rgb(os.fspath(x)))
+
+    @torch.no_grad()
+    def predict(self, images: ImageLike | Sequence[ImageLike], topk: int = 5,
+                batch_size: int = 32) -> list[Prediction]:
+        """Top-k (classname, probability) per image, most probable first."""
+        single = isinstance(images, (Image.Image, str, os.PathLike)) or (
+            isinstance(images, torch.Tensor) and images.ndim == 3)
+        items = [images] if single else images
+        k = max(1, min(int(topk), len(self.classnames)))
+        out: list[Prediction] = []
+        for i in range(0, len(items), batch_size):
+            probs = self.logits(self.preprocess(items[i : i + batch_size])).float().softmax(dim=-1)
+            p, idx = probs.topk(k, dim=-1)
+            out += [[(self.classnames[j], float(v)) for v, j in zip(pr.tolist(), ix.tolist())]
+                    for pr, ix in zip(p, idx)]
+        return out
+
+
+class StudentClassifier(nn.Module, _Predictor):
+    """Student image tower + deep prompts + projector + class vectors -> logits.
+
+    `forward(images)` takes normalised (B, 3, S, S) images and returns
+    `logit_scale * normalise(student(images)) @ class_vectors.T`, exactly what training and
+    evaluation compute, so it is also the module exported to ONNX. The student is put in eval mode
+    (its projector has BatchNorm).
+    """
+
+    def __init__(self, student: Student, class_vectors: ClassVectors):
+        super().__init__()
+        want = student.projector.out_dim
+        if class_vectors.dim != want:
+            raise PromptKDError(f"class vectors have dim {class_vectors.dim}, but the student projects to "
+                                f"dim {want} (they come from a different teacher than the student's)")
+        made_for = (getattr(student, "meta", None) or {}).get("teacher") or {}
+        if made_for.get("clip") and class_vectors.teacher.get("clip") and \
+                made_for["clip"] != class_vectors.teacher["clip"]:
+            raise PromptKDError(f"class vectors come from teacher CLIP {class_vectors.teacher['clip']}, but the "
+                                f"student was distilled from {made_for['clip']}")
+        if made_for.get("prompts_hash") not in (None, class_vectors.teacher.get("prompts_hash")):
+            log.warning("class vectors come from another prompted teacher than the one the student was "
+                        "distilled from (same CLIP); accuracy may differ")
+        self.student = student.eval()
+        device = student.logit_scale.device
+        self.register_buffer("class_vectors", class_vectors.vectors.to(device), persistent=False)
+        self.classnames = list(class_vectors.classnames)
+        self.teacher_identity = dict(class_vectors.teacher)
+        self.transform = transforms_for(student.clip.preprocess_cfg)[1]
+
+    @classmethod
+    def load(cls, student: str | Path, class_vectors: str | Path, *, device: str | torch.device = "cpu",
+             clip=None) -> StudentClassifier:
+        """From a student file and a class-vector file; `clip` overrides the student's CLIP (local weights)."""
+        s = Student.load(student, clip=clip, device=device)
+        cv = ClassVectors.load(class_vectors)
+        if cv.dim != s.projector.out_dim:
+            raise PromptKDError(f"{class_vectors}: class vectors have dim {cv.dim}, but {student} projects to "
+                                f"dim {s.projector.out_dim} (class vectors and student come from different teachers)")
+        return cls(s, cv)
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.student.logit_scale
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.student(images)  # already L2-normalised, in the teacher's space
+        return self.logit_scale.to(features.dtype) * features @ self.class_vectors.to(features.dtype).T
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self(images.to(self.class_vectors.device))
+
+    @torch.no_grad()
+    def with_classes(self, classnames: Sequence[str], teacher: Teacher) -> StudentClassifier:
+        """A classifier for other classes: their vectors from the teacher's text tower (shares the student)."""
+        from promptkd.stages.class_vectors import compute_class_vectors
+
+        return StudentClassifier(self.student, compute_class_vectors(teacher, list(classnames)))
+
+    def metadata(self) -> dict:
+        """What a deployed file must say about this classifier (stored in ONNX metadata_props)."""
+        from promptkd import __version__
+
+        t = self.transform
+        return {"format": ONNX_FORMAT, "promptkd_version": __version__, "classnames": self.classnames,
+                "student": {"clip": self.student.clip.identity(), "prompts": self.student.prompt_config,
+                            "teacher_dim": self.student.projector.out_dim},
+                "class_vectors_teacher": self.teacher_identity, "image_size": t.size, "mean": t.mean,
+                "std": t.std, "interpolation": t.interpolation.value, "resize_mode": t.resize_mode,
+                "logit_scale": float(self.logit_scale)}
+
+
+def onnx_metadata_props(meta: dict) -> dict[str, str]:
+    """Flat string key/values for ONNX `metadata_props` (one `promptkd.*` key per field)."""
+    return {f"promptkd.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+
+
+def parse_onnx_metadata(props: dict[str, str], source: str) -> dict:
+    if props.get("promptkd.format") != ONNX_FORMAT:
+        raise PromptKDError(f"{source}: ONNX file without promptkd metadata (export it with `promptkd export`)")
+    meta = {}
+    for key, raw in props.items():
+        if key.startswith("promptkd."):
+            try:
+                meta[key.removeprefix("promptkd.")] = json.loads(raw)
+            except json.JSONDecodeError:
+                meta[key.removeprefix("promptkd.")] = raw
+    missing = [k for k in ("classnames", "image_size", "mean", "std") if k not in meta]
+    if missing:
+        raise PromptKDError(f"{source}: promptkd ONNX metadata lacks {missing}")
+    return meta
+
+
+class OnnxClassifier(_Predictor):
+    """An exported classifier on onnxruntime, with the same `predict` as StudentClassifier."""
+
+    def __init__(self, path: str | Path, providers: Sequence[str] | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise PromptKDError("onnxruntime is not installed (pip install 'promptkd[onnx]')") from None
+        path = Path(path)
+        if not path.is_file():
+            raise PromptKDError(f"{path}: ONNX file not found")
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=list(providers or ["CPUExecutionProvider"]))
+        except Exception as e:
+            raise PromptKDError(f"{path}: not a loadable ONNX model ({str(e).splitlines()[0][:200]})") from None
+        self.meta = parse_onnx_metadata(self.session.get_modelmeta().custom_metadata_map, str(path))
+        self.classnames = list(self.meta["classnames"])
+        self.transform = TestTransform(self.meta["image_size"], self.meta["mean"], self.meta["std"],
+                                       self.meta.get("interpolation", "bicubic"),
+                                       self.meta.get("resize_mode", "shortest"))
+
+    @classmethod
+    def load(cls, path: str | Path, providers: Sequence[str] | None = None) -> OnnxClassifier:
+        return cls(path, providers)
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.session.run([ONNX_OUTPUT], {ONNX_INPUT: images.detach().cpu().float().numpy()})[0]
+        return torch.from_numpy(out).float()
+
+    __call__ = logits

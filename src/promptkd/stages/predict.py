@@ -1,0 +1,146 @@
+"""`promptkd predict`: classify images, folders or globs with a student (PyTorch) or an ONNX export.
+
+Unreadable files are reported one by one (stderr, or "errors" in --json) and the rest are still
+classified; the exit code is 1 when any file failed. With --classes/--classes-file the class
+vectors are computed now by the teacher's text tower (open vocabulary), so the teacher is needed.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+
+from promptkd.data.dataset import is_image_file, list_images, load_rgb
+from promptkd.errors import PromptKDError
+from promptkd.stages.export import add_student_args, load_classifier
+
+
+def expand_inputs(inputs: list[str]) -> list[str]:
+    """Image files named by paths, folders (recursive) or glob patterns, in order, without repeats."""
+    out: list[str] = []
+    for given in inputs:
+        if os.path.isdir(given):
+            found = list_images(given)
+        elif os.path.isfile(given):
+            found = [given]
+        elif glob.has_magic(given):
+            found = sorted(p for p in glob.glob(given, recursive=True) if os.path.isfile(p) and is_image_file(
+                os.path.basename(p)))
+        else:
+            raise PromptKDError(f"{given}: no such file or folder")
+        if not found:
+            raise PromptKDError(f"{given}: no images found")
+        out += found
+    return list(dict.fromkeys(out))
+
+
+def predict_files(clf, paths: list[str], *, topk: int = 5, batch_size: int = 32, progress: bool = True):
+    """-> (predictions [{path, top: [{class, prob}]}], errors [{path, error}]), reading files lazily."""
+    from tqdm.auto import tqdm
+
+    preds, errors = [], []
+    bar = tqdm(total=len(paths), desc="predict", unit="img", file=sys.stderr, dynamic_ncols=True,
+               disable=not progress or len(paths) <= batch_size or None)
+    for i in range(0, len(paths), batch_size):
+        batch, ok = [], []
+        for p in paths[i : i + batch_size]:
+            try:
+                batch.append(clf.transform(load_rgb(p)))
+                ok.append(p)
+            except PromptKDError as e:
+                errors.append({"path": p, "error": str(e).removeprefix(f"{p}: ")})
+        if batch:
+            for p, top in zip(ok, clf.predict(batch, topk=topk, batch_size=batch_size)):
+                preds.append({"path": p, "top": [{"class": c, "prob": round(v, 6)} for c, v in top]})
+        bar.update(len(paths[i : i + batch_size]))
+    bar.close()
+    return preds, errors
+
+
+def build_classifier(args):
+    """The classifier the flags describe: ONNX, student + class vectors, or student + teacher + names."""
+    names = _classnames(args)
+    if args.onnx:
+        if args.student or args.class_vectors or names:
+            raise PromptKDError("--onnx has its class vectors built in: do not combine it with --student, "
+                                "--class-vectors or --classes (export another model for other classes)")
+        from promptkd.deploy import OnnxClassifier
+
+        return OnnxClassifier(args.onnx)
+    if not args.student:
+        raise PromptKDError("give --onnx MODEL, or --student with --class-vectors (or --classes and --teacher)")
+    if names is None:
+        if args.teacher:
+            raise PromptKDError("--teacher is only used with --classes/--classes-file")
+        if not args.class_vectors:
+            raise PromptKDError("--student needs --class-vectors, or --classes/--classes-file with --teacher")
+        return load_classifier(args.student, args.class_vectors, student_model=args.student_model,
+                               student_clip=args.student_clip, device=args.device)
+    if not args.teacher:
+        raise PromptKDError("--classes/--classes-file need --teacher: new class vectors come from its text tower")
+    if args.class_vectors:
+        raise PromptKDError("give either --class-vectors or --classes/--classes-file, not both")
+    from promptkd.deploy import StudentClassifier
+    from promptkd.stages.class_vectors import compute_class_vectors
+    from promptkd.stages.evaluate import load_student, load_teacher
+
+    student = load_student(args.student, args.student_model, args.student_clip, device=args.device)
+    teacher = load_teacher(args.teacher, args.teacher_model, args.teacher_clip, device=args.device)
+    return StudentClassifier(student, compute_class_vectors(teacher, names))
+
+
+def _classnames(args) -> list[str] | None:
+    if args.classes and args.classes_file:
+        raise PromptKDError("give --classes or --classes-file, not both")
+    if args.classes:
+        names = [c.strip() for c in args.classes.split(",") if c.strip()]
+        if not names:
+            raise PromptKDError("--classes: no class names given")
+        return names
+    if args.classes_file:
+        from promptkd.data.folders import read_classnames
+
+        return read_classnames(args.classes_file)
+    return None
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "predict", help="classify images with a student or an ONNX export",
+        description="Print the top-k classes and probabilities of each image. Inputs are image files, "
+                    "folders (searched recursively) or glob patterns (quote them).")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE|FOLDER|GLOB")
+    p.add_argument("--onnx", help="an ONNX file from `promptkd export` (runs on onnxruntime)")
+    p.add_argument("--student", help="student file (runs on PyTorch)")
+    p.add_argument("--class-vectors", help="class-vector file for --student")
+    p.add_argument("--classes", help="open vocabulary: comma-separated class names (needs --teacher)")
+    p.add_argument("--classes-file", help="open vocabulary: one class name per line (needs --teacher)")
+    p.add_argument("--teacher", help="teacher file whose text tower computes vectors for --classes")
+    p.add_argument("--teacher-model", help="the teacher's CLIP model name or config JSON (default: from the file)")
+    p.add_argument("--teacher-clip", help="the teacher's CLIP weights file, when it was a local file")
+    add_student_args(p)
+    p.add_argument("--topk", type=int, default=5, help="classes shown per image (default 5)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps (PyTorch only)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (predictions and errors)")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    if args.topk < 1 or args.batch_size < 1:
+        raise PromptKDError("--topk and --batch-size must be at least 1")
+    paths = expand_inputs(args.inputs)
+    clf = build_classifier(args)
+    preds, errors = predict_files(clf, paths, topk=args.topk, batch_size=args.batch_size)
+    if args.json:
+        json.dump({"predictions": preds, "errors": errors}, sys.stdout, indent=2)
+        print()
+    else:
+        for r in preds:
+            print(f"{r['path']}\t" + "  ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"]))
+    for e in errors:
+        print(f"promptkd: {e['path']}: {e['error']}", file=sys.stderr)
+    return 1 if errors else 0
+
