@@ -74,10 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         code = args.func(args)
-    except (PromptKDError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+    except (PromptKDError, OSError) as e:  # OSError: missing files, permissions, a full disk
         if debug:
             raise
-        print(f"promptkd: error: {e}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"promptkd: error: {message}", file=sys.stderr)  # always one line
         return 2
     except KeyboardInterrupt:
         if debug:

@@ -10,6 +10,11 @@ student, KD setting or class list of the same teacher.
 On disk: `manifest.json` plus shards `shard-00000.safetensors` (features (n, K, D) fp16, views
 (n, K, 5) int32 as top, left, h, w, flip). Shards are written atomically and listed in the
 manifest as they finish, so an interrupted build resumes at the first missing shard.
+
+When it pays off: online distillation runs the teacher image tower epochs x N times per run; the
+cache runs it K x N times once, for every later run (seeds, students, KD settings, class lists).
+Disk and memory: N x K x D x 2 bytes (ImageNet, K=8, D=768: 15.7 GB). Online stays the default:
+distillation uses a cache only when given one (`promptkd cache`, then `distill --teacher-cache`).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from promptkd.artifacts import load_artifact, read_json, save_artifact, write_json
-from promptkd.data.dataset import Item, augmentation_seed, load_rgb
+from promptkd.data.dataset import Item, augmentation_seed, load_rgb, read_item
 from promptkd.data.transforms import TrainTransform, View, sample_view
 from promptkd.errors import PromptKDError
 
@@ -38,6 +43,12 @@ def items_digest(items: Sequence[Item]) -> str:
     for path, _ in items:
         h.update(str(path).encode() + b"\0")
     return h.hexdigest()[:16]
+
+
+def transform_spec(tf: TrainTransform) -> dict:
+    """What decides the pixels the teacher saw for a recorded view (stored in the manifest)."""
+    return {"size": tf.size, "scale": list(tf.scale), "ratio": list(tf.ratio), "mean": list(tf.mean),
+            "std": list(tf.std), "interpolation": tf.interpolation.value}
 
 
 def view_generator(seed: int, view: int, index: int) -> torch.Generator:
@@ -70,20 +81,31 @@ class CacheSpec:
     views: int = 8
     seed: int = 0
     shard_size: int = 1024
-    batch_size: int = 64  # images per teacher forward
+    batch_size: int = 64  # views per teacher forward
     num_workers: int = 0
 
 
+def teacher_train_transform(teacher) -> TrainTransform:
+    """The teacher's own train transform: the one distillation checks a cache against."""
+    from promptkd.data.transforms import transforms_for
+
+    return transforms_for(teacher.clip.preprocess_cfg)[0]
+
+
 @torch.no_grad()
-def build_teacher_cache(teacher, items: Sequence[Item], transform: TrainTransform, out_dir: str | Path,
+def build_teacher_cache(teacher, items: Sequence[Item], transform: TrainTransform | None, out_dir: str | Path,
                         spec: CacheSpec | None = None, *, device: str | torch.device = "cpu",
                         precision: str = "fp32", progress: bool = True) -> Path:
-    """Run the teacher image tower once over K views of every image; resumable. Returns the cache dir."""
+    """Run the teacher image tower once over K views of every image; resumable. Returns the cache dir.
+
+    `transform` None: the teacher's own train transform (what `distill_models` expects).
+    """
     from tqdm.auto import tqdm
 
     from promptkd.engine.loop import autocast
 
     spec = spec or CacheSpec()
+    transform = transform or teacher_train_transform(teacher)
     if spec.views < 1 or spec.shard_size < 1:
         raise PromptKDError("cache views and shard size must be >= 1")
     out = Path(out_dir)
@@ -92,14 +114,13 @@ def build_teacher_cache(teacher, items: Sequence[Item], transform: TrainTransfor
     header = {
         "kind": "teacher_cache", "version": CACHE_VERSION, "teacher": teacher.identity(),
         "views": spec.views, "seed": spec.seed, "n_images": len(items), "items_digest": items_digest(items),
-        "dim": teacher.dim, "dtype": "float16", "shard_size": spec.shard_size,
-        "transform": {"size": transform.size, "scale": list(transform.scale), "ratio": list(transform.ratio),
-                      "mean": transform.mean, "std": transform.std},
+        "dim": teacher.dim, "dtype": "float16", "shard_size": spec.shard_size, "precision": precision,
+        "transform": transform_spec(transform),
     }
     manifest_path = out / "manifest.json"
     shards: list[dict] = []
     if manifest_path.exists():
-        old = read_json(manifest_path)
+        old = check_manifest(read_json(manifest_path), out)
         same = {k: v for k, v in old.items() if k != "shards"} == header
         if not same:
             raise PromptKDError(f"{out}: holds a cache for another teacher, image list or settings; use a new folder")
@@ -135,32 +156,78 @@ def build_teacher_cache(teacher, items: Sequence[Item], transform: TrainTransfor
     return out
 
 
+def check_manifest(m, d: Path) -> dict:
+    """A manifest must have the shape build_teacher_cache writes; a damaged or crafted one says what is wrong."""
+    if not isinstance(m, dict) or m.get("kind") != "teacher_cache":
+        raise PromptKDError(f"{d}: not a teacher cache (manifest kind {m.get('kind') if isinstance(m, dict) else None!r})")
+    if not isinstance(m.get("teacher"), dict):
+        raise PromptKDError(f"{d}: manifest 'teacher' must be a JSON object")
+    for key in ("views", "dim", "n_images"):
+        if type(m.get(key)) is not int or m[key] < (1 if key != "n_images" else 0):
+            raise PromptKDError(f"{d}: manifest '{key}' must be a positive integer, got {m.get(key)!r}")
+    if not isinstance(m.get("shards"), list):
+        raise PromptKDError(f"{d}: manifest 'shards' must be a list")
+    for s in m["shards"]:
+        ok = (isinstance(s, dict) and isinstance(s.get("file"), str) and s["file"] == Path(s["file"]).name
+              and not s["file"].startswith(".") and type(s.get("start")) is int and type(s.get("end")) is int
+              and 0 <= s["start"] < s["end"] <= m["n_images"])
+        if not ok:  # a shard file outside the folder, or indices outside the images, is refused
+            raise PromptKDError(f"{d}: manifest lists a malformed shard {str(s)[:120]}")
+    return m
+
+
 class TeacherCache:
     """A built cache, loaded into memory (fp16 features: N x K x D x 2 bytes)."""
 
     def __init__(self, cache_dir: str | Path, teacher_identity: dict | None = None, items: Sequence[Item] | None = None):
         d = Path(cache_dir)
-        m = read_json(d / "manifest.json")
-        if m.get("kind") != "teacher_cache":
-            raise PromptKDError(f"{d}: not a teacher cache (manifest kind {m.get('kind')!r})")
+        if not (d / "manifest.json").is_file():
+            raise PromptKDError(f"{d}: no teacher cache here (manifest.json missing); build one with `promptkd cache`")
+        m = check_manifest(read_json(d / "manifest.json"), d)
+        self.dir, self.manifest = d, m
+        self.check(teacher_identity, items)
+        ends = [0] + [s["end"] for s in sorted(m["shards"], key=lambda s: s["start"])]
+        if [s["start"] for s in sorted(m["shards"], key=lambda s: s["start"])] != ends[:-1]:
+            raise PromptKDError(f"{d}: manifest shards overlap or leave gaps; rebuild the cache in a new folder")
+        covered = ends[-1]
+        if covered != m["n_images"]:
+            raise PromptKDError(f"{d}: cache is incomplete ({covered}/{m['n_images']} images); rerun the build to resume")
+        self.views, self.dim = int(m["views"]), int(m["dim"])
+        feats, views = [], []
+        for s in sorted(m["shards"], key=lambda s: s["start"]):
+            t, _ = load_artifact(d / s["file"], kind="teacher_cache_shard")
+            n = s["end"] - s["start"]
+            if (tuple(t.get("features", torch.empty(0)).shape) != (n, self.views, self.dim)
+                    or tuple(t.get("views", torch.empty(0)).shape) != (n, self.views, 5)):
+                raise PromptKDError(f"{d / s['file']}: shard tensors do not have the manifest's shape "
+                                    f"({n} images x {self.views} views x {self.dim})")
+            feats.append(t["features"])
+            views.append(t["views"])
+        self.features = torch.cat(feats) if feats else torch.empty(0, self.views, self.dim, dtype=torch.float16)
+        self.boxes = torch.cat(views) if views else torch.empty(0, self.views, 5, dtype=torch.int32)
+
+    def check(self, teacher_identity: dict | None = None, items: Sequence[Item] | None = None,
+              transform: TrainTransform | None = None) -> None:
+        """Refuse a cache of another teacher, image list or teacher transform, saying what differs."""
+        d, m = self.dir, self.manifest
         if teacher_identity is not None:
             for key in ("clip", "prompts_hash"):
                 if m["teacher"].get(key) != teacher_identity.get(key):
                     raise PromptKDError(f"{d}: cache was built by another teacher ({key}: cache has "
                                         f"{m['teacher'].get(key)}, this teacher has {teacher_identity.get(key)})")
         if items is not None and (len(items) != m["n_images"] or items_digest(items) != m["items_digest"]):
-            raise PromptKDError(f"{d}: cache was built for another image list ({m['n_images']} images)")
-        covered = sum(s["end"] - s["start"] for s in m["shards"])
-        if covered != m["n_images"]:
-            raise PromptKDError(f"{d}: cache is incomplete ({covered}/{m['n_images']} images); rerun the build to resume")
-        self.manifest, self.views, self.dim = m, int(m["views"]), int(m["dim"])
-        feats, views = [], []
-        for s in sorted(m["shards"], key=lambda s: s["start"]):
-            t, _ = load_artifact(d / s["file"], kind="teacher_cache_shard")
-            feats.append(t["features"])
-            views.append(t["views"])
-        self.features = torch.cat(feats) if feats else torch.empty(0, self.views, self.dim, dtype=torch.float16)
-        self.boxes = torch.cat(views) if views else torch.empty(0, self.views, 5, dtype=torch.int32)
+            raise PromptKDError(f"{d}: cache was built for another image list ({m['n_images']} images, "
+                                f"this run has {len(items)})")
+        if transform is not None:
+            want, got = transform_spec(transform), m.get("transform") or {}
+            diff = [k for k in want if got.get(k) != want[k]]
+            if diff:
+                raise PromptKDError(f"{d}: cache views were rendered with another transform ({', '.join(diff)} "
+                                    "differ from the teacher's train transform)")
+
+    def identity(self) -> dict:
+        """What a run records about its cache (a resume with another cache is refused)."""
+        return {k: self.manifest[k] for k in ("views", "seed", "items_digest")}
 
     def view(self, index: int, k: int) -> View:
         t, left, h, w, flip = (int(x) for x in self.boxes[index, k])
@@ -170,24 +237,84 @@ class TeacherCache:
 class CachedViewDataset(Dataset):
     """Distillation inputs from a cache: (student view tensor, teacher feature, index).
 
-    Each epoch replays one stored view per image, chosen from (seed, epoch, index).
+    Image i replays view (offset_i + epoch) mod K, offset_i drawn from (seed, i): every K epochs use
+    each stored view once (independent draws with K = epochs would leave ~1/e of them unused).
     """
 
     def __init__(self, items: Sequence[Item], transform: TrainTransform, cache: TeacherCache, seed: int = 0):
         if len(items) != cache.features.shape[0]:
             raise PromptKDError(f"cache holds {cache.features.shape[0]} images, the dataset has {len(items)}")
         self.items, self.transform, self.cache, self.seed, self.epoch = list(items), transform, cache, seed, 0
+        self.on_bad_image = "substitute"
+        self.unreadable = torch.zeros(len(self.items), dtype=torch.bool).share_memory_()
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def set_on_bad_image(self, policy: str) -> None:
+        self.on_bad_image = policy
+
+    def unreadable_count(self) -> int:
+        return int(self.unreadable.sum())
 
     def __len__(self):
         return len(self.items)
 
     def view_index(self, index: int) -> int:
-        return augmentation_seed(self.seed, self.epoch, index) % self.cache.views
+        return (augmentation_seed(self.seed, -1, index) + self.epoch) % self.cache.views
 
     def __getitem__(self, index: int):
+        # An image unreadable since the cache was built: the next readable one, with its own features.
+        img, _, index = read_item(self.items, index, self.on_bad_image, self.unreadable)
         k = self.view_index(index)
-        img = load_rgb(self.items[index][0])
         return self.transform.apply_view(img, self.cache.view(index, k)), self.cache.features[index, k].float(), index
+
+
+# ----------------------------------------------------------------------------------------------
+# `promptkd cache`
+
+
+def _run(args) -> int:
+    from promptkd.engine.loop import resolve_device
+    from promptkd.stages.distill import resolve_precision
+    from promptkd.stages.evaluate import build_protocol, load_teacher
+
+    device = resolve_device(args.device)
+    teacher = load_teacher(args.teacher, args.teacher_clip_model, args.teacher_clip, device)
+    # The same image list `promptkd distill` trains on (same protocol, shots and seed).
+    items = build_protocol(args.protocol, args.dataset, args.root, num_shots=args.num_shots, seed=args.seed).train
+    spec = CacheSpec(views=args.views, seed=args.view_seed, shard_size=args.shard_size, batch_size=args.batch_size,
+                     num_workers=args.num_workers)
+    out = build_teacher_cache(teacher, items, None, args.out, spec, device=device,
+                              precision=resolve_precision(args.precision, device), progress=not args.no_progress)
+    gb = len(items) * args.views * teacher.dim * 2 / 1e9
+    print(f"teacher cache: {out} ({len(items)} images x {args.views} views, {gb:.2f} GB)")
+    return 0
+
+
+def register(sub) -> None:
+    from promptkd.stages.evaluate import PROTOCOLS
+
+    p = sub.add_parser(
+        "cache", help="store the teacher's image features for K augmented views of each training image",
+        description="Runs the teacher image tower once over K replayable views per image, so that "
+                    "`promptkd distill --teacher-cache DIR` never runs it. Pays off when K is below the number "
+                    "of distillation epochs, or when the cache is reused across runs. Rerun to resume.")
+    p.add_argument("--teacher", required=True, metavar="PATH", help="teacher artifact")
+    p.add_argument("--teacher-clip-model", metavar="MODEL")
+    p.add_argument("--teacher-clip", metavar="TAG|PATH", help="the teacher's CLIP weights (if a local file)")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--root", help="data root holding the CoOp dataset folders")
+    p.add_argument("--protocol", default="base2novel", choices=PROTOCOLS)
+    p.add_argument("--num-shots", type=int, default=0, help="as given to distill (0: all images)")
+    p.add_argument("--seed", type=int, default=1, help="distill's seed; matters only with --num-shots")
+    p.add_argument("--views", type=int, default=8, metavar="K", help="augmented views per image (default 8)")
+    p.add_argument("--view-seed", type=int, default=0)
+    p.add_argument("--out", required=True, metavar="DIR", help="cache folder (an interrupted build resumes)")
+    p.add_argument("--shard-size", type=int, default=1024, metavar="IMAGES")
+    p.add_argument("--batch-size", type=int, default=64, help="views per teacher forward")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run)

@@ -5,6 +5,9 @@ the KL between its logits and the teacher's on the same augmented batch. Both us
 stored class vectors as classifier, so the teacher's text tower never runs while training (the
 official code re-encoded every class prompt at every step, official-promptkd.md §6.1).
 
+With a teacher cache (promptkd.stages.cache) the teacher's logits come from its stored image
+features for a replayed view, and its image tower does not run either.
+
 `distill(cfg, out_dir)` is the file-to-file stage behind `promptkd distill`; `distill_models`
 is the in-process variant for models and item lists already in memory.
 """
@@ -20,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from promptkd.artifacts import load_artifact, read_json, write_json
-from promptkd.data.dataset import ImageDataset, Item, load_rgb
+from promptkd.data.dataset import ImageDataset, Item
 from promptkd.data.transforms import transforms_for
 from promptkd.engine import distributed
 from promptkd.engine.loop import (
@@ -33,6 +36,8 @@ from promptkd.engine.loop import (
 )
 from promptkd.errors import PromptKDError
 from promptkd.models.wrappers import ClassVectors, Student, Teacher
+from promptkd.settings import check_field_types
+from promptkd.stages.cache import CachedViewDataset, TeacherCache
 from promptkd.stages.evaluate import (
     PROTOCOLS,
     EvalSplit,
@@ -112,14 +117,19 @@ class PairedViews(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.base.set_epoch(epoch)
 
+    def set_on_bad_image(self, policy: str) -> None:
+        self.base.set_on_bad_image(policy)
+
+    def unreadable_count(self) -> int:
+        return self.base.unreadable_count()
+
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, index: int):
-        path, label = self.base.items[index]
-        img = load_rgb(path)
+        img, label, used = self.base.read(index)  # an unreadable image: see ImageDataset
         x_s, view = self.base.transform(img, self.base.generator_for(index))
-        return x_s, self.teacher_tf.apply_view(img, view), label, index
+        return x_s, self.teacher_tf.apply_view(img, view), label, used
 
 
 def _same_input(a, b) -> bool:
@@ -189,6 +199,7 @@ def distill_models(
     eval_batch_size: int = 100,
     resume: bool = False,
     meta: dict | None = None,
+    teacher_cache: TeacherCache | str | Path | None = None,
 ) -> DistillResult:
     """Distil `teacher` into `student` (both already on their device) on `train_items`.
 
@@ -196,6 +207,8 @@ def distill_models(
     scored over all classes. Each epoch the student is evaluated on the val split (never on
     test) and the best-on-val student is kept; with `official_best_on_test` the test splits are
     evaluated every epoch too, to report the official best-on-test number (§6.2), labelled as such.
+    `teacher_cache` (a TeacherCache or its folder, built over `train_items`): replay its stored
+    views and features instead of running the teacher's image tower.
     Writes student.safetensors (last epoch, the reported model), student-best-val.safetensors,
     class_vectors.safetensors, checkpoint, metrics.jsonl and metrics.json into `out_dir`.
     """
@@ -220,15 +233,25 @@ def distill_models(
     student_tf, student_test_tf = transforms_for(student.clip.preprocess_cfg)
     teacher_tf = transforms_for(teacher.clip.preprocess_cfg)[0]
     paired = not _same_input(student_tf, teacher_tf)
-    dataset = (PairedViews(train_items, student_tf, teacher_tf, cfg.seed) if paired
-               else ImageDataset(train_items, student_tf, seed=cfg.seed, train=True))
+    cache = _open_cache(teacher_cache, teacher, train_items, teacher_tf)
+    if cache is not None:  # the student renders the recorded crop with its own transform
+        dataset = CachedViewDataset(train_items, student_tf, cache, cfg.seed)
+    elif paired:
+        dataset = PairedViews(train_items, student_tf, teacher_tf, cfg.seed)
+    else:
+        dataset = ImageDataset(train_items, student_tf, seed=cfg.seed, train=True)
     teacher.eval()
+    t_scale = teacher.logit_scale.to(device)
+
+    def teacher_features(batch):
+        if cache is not None:  # stored in fp16: renormalise
+            return F.normalize(batch[1].float(), dim=-1)
+        return teacher.encode_images(batch[1] if paired else batch[0])
 
     def loss_fn(batch):
         x_s = batch[0]
-        x_t = batch[1] if paired else x_s
         with torch.no_grad():
-            t_logits = class_logits(teacher.encode_images(x_t), W, teacher.logit_scale)
+            t_logits = class_logits(teacher_features(batch), W, t_scale)
         s_logits = class_logits(student(x_s), W, student.logit_scale)
         loss = kd_loss(s_logits, t_logits, temperature, kd_weight, kd_reduction)
         agreement = (s_logits.argmax(-1) == t_logits.argmax(-1)).float().mean()
@@ -243,6 +266,7 @@ def distill_models(
 
     settings = {"temperature": float(temperature), "kd_weight": float(kd_weight), "kd_reduction": kd_reduction,
                 "teacher": teacher.identity(), "classnames": list(protocol.classnames),
+                "teacher_cache": cache.identity() if cache is not None else None,
                 "student": {"clip": student.clip.identity(), "prompts": student.prompt_config}}
     ckpt = out_dir / CHECKPOINT_NAME
     history: list[dict] = []
@@ -302,13 +326,26 @@ def distill_models(
             "kind": "distill_metrics", "dataset": protocol.dataset, "protocol": protocol.name, "seed": cfg.seed,
             **{k: settings[k] for k in ("temperature", "kd_weight", "kd_reduction")},
             "teacher": settings["teacher"], "student": settings["student"], "classes": len(protocol.classnames),
-            "train_images": len(train_items), "results": results, "history": result.history,
+            "train_images": len(train_items), "teacher_cache": settings["teacher_cache"], "results": results,
+            "history": result.history,
             "train": {"steps": result.steps, "skipped_steps": result.skipped_steps, "seconds": result.seconds,
                       "config": asdict(cfg)}, **(meta or {}),
         }
         write_json(out_dir / METRICS_FILE, metrics)
     distributed.barrier()
     return DistillResult(student_path, metrics, result)
+
+
+def _open_cache(cache, teacher: Teacher, items, teacher_tf) -> TeacherCache | None:
+    """The cache, checked against this teacher, image list and teacher transform."""
+    if cache is None:
+        return None
+    if isinstance(cache, TeacherCache):
+        cache.check(teacher.identity(), items, teacher_tf)
+        return cache
+    cache = TeacherCache(cache, teacher.identity(), items)
+    cache.check(transform=teacher_tf)
+    return cache
 
 
 def _official_best(history: list[dict], protocol: str) -> dict:
@@ -338,6 +375,7 @@ class DistillConfig:
     teacher_clip_model: str | None = None  # rebuild the teacher's CLIP from this model name / config JSON
     teacher_clip: str | None = None  # ... and these weights (needed when they were a local file)
     class_vectors: str | None = None  # None: encode the class names once with the teacher before training
+    teacher_cache: str | None = None  # folder from `promptkd cache`; None: run the teacher online
     student_model: str = "ViT-B-16"
     student_pretrained: str | None = "openai"
     vision_depth: int = 9
@@ -356,6 +394,7 @@ class DistillConfig:
             if "precision" in self.train:
                 raise PromptKDError("set `precision` at the top level of a distill config, not under `train`")
             self.train = _from_dict(TrainConfig, self.train, "train")
+        check_field_types(self, "distill settings")
         if self.protocol not in PROTOCOLS:
             raise PromptKDError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
         if self.kd_reduction not in KD_REDUCTIONS:
@@ -452,11 +491,14 @@ def distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = False) -> Pa
     student = Student(clip, teacher.dim, cfg.vision_depth, cfg.n_ctx_vision).to(device)
     config = asdict(cfg)
     config.update(kd_weight=kd_weight, precision=train_cfg.precision, train=asdict(train_cfg))
+    if cfg.teacher_cache:  # its image tower never runs: free the device
+        teacher.cpu()
     result = distill_models(
         teacher, student, cv, protocol.train, out_dir, protocol=protocol, train=train_cfg,
         temperature=cfg.temperature, kd_weight=kd_weight, kd_reduction=cfg.kd_reduction,
         select_on_val=cfg.select_on_val, official_best_on_test=cfg.official_best_on_test,
         eval_batch_size=cfg.eval_batch_size, resume=resume, meta={"config": config},
+        teacher_cache=cfg.teacher_cache,
     )
     return result.student_path
 
@@ -465,7 +507,7 @@ def distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = False) -> Pa
 # `promptkd distill`
 
 _TRAIN_FLAGS = ("epochs", "batch_size", "lr", "seed", "num_workers", "device", "max_steps_per_epoch",
-                "checkpoint_every", "on_nonfinite")
+                "checkpoint_every", "on_nonfinite", "on_bad_image")
 
 
 def config_from_args(args) -> DistillConfig:
@@ -508,6 +550,8 @@ def register(sub) -> None:
     p.add_argument("--teacher-clip-model", metavar="MODEL")
     p.add_argument("--teacher-clip", metavar="TAG|PATH", help="the teacher's CLIP weights (if a local file)")
     p.add_argument("--class-vectors", metavar="PATH", help="the teacher's stored class vectors")
+    p.add_argument("--teacher-cache", metavar="DIR",
+                   help="teacher features from `promptkd cache` (its image tower then never runs)")
     p.add_argument("--student-model", metavar="MODEL")
     p.add_argument("--student-pretrained", metavar="TAG|PATH")
     p.add_argument("--vision-depth", type=int)
@@ -524,7 +568,9 @@ def register(sub) -> None:
     p.add_argument("--device")
     p.add_argument("--max-steps-per-epoch", type=int)
     p.add_argument("--checkpoint-every", type=int, metavar="STEPS")
-    p.add_argument("--on-nonfinite", choices=("stop", "skip"))
+    p.add_argument("--on-nonfinite", choices=("stop", "skip"), help="NaN/inf loss or gradients: stop (default) or skip the batch")
+    p.add_argument("--on-bad-image", choices=("substitute", "error"),
+                   help="unreadable training image: use the next readable one (default, counted) or stop")
     p.add_argument("--eval-batch-size", type=int)
     p.add_argument("--no-val", dest="select_on_val", action="store_const", const=False,
                    help="skip the per-epoch validation (and best-on-val selection)")
