@@ -164,8 +164,9 @@ def main(argv=None) -> int:
     for n in notes:
         print(f"\nnote: {n}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows, "notes": notes, "torch": torch.__version__}, f, indent=2)
+        from promptkd.artifacts import write_json
+
+        write_json(args.json, {"rows": rows, "notes": notes, "torch": torch.__version__})  # atomic
     return 0
 
 

@@ -24,16 +24,31 @@ FORMAT_VERSION = 1
 _META_KEY = "promptkd"
 
 
+def _new_file_mode(path: Path) -> int:
+    """The permissions `open(path, "w")` would give: the old file's, else 0o666 minus the umask."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb"):
     """Write to a temporary file in the same folder, fsync, then rename over `path`.
 
-    If the writer raises, the temporary file is removed and `path` is left as it was.
+    If the writer raises (or the disk fills up), the temporary file is removed and `path` is left
+    as it was. The new file gets the permissions a plain open() would give (mkstemp's are 0600).
+    A process killed mid-write can leave a hidden `.NAME.*.tmp` file behind; it is never read.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        if hasattr(os, "fchmod"):  # POSIX only
+            with contextlib.suppress(OSError):
+                os.fchmod(fd, _new_file_mode(path))
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()

@@ -177,6 +177,21 @@ def parse_onnx_metadata(props: dict[str, str], source: str) -> dict:
     missing = [k for k in ("classnames", "image_size", "mean", "std") if k not in meta]
     if missing:
         raise PromptKDError(f"{source}: promptkd ONNX metadata lacks {missing}")
+
+    def number(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    checks = {  # a hand-edited or crafted file says which field is wrong
+        "classnames": lambda v: isinstance(v, list) and bool(v) and all(isinstance(c, str) for c in v),
+        "image_size": lambda v: type(v) is int and v > 0,
+        "mean": lambda v: isinstance(v, list) and len(v) == 3 and all(number(x) for x in v),
+        "std": lambda v: isinstance(v, list) and len(v) == 3 and all(number(x) and x > 0 for x in v),
+        "interpolation": lambda v: isinstance(v, str),
+        "resize_mode": lambda v: isinstance(v, str),
+    }
+    for key, ok in checks.items():
+        if key in meta and not ok(meta[key]):
+            raise PromptKDError(f"{source}: promptkd ONNX metadata '{key}' is malformed ({str(meta[key])[:80]!r})")
     return meta
 
 

@@ -3,6 +3,13 @@
 Images are decoded with PIL and converted to RGB the way a user expects (16-bit scaled, alpha
 composited on white), and training augmentation draws from a generator seeded by
 (seed, epoch, index) so that any sample of any epoch can be reproduced or replayed.
+
+An image that cannot be read while training (deleted, truncated or replaced since the dataset was
+listed) does not end the run: under the default `on_bad_image="substitute"` the next readable item
+(index + 1, + 2, ... wrapping around) takes its place, deterministically, so exact resume still
+holds; each unreadable file is logged once and counted (`unreadable_count()`, shown in the epoch
+metrics). `on_bad_image="error"` makes it fatal. Evaluation datasets default to "error": an
+accuracy must be over the images it names.
 """
 
 from __future__ import annotations
@@ -150,6 +157,32 @@ def load_rgb(path: str) -> Image.Image:
         raise PromptKDError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
 
 
+BAD_IMAGE_POLICIES = ("substitute", "error")
+
+
+def read_item(items, index: int, on_bad_image: str = "substitute",
+              unreadable: torch.Tensor | None = None) -> tuple[Image.Image, int, int]:
+    """(RGB image, label, item index) of `items[index]`, or of the next readable item.
+
+    With on_bad_image="error" an unreadable image raises PromptKDError naming the file. With
+    "substitute" it is marked in `unreadable` (a bool tensor, one flag per item, logged once)
+    and items index+1, index+2, ... (wrapping) are tried in turn.
+    """
+    n = len(items)
+    for k in range(n):
+        j = (index + k) % n
+        path, label = items[j]
+        try:
+            return load_rgb(path), label, j
+        except PromptKDError as e:
+            if on_bad_image == "error":
+                raise
+            if unreadable is not None and not bool(unreadable[j]):
+                unreadable[j] = True
+                log.warning("%s; using the next readable image in its place", e)
+    raise PromptKDError(f"none of the {n} images of the dataset can be read")
+
+
 def augmentation_seed(seed: int, epoch: int, index: int) -> int:
     """A 63-bit seed that depends only on (seed, epoch, index): independent of workers and order."""
     digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
@@ -163,14 +196,34 @@ class ImageDataset(torch.utils.data.Dataset):
     the generator is seeded from (seed, epoch, index) so a resumed run sees the same views.
     Call set_epoch() each epoch; workers must be re-created per epoch (persistent_workers=False)
     for them to see it.
+
+    An unreadable image is replaced by the next readable item (its image and label; the returned
+    index is that item's) or is an error, per `on_bad_image` (default: substitute when training,
+    error when evaluating). The unreadable flags live in shared memory, so files met by
+    DataLoader workers are counted too.
     """
 
-    def __init__(self, items, transform, seed: int = 0, train: bool = True):
+    def __init__(self, items, transform, seed: int = 0, train: bool = True, on_bad_image: str | None = None):
         self.items = list(items)
         self.transform = transform
         self.seed = seed
         self.train = train
         self.epoch = 0
+        self.set_on_bad_image(on_bad_image or ("substitute" if train else "error"))
+        self.unreadable = torch.zeros(len(self.items), dtype=torch.bool).share_memory_()
+
+    def set_on_bad_image(self, policy: str) -> None:
+        if policy not in BAD_IMAGE_POLICIES:
+            raise PromptKDError(f"on_bad_image must be one of {', '.join(BAD_IMAGE_POLICIES)}, got {policy!r}")
+        self.on_bad_image = policy
+
+    def unreadable_count(self) -> int:
+        """How many distinct items were found unreadable so far (in any worker)."""
+        return int(self.unreadable.sum())
+
+    def read(self, index: int) -> tuple[Image.Image, int, int]:
+        """(image, label, item index) for position `index`, after the bad-image policy."""
+        return read_item(self.items, index, self.on_bad_image, self.unreadable)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -182,10 +235,9 @@ class ImageDataset(torch.utils.data.Dataset):
         return torch.Generator().manual_seed(augmentation_seed(self.seed, self.epoch, index))
 
     def __getitem__(self, index: int):
-        path, label = self.items[index]
-        img = load_rgb(path)
-        if self.train:
+        img, label, used = self.read(index)
+        if self.train:  # a substitute is augmented with this position's generator (no duplicate view)
             tensor, _view = self.transform(img, self.generator_for(index))
         else:
             tensor = self.transform(img)
-        return tensor, label, index
+        return tensor, label, used

@@ -120,10 +120,15 @@ class TestTransform:
         return F.normalize(F.to_tensor(img), self.mean, self.std)
 
 
-def transforms_for(preprocess_cfg: dict | None = None, scale=(0.08, 1.0)) -> tuple[TrainTransform, TestTransform]:
+def transforms_for(preprocess_cfg: dict | None = None, scale=None) -> tuple[TrainTransform, TestTransform]:
     """Train and test transforms for an open_clip model's `visual.preprocess_cfg` (CLIP defaults for
-    missing keys), so a student with other normalisation or resolution gets its own inputs."""
+    missing keys), so a student with other normalisation or resolution gets its own inputs.
+
+    The random-resized-crop scale is `scale`, else the config's `crop_scale` (the toy models set
+    one: at 48 px an 8% crop often misses the object), else the official (0.08, 1).
+    """
     cfg = dict(preprocess_cfg or {})
+    scale = tuple(scale or cfg.get("crop_scale") or (0.08, 1.0))
     size = cfg.get("size", CLIP_SIZE)
     if isinstance(size, (tuple, list)):
         if len(set(size)) != 1:

@@ -25,9 +25,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from promptkd.artifacts import load_artifact, save_artifact
+from promptkd.artifacts import atomic_open, load_artifact, save_artifact
 from promptkd.engine import distributed
 from promptkd.errors import PromptKDError
+from promptkd.settings import check_field_types
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +52,20 @@ class TrainConfig:
     drop_last: bool = True
     grad_clip: float | None = None
     on_nonfinite: str = "stop"  # stop | skip
+    on_bad_image: str = "substitute"  # substitute (next readable image, counted) | error
     checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch (0: end of epoch only)
     max_steps_per_epoch: int | None = None  # cap, for quick runs
     device: str = "auto"
     progress: bool = True
 
     def __post_init__(self):
+        check_field_types(self, "train settings")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise PromptKDError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.on_nonfinite not in ("stop", "skip"):
             raise PromptKDError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
+        if self.on_bad_image not in ("substitute", "error"):
+            raise PromptKDError(f"on_bad_image must be 'substitute' or 'error', got {self.on_bad_image!r}")
         if self.epochs < 1 or self.batch_size < 1:
             raise PromptKDError("epochs and batch_size must be >= 1")
 
@@ -201,9 +206,23 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     save_artifact(path, tensors, meta)
 
 
+def _check_checkpoint_meta(meta: dict, path: Path) -> None:
+    """A checkpoint's metadata must have the types this loop wrote (a damaged file says so)."""
+    for key in ("epoch", "step", "steps", "skipped_steps"):
+        value = meta.get(key, 0)
+        if type(value) is not int or value < 0:
+            raise PromptKDError(f"{path}: checkpoint metadata '{key}' must be a non-negative integer, got {value!r}")
+    for key, kind in (("config", dict), ("history", list), ("rng", dict), ("partial", dict)):
+        if meta.get(key) is not None and not isinstance(meta[key], kind):
+            raise PromptKDError(f"{path}: checkpoint metadata '{key}' must be a JSON {kind.__name__}")
+    if not isinstance(meta.get("seconds", 0.0), (int, float)):
+        raise PromptKDError(f"{path}: checkpoint metadata 'seconds' must be a number")
+
+
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler,
                     extra: list[Stateful], cfg: TrainConfig) -> tuple[int, int, TrainResult, dict]:
     tensors, meta = load_artifact(path, kind="checkpoint")
+    _check_checkpoint_meta(meta, path)
     saved_cfg = meta.get("config", {})
     for key in ("epochs", "batch_size", "lr", "seed", "precision"):
         if key in saved_cfg and saved_cfg[key] != getattr(cfg, key):
@@ -216,11 +235,16 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     if set(state) != set(own):
         diff = sorted(set(state) ^ set(own))
         raise PromptKDError(f"{path}: checkpoint does not match this model (differs in {diff[:4]})")
+    params = dict(model.named_parameters())
+    shapes = {**{k: own[k].shape for k in own}, **{f"optim.{k}": p.shape for k, p in params.items()}}
+    for k, v in [*state.items(), *((k, v) for k, v in tensors.items() if k.startswith("optim."))]:
+        if k not in shapes or v.shape != shapes[k]:
+            raise PromptKDError(f"{path}: checkpoint tensor {k} has shape {tuple(v.shape)}, this model has "
+                                f"{tuple(shapes[k]) if k in shapes else 'no such tensor'}")
     with torch.no_grad():
         full = model.state_dict()
         for k, v in state.items():
             full[k].copy_(v)
-    params = dict(model.named_parameters())
     for k, v in tensors.items():
         if k.startswith("optim."):
             p = params[k.removeprefix("optim.")]
@@ -230,7 +254,10 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         s.load_state_tensors({k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)})
     if meta.get("scaler") and scaler is not None:
         scaler.load_state_dict(meta["scaler"])
-    _restore_rng(meta, tensors)
+    try:
+        _restore_rng(meta, tensors)
+    except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as e:
+        raise PromptKDError(f"{path}: checkpoint holds a corrupt RNG state ({e})") from None
     result = TrainResult(meta.get("history", []), meta.get("steps", 0), meta.get("skipped_steps", 0), meta.get("seconds", 0.0))
     return int(meta["epoch"]), int(meta["step"]), result, meta
 
@@ -264,6 +291,27 @@ class MetricsLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def trim_metrics_log(path: Path, steps: int) -> None:
+    """Keep only the records of the first `steps` steps (what a resumed checkpoint has done).
+
+    A run killed after its last checkpoint logged steps that the resumed run repeats, and a kill
+    mid-append can leave a torn last line; both are dropped so the log reads as one clean run.
+    """
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            keep = isinstance(record, dict) and int(record.get("step", 0)) <= steps
+        except (json.JSONDecodeError, TypeError, ValueError):
+            continue
+        if keep:
+            kept.append(line + "\n")
+    with atomic_open(path, "w") as f:
+        f.writelines(kept)
 
 
 def _average_gradients(params: list[nn.Parameter], world_size: int) -> None:
@@ -304,10 +352,16 @@ def train_loop(
     flat all-reduce (the trainable prompts and projector are small, so bucketing buys nothing).
     `on_epoch_end(epoch)` runs after each epoch (validation, prompt aggregation) and its dict is
     logged. A checkpoint is written after every epoch (and every `checkpoint_every` steps).
+    A dataset with `set_on_bad_image` / `unreadable_count` (data.dataset.ImageDataset) gets
+    `cfg.on_bad_image`, and its count of unreadable images is logged in the epoch record.
+    A non-finite loss or gradient stops the run naming the step (the checkpoint on disk is the
+    last good one) or, with on_nonfinite="skip", leaves weights, optimiser and buffers untouched.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     extra = list(extra_state or [])
+    if callable(getattr(dataset, "set_on_bad_image", None)):  # what an unreadable image does (data.dataset)
+        dataset.set_on_bad_image(cfg.on_bad_image)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     dist_info = distributed.current()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -331,6 +385,8 @@ def train_loop(
             raise PromptKDError(f"--resume: no checkpoint at {ckpt_path}")
         start_epoch, start_step, result, meta = load_checkpoint(ckpt_path, model, optimizer, scaler, extra, cfg)
         partial = (meta.get("partial") or {}) if start_step else {}
+        if dist_info.is_main:
+            trim_metrics_log(out_dir / "metrics.jsonl", result.steps)
         log.info("resuming from %s at epoch %d step %d", ckpt_path, start_epoch, start_step)
     elif dist_info.is_main and (out_dir / "metrics.jsonl").exists():
         (out_dir / "metrics.jsonl").unlink()
@@ -340,6 +396,9 @@ def train_loop(
             torch.distributed.broadcast(t, src=0)
 
     metrics = MetricsLog(out_dir, dist_info.is_main)
+    # Persistent buffers (BatchNorm statistics) change in the forward pass; a skipped batch must not.
+    own_state = model.state_dict(keep_vars=True)
+    buffers = [b for n, b in model.named_buffers() if n in own_state]
     t_start = time.perf_counter() - result.seconds
     try:
         for epoch in range(start_epoch, cfg.epochs):
@@ -350,8 +409,11 @@ def train_loop(
             sampler.set_epoch(epoch, first)
             if hasattr(dataset, "set_epoch"):
                 dataset.set_epoch(epoch)
+            # Its own generator: a DataLoader otherwise draws its workers' base seed from the global
+            # RNG, so a mid-epoch resume (a new loader after the RNG restore) would draw once more.
             loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
-                                pin_memory=device.type == "cuda", persistent_workers=False)
+                                pin_memory=device.type == "cuda", persistent_workers=False,
+                                generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
             model.train()
             sums: dict[str, float] = dict(partial.get("sums", {})) if epoch == start_epoch else {}
             n_logged = int(partial.get("n", 0)) if epoch == start_epoch else 0
@@ -363,10 +425,15 @@ def train_loop(
                 if step >= steps_per_epoch:
                     break
                 batch = tuple(b.to(device, non_blocking=True) if torch.is_tensor(b) else b for b in batch)
+                saved_buffers = [b.detach().clone() for b in buffers] if cfg.on_nonfinite == "skip" else None
                 with autocast(device, cfg.precision):
                     loss, logs = loss_fn(batch)
                 optimizer.zero_grad(set_to_none=True)
                 bad = not torch.isfinite(loss.detach()).all()
+                if dist_info.enabled:  # every rank must take the same branch, or the all-reduce hangs
+                    flag = torch.tensor([float(bad)], device=device)
+                    torch.distributed.all_reduce(flag)
+                    bad = bool(flag.item() > 0)
                 if not bad:
                     scaler.scale(loss).backward()
                     if dist_info.enabled:
@@ -378,10 +445,13 @@ def train_loop(
                     if cfg.on_nonfinite == "stop":
                         raise PromptKDError(
                             f"non-finite loss or gradients at {where}; stopped. The last good checkpoint is "
-                            f"kept at {ckpt_path} (pass on_nonfinite='skip' to skip such batches)"
+                            f"kept at {ckpt_path} (on_nonfinite='skip', --on-nonfinite skip on the command line, skips such batches instead)"
                         )
                     log.warning("skipping batch with non-finite loss/gradients at %s", where)
                     optimizer.zero_grad(set_to_none=True)
+                    with torch.no_grad():
+                        for b, saved in zip(buffers, saved_buffers):
+                            b.copy_(saved)
                     result.skipped_steps += 1
                 else:
                     if cfg.grad_clip:
@@ -394,9 +464,12 @@ def train_loop(
                 images_seen += n_images
                 loss_value = float(loss.detach())
                 logs = {"loss": loss_value, **{k: float(v) for k, v in logs.items()}}
-                for k, v in logs.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                n_logged += 1
+                if bad:  # a skipped batch is logged as such and kept out of the epoch means
+                    logs["skipped"] = True
+                else:
+                    for k, v in logs.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    n_logged += 1
                 ips = images_seen / max(time.perf_counter() - t_epoch, 1e-9)
                 bar.set_postfix(loss=f"{loss_value:.4g}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
                 bar.update(1)
@@ -409,6 +482,13 @@ def train_loop(
             bar.close()
             model.eval()
             record = {"epoch": epoch + 1, "lr": lr, **{k: v / max(n_logged, 1) for k, v in sums.items()}}
+            if result.skipped_steps:
+                record["skipped_steps"] = result.skipped_steps
+            unreadable = getattr(dataset, "unreadable_count", None)
+            if callable(unreadable) and unreadable():
+                record["unreadable_images"] = unreadable()
+                log.warning("%d unreadable image(s) so far were replaced by the next readable one "
+                            "(on_bad_image='error' makes this fatal)", record["unreadable_images"])
             if on_epoch_end is not None:
                 record.update(on_epoch_end(epoch) or {})
             result.history.append(record)

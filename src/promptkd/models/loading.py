@@ -3,14 +3,15 @@
 Local checkpoints may be OpenAI's original TorchScript archives (`ViT-L-14.pt`, what the official
 repo reads), plain state dicts, open_clip training checkpoints or safetensors. None of them is
 ever unpickled with arbitrary code: torch.load runs with weights_only=True, TorchScript archives
-go through the TorchScript loader, safetensors has no code at all.
+are read by an allow-list unpickler that never compiles or runs their code (models/torchscript.py;
+torch.jit.load would run it), safetensors has no code at all.
 """
 
 from __future__ import annotations
 
 import json
 import pickle
-import warnings
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from promptkd.errors import PromptKDError
+from promptkd.models.torchscript import read_torchscript_state_dict
 
 # Buffers that OpenAI state dicts carry and open_clip's CLIP does not.
 _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -83,13 +85,14 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], bool]:
 
             sd: Any = load_file(str(path))
         elif torchscript := _is_torchscript(path):
-            with warnings.catch_warnings():  # TorchScript is deprecated, but it is OpenAI's format
-                warnings.simplefilter("ignore", FutureWarning)
-                sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+            # Never torch.jit.load: it runs the archive's own __setstate__ code while loading.
+            sd = read_torchscript_state_dict(path)
         else:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        named = re.search(r"GLOBAL ([\w.]+)", str(e))  # name the object, not torch's generic first line
+        first = (f"GLOBAL {named.group(1)}" if named else
+                 str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
         raise PromptKDError(
             f"{path}: refusing to load: the file holds pickled objects other than tensors ({first[:200]})"
         ) from None

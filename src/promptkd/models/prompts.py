@@ -65,4 +65,6 @@ class DeepPrompts(nn.Module):
         for k, p in mine.items():
             if tuple(theirs[k].shape) != tuple(p.shape):
                 raise PromptKDError(f"{source}: {k} has shape {tuple(theirs[k].shape)}, expected {tuple(p.shape)}")
+            if not theirs[k].is_floating_point() or not torch.isfinite(theirs[k]).all():
+                raise PromptKDError(f"{source}: {k} must hold finite floating-point numbers")
             p.copy_(theirs[k].to(p.dtype))

@@ -32,8 +32,28 @@ def _check_identity(expected: dict, bundle: ClipBundle, source: str) -> None:
         )
 
 
+def _meta_dict(meta: dict, key: str, source: str) -> dict:
+    """meta[key] as a dict of JSON scalars; anything else is a PromptKDError naming the file."""
+    value = meta.get(key) or {}
+    if not isinstance(value, dict):
+        raise PromptKDError(f"{source}: metadata '{key}' must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _meta_int(d: dict, key: str, source: str, default: int | None = None) -> int:
+    value = d.get(key)
+    if value is None:
+        value = default
+    if type(value) is not int or value < 0:
+        raise PromptKDError(f"{source}: metadata '{key}' must be a non-negative integer, got {value!r}")
+    return value
+
+
 def _bundle_for(meta: dict, clip: ClipBundle | None, device, source: str) -> ClipBundle:
-    ident = meta.get("clip") or {}
+    ident = _meta_dict(meta, "clip", source)
+    for key in ("model", "pretrained"):
+        if ident.get(key) is not None and not isinstance(ident[key], str):
+            raise PromptKDError(f"{source}: metadata clip.{key} must be a string, got {ident[key]!r}")
     if clip is None:
         pre = ident.get("pretrained")
         if pre and pre.endswith((".pt", ".pth", ".bin", ".safetensors", ".tar")):
@@ -93,10 +113,13 @@ class Teacher(nn.Module):
     def load(cls, path: str | Path, clip: ClipBundle | None = None, device="cpu") -> Teacher:
         tensors, meta = load_artifact(path, kind="teacher")
         bundle = _bundle_for(meta, clip, device, str(path))
-        pc = meta.get("prompts") or {}
+        pc = _meta_dict(meta, "prompts", str(path))
+        depths = [_meta_int(pc, k, str(path)) for k in ("vision_depth", "text_depth")]
+        n_ctx = [_meta_int(pc, k, str(path), default=4) or 4 for k in ("n_ctx_vision", "n_ctx_text")]
+        if pc.get("ctx_init") is not None and not isinstance(pc["ctx_init"], str):
+            raise PromptKDError(f"{path}: metadata prompts.ctx_init must be a string or null, got {pc['ctx_init']!r}")
         try:
-            teacher = cls(bundle, int(pc["vision_depth"]), int(pc["text_depth"]), int(pc["n_ctx_vision"] or 4),
-                          int(pc["n_ctx_text"] or 4), pc.get("ctx_init"))
+            teacher = cls(bundle, depths[0], depths[1], n_ctx[0], n_ctx[1], pc.get("ctx_init"))
         except (KeyError, TypeError, ValueError) as e:
             raise PromptKDError(f"{path}: teacher metadata has a missing or malformed prompt config ({e})") from None
         teacher.load_prompt_tensors(tensors, str(path))
@@ -137,9 +160,11 @@ class Student(nn.Module):
     def load(cls, path: str | Path, clip: ClipBundle | None = None, device="cpu") -> Student:
         tensors, meta = load_artifact(path, kind="student")
         bundle = _bundle_for(meta, clip, device, str(path))
-        pc = meta.get("prompts") or {}
+        pc = _meta_dict(meta, "prompts", str(path))
+        teacher_dim = _meta_int(meta, "teacher_dim", str(path))
+        depth, n_ctx = _meta_int(pc, "vision_depth", str(path)), _meta_int(pc, "n_ctx_vision", str(path), default=4) or 4
         try:
-            student = cls(bundle, int(meta["teacher_dim"]), int(pc["vision_depth"]), int(pc["n_ctx_vision"] or 4))
+            student = cls(bundle, teacher_dim, depth, n_ctx)
         except (KeyError, TypeError, ValueError) as e:
             raise PromptKDError(f"{path}: student metadata is missing or malformed ({e})") from None
         student.image.prompts.load_tensors(tensors, "vision", str(path))
@@ -173,10 +198,21 @@ class ClassVectors:
     def load(cls, path: str | Path, teacher: Teacher | dict | None = None, dim: int | None = None) -> ClassVectors:
         """Load, and refuse a file made by another teacher or of another dimension."""
         tensors, meta = load_artifact(path, kind="class_vectors")
-        if "vectors" not in tensors or not isinstance(meta.get("classnames"), list):
-            raise PromptKDError(f"{path}: class-vector file needs a 'vectors' tensor and a 'classnames' list")
-        cv = cls(tensors["vectors"], meta["classnames"], meta.get("teacher") or {})
-        if meta.get("dim") not in (None, cv.dim):
+        names = meta.get("classnames")
+        if "vectors" not in tensors or not isinstance(names, list) or not all(isinstance(c, str) for c in names):
+            raise PromptKDError(f"{path}: class-vector file needs a 'vectors' tensor and a 'classnames' list of strings")
+        dupes = sorted({c for c in names if names.count(c) > 1})
+        if dupes:
+            raise PromptKDError(f"{path}: duplicate class names {dupes[:5]}")
+        vectors = tensors["vectors"]
+        if not vectors.is_floating_point() or not torch.isfinite(vectors).all():
+            raise PromptKDError(f"{path}: class vectors must be finite floating-point numbers")
+        made_by = _meta_dict(meta, "teacher", str(path))
+        try:
+            cv = cls(vectors, names, made_by)
+        except PromptKDError as e:
+            raise PromptKDError(f"{path}: {e}") from None
+        if meta.get("dim") is not None and _meta_int(meta, "dim", str(path)) != cv.dim:
             raise PromptKDError(f"{path}: metadata says dim {meta.get('dim')}, vectors have dim {cv.dim}")
         if teacher is not None:
             want = teacher.identity() if isinstance(teacher, Teacher) else teacher

@@ -30,7 +30,9 @@ from promptkd.models.wrappers import Student, Teacher
 _PLACEHOLDER_MODULES = ("torch.optim.", "dassl.")
 # Plain containers the pickled optimiser objects use; building them runs no foreign code.
 _SAFE_CONTAINERS = [dict, collections.defaultdict]
-_UNSUPPORTED = re.compile(r"GLOBAL ([\w.]+) was not an allowed global")
+# torch names the offending global as "GLOBAL a.b was not an allowed global" or, for blocked
+# modules (os, posix, builtins.eval ...), "unsupported GLOBAL a.b whose module a is blocked".
+_UNSUPPORTED = re.compile(r"GLOBAL ([\w.]+) (?:was not an allowed global|whose module)")
 
 
 def _placeholder(name: str) -> type:

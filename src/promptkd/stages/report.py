@@ -50,15 +50,30 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return m, math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs))
 
 
+def _check_metrics(source: str, m: dict) -> None:
+    """The fields aggregate() reads must have the types distill writes (a hand-edited file says which)."""
+    for key, kind in (("protocol", str), ("dataset", str), ("seed", int), ("results", dict)):
+        if not isinstance(m.get(key), kind) or isinstance(m.get(key), bool):
+            raise PromptKDError(f"{source}: '{key}' must be a {kind.__name__}, got {m.get(key)!r}")
+    for name, result in m["results"].items():
+        if not isinstance(result, dict):
+            raise PromptKDError(f"{source}: results.{name} must be an object")
+        for k in ("base", "novel", "accuracy"):
+            v = result.get(k)
+            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)):
+                raise PromptKDError(f"{source}: results.{name}.{k} must be a number, got {v!r}")
+
+
 def aggregate(metrics: list[tuple[str, dict]], select: str = "last") -> dict[str, dict]:
     """{protocol: {"rows": [...], "average": {...}}} from (source, metrics.json content) pairs."""
     if select not in SELECTIONS:
         raise PromptKDError(f"select must be one of {SELECTIONS}")
     groups: dict[tuple[str, str], dict[int, dict]] = defaultdict(dict)
     for source, m in metrics:
-        if m.get("kind") != "distill_metrics":
+        if not isinstance(m, dict) or m.get("kind") != "distill_metrics":
             raise PromptKDError(f"{source}: not a distillation metrics file")
-        result = (m.get("results") or {}).get(select)
+        _check_metrics(source, m)
+        result = m["results"].get(select)
         if result is None:
             raise PromptKDError(f"{source}: has no '{select}' result (runs: {sorted(m.get('results') or {})})")
         key = (m["protocol"], m["dataset"])

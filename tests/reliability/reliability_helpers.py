@@ -1,0 +1,143 @@
+"""Helpers for the reliability tests: a tiny on-disk world (CLIP configs and weights, a teacher
+artifact, a labelled image folder) and a way to SIGKILL a CLI run at a chosen point."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tinyclip import tiny_config
+
+HERE = Path(__file__).resolve().parent
+KILLABLE = HERE / "killable.py"
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+# The kill points come from this seed; set RELIABILITY_SEED to try others.
+KILL_SEED = int(os.environ.get("RELIABILITY_SEED", "20240601"))
+
+
+@dataclass
+class World:
+    root: Path
+    teacher_cfg: Path
+    student_cfg: Path
+    teacher_weights: Path
+    student_weights: Path
+    teacher: Path  # teacher artifact (prompts), its CLIP is teacher_cfg + teacher_weights
+    data: Path  # labelled folder with train/ val/ test/
+
+    def teacher_args(self) -> list[str]:
+        return ["--teacher", str(self.teacher), "--teacher-clip-model", str(self.teacher_cfg),
+                "--teacher-clip", str(self.teacher_weights)]
+
+    def distill_args(self, out: Path, *extra: str) -> list[str]:
+        return ["distill", "--dataset", f"folder:{self.data}", "--protocol", "cross", *self.teacher_args(),
+                "--student-model", str(self.student_cfg), "--student-pretrained", str(self.student_weights),
+                "--vision-depth", "2", "--n-ctx-vision", "2", "--epochs", "3", "--batch-size", "4", "--lr", "0.05",
+                "--kd-weight", "100", "--device", "cpu", "--no-progress", "--out", str(out), *extra]
+
+    def teacher_train_args(self, out: Path, *extra: str) -> list[str]:
+        return ["teacher", "--dataset", f"folder:{self.data}", "--model", str(self.teacher_cfg),
+                "--pretrained", str(self.teacher_weights), "--vision-depth", "2", "--text-depth", "2",
+                "--n-ctx-vision", "2", "--n-ctx-text", "2", "--epochs", "3", "--batch-size", "2", "--lr", "0.01",
+                "--gpa-mean", "2", "--device", "cpu", "--set", "train.progress=false", "--set",
+                "train.warmup_epochs=0", "--out", str(out), *extra]
+
+
+def write_images(folder: Path, per_class: int, seed: int, size: int = 32) -> None:
+    rng = np.random.default_rng(seed)
+    for name, rgb in COLOURS.items():
+        d = folder / name
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            a = np.clip(np.array(rgb) + rng.normal(0, 25, (size, size, 3)), 0, 255)
+            y, x = rng.integers(0, size // 2, 2)
+            a[y : y + size // 3, x : x + size // 3] *= 0.5
+            Image.fromarray(a.astype(np.uint8)).save(d / f"{i}.png")
+
+
+def clip_weights(config: Path, out: Path, seed: int) -> Path:
+    from promptkd.models import load_clip
+
+    torch.manual_seed(seed)
+    model = load_clip(str(config)).model
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out))
+    return out
+
+
+def make_world(root: Path) -> World:
+    from promptkd.models import load_clip
+    from promptkd.models.wrappers import Teacher
+
+    root.mkdir(parents=True, exist_ok=True)
+    t_cfg, s_cfg = root / "tiny-teacher.json", root / "tiny-student.json"
+    t_cfg.write_text(json.dumps(tiny_config(width=48, layers=3, embed=32, text_layers=3)))
+    s_cfg.write_text(json.dumps(tiny_config(width=32, layers=2, embed=24)))
+    t_w = clip_weights(t_cfg, root / "teacher-clip.safetensors", 11)
+    s_w = clip_weights(s_cfg, root / "student-clip.safetensors", 12)
+    torch.manual_seed(13)
+    teacher = Teacher(load_clip(str(t_cfg), str(t_w)), 2, 2, 2, 2)
+    teacher.save(root / "teacher.safetensors")
+    for split, n in (("train", 4), ("val", 1), ("test", 1)):
+        write_images(root / "data" / split, n, seed=len(split))
+    return World(root, t_cfg, s_cfg, t_w, s_w, root / "teacher.safetensors", root / "data")
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def assert_same_tensors(a: Path, b: Path) -> None:
+    ta, tb = tensors(a), tensors(b)
+    assert set(ta) == set(tb), (a, b)
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), f"{k} differs between {a} and {b}"
+
+
+def step_lines(metrics: Path) -> int:
+    """Training steps logged so far (metrics.jsonl may be mid-append)."""
+    try:
+        return metrics.read_text().count('"event": "step"')
+    except FileNotFoundError:
+        return 0
+
+
+def start_killable(args: list[str], delay: float, env: dict | None = None) -> subprocess.Popen:
+    """Run `killable.py ARGS` (the promptkd CLI, slowed by `delay` seconds per progress event)."""
+    env = {**os.environ, "RELIABILITY_DELAY": str(delay), "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.Popen([sys.executable, str(KILLABLE), *args], env=env, cwd=HERE,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def kill_when(proc: subprocess.Popen, progress, at: int, extra_s: float, timeout: float = 120) -> None:
+    """SIGKILL `proc` `extra_s` seconds after progress() first reaches `at`."""
+    t0 = time.monotonic()
+    while progress() < at:
+        if proc.poll() is not None:
+            out = proc.stdout.read()
+            raise AssertionError(f"run ended (code {proc.returncode}) before the kill point {at}:\n{out[-3000:]}")
+        if time.monotonic() - t0 > timeout:
+            proc.kill()
+            raise AssertionError(f"no progress to {at} within {timeout}s")
+        time.sleep(0.005)
+    time.sleep(extra_s)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL, proc.returncode
+
+
+def kill_point(name: str, low: int, high: int, delay: float) -> tuple[int, float]:
+    """A seeded random (progress count in [low, high], extra seconds in [0, delay)) for `name`."""
+    rng = random.Random(f"{KILL_SEED}:{name}")
+    return rng.randint(low, high), rng.uniform(0, delay)
