@@ -23,8 +23,9 @@ from pathlib import Path
 import open_clip
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from promptkd.artifacts import atomic_open
 from promptkd.errors import PromptKDError
 from promptkd.toy.world import IMAGE_SIZE, vocabulary_words
 
@@ -39,6 +40,8 @@ PREPROCESS_CFG = {
     "interpolation": "bicubic",
     "resize_mode": "shortest",
     "fill_color": 0,
+    # Training crops: at 48 px the official (0.08, 1) scale often crops the shape away.
+    "crop_scale": (0.5, 1.0),
 }
 
 _TOKEN_ROWS = "token_embedding.rows"
@@ -101,9 +104,10 @@ def save_toy_weights(model: torch.nn.Module, path: str | Path, name: str, metada
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": WEIGHTS_FORMAT, "model": _check_name(name), "config": json.dumps(toy_model_config(name))}
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
-    tmp = path.with_suffix(".tmp")
-    save_file(trimmed_state_dict(model), str(tmp), metadata=meta)
-    tmp.replace(path)
+    blob = save(trimmed_state_dict(model), metadata=meta)
+    with atomic_open(path, "wb") as f:  # temporary file, fsync, rename: a crash keeps the old weights
+        f.write(blob)
+    path.chmod(0o644)  # package data, readable by everyone
     return path
 
 

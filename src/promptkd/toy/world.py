@@ -12,9 +12,10 @@ Two distributions share the same objects:
   used to pretrain the two tiny CLIPs (``promptkd.toy.pretrain``).
 * the **domain** distribution, the downstream task: 24 named classes
   (``"blue circle"``, ``"red star"``, ...: a colour and a shape, words the captions
-  use), drawn on cluttered, coloured, noisy backgrounds with stronger colour and
-  brightness jitter, more size and position variation. Zero-shot transfer works
-  partly; adapting to the domain helps. Classes are in alphabetical order (so a
+  use), seen under warm coloured light (a fixed per-channel tint), on cluttered, noisy
+  backgrounds, with stronger colour and brightness jitter and more size and rotation
+  variation (``DOMAIN_SHIFT``). Zero-shot transfer works partly; adapting to the
+  domain helps a lot. Classes are in alphabetical order (so a
   folder scan gives the same labels) and, by the official rule, the first
   ``ceil(n / 2)`` are the base classes and the rest the novel ones.
 """
@@ -29,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+from promptkd.artifacts import atomic_open
 
 IMAGE_SIZE = 48
 
@@ -46,10 +49,23 @@ COLOURS = {
 COLOUR_NAMES = tuple(COLOURS)
 TEXTURES = ("plain", "striped", "dotted", "checkered")
 SIZES = ("small", "medium", "large")
-PRETRAIN_BACKGROUNDS = ("white", "grey", "black", "noisy")
+PRETRAIN_BACKGROUNDS = ("white", "grey", "black", "noisy", "cluttered")
 
 # Radius of the shape in pixels per size, (low, high).
 _SIZE_RANGES = {"small": (7.0, 10.0), "medium": (10.0, 13.5), "large": (13.5, 17.5)}
+
+# How the domain differs from pretraining (the pretraining style is fixed in render()).
+DOMAIN_SHIFT = {
+    "size_factor": (0.85, 1.10),  # radius multiplier range
+    "rotation_deg": 30.0,  # pretraining: 20
+    "channel_gain_jitter": 0.2,  # per-channel colour gain in 1 +- this
+    "brightness": (0.75, 1.15),
+    "colour_offset": 20.0,  # per-channel additive jitter, pretraining: 14
+    "clutter_saturation": 0.25,  # pretraining's "cluttered" background: 0.3
+    "ramp": 30.0,  # brightness ramp across the image, pretraining's "cluttered": 40
+    "noise_sigma": (4.0, 12.0),  # pixel noise; pretraining: 2, or 20-32 when "noisy"
+    "tint": (1.2, 1.0, 0.75),  # per-channel gain of the whole image (coloured light)
+}
 
 # Each shape is paired with three colours: class k of shape s has colour (s + offset_k) % 8.
 _DOMAIN_COLOUR_OFFSETS = (0, 3, 5)
@@ -124,6 +140,15 @@ def _grid(size: int):
     return xx, yy
 
 
+def _clutter(n, image_size, rand, saturation, ramp, xx):
+    """Low-frequency, partly desaturated colour blobs plus a left-right brightness ramp."""
+    coarse = rand(n, 3, 5, 5) * 255
+    grey = coarse.mean(1, keepdim=True)
+    coarse = grey + (coarse - grey) * saturation
+    bg = torch.nn.functional.interpolate(coarse, size=(image_size, image_size), mode="bicubic", align_corners=False)
+    return bg + (xx / image_size - 0.5).view(1, 1, image_size, image_size) * (2 * rand(n, 1, 1, 1) - 1) * ramp
+
+
 def render(
     shape: torch.Tensor,
     colour: torch.Tensor,
@@ -149,13 +174,15 @@ def render(
     lo = torch.tensor([_SIZE_RANGES[s][0] for s in SIZES])[size]
     hi = torch.tensor([_SIZE_RANGES[s][1] for s in SIZES])[size]
     radius = lo + (hi - lo) * rand(n)
+    shift = DOMAIN_SHIFT
     if domain:
-        radius = radius * (0.85 + 0.25 * rand(n))
+        lo_f, hi_f = shift["size_factor"]
+        radius = radius * (lo_f + (hi_f - lo_f) * rand(n))
     margin = radius + 1.0
     span = image_size - 2 * margin
     cx = margin + span * rand(n)
     cy = margin + span * rand(n)
-    max_rot = math.radians(30 if domain else 20)
+    max_rot = math.radians(shift["rotation_deg"] if domain else 20)
     theta = (2 * rand(n) - 1) * max_rot
 
     xx, yy = _grid(image_size)
@@ -169,8 +196,9 @@ def render(
     # Fill colour with per-image jitter.
     base = torch.tensor([COLOURS[c] for c in COLOUR_NAMES], dtype=torch.float32)[colour]  # (B, 3)
     if domain:
-        gains = 0.8 + 0.4 * rand(n, 3)
-        fill = base * gains * (0.75 + 0.4 * rand(n, 1)) + (2 * rand(n, 3) - 1) * 20
+        gj, (b_lo, b_hi) = shift["channel_gain_jitter"], shift["brightness"]
+        gains = 1 - gj + 2 * gj * rand(n, 3)
+        fill = base * gains * (b_lo + (b_hi - b_lo) * rand(n, 1)) + (2 * rand(n, 3) - 1) * shift["colour_offset"]
     else:
         fill = base + (2 * rand(n, 3) - 1) * 14
     fill = fill.view(n, 3, 1, 1)
@@ -193,22 +221,22 @@ def render(
 
     # Background.
     if isinstance(background, str):
-        # Domain clutter: low-frequency, desaturated colour blobs plus a gradient.
-        coarse = rand(n, 3, 5, 5) * 255
-        grey = coarse.mean(1, keepdim=True)
-        coarse = grey + (coarse - grey) * 0.45
-        bg = torch.nn.functional.interpolate(coarse, size=(image_size, image_size), mode="bicubic", align_corners=False)
-        ramp = (xx / image_size - 0.5).view(1, 1, image_size, image_size) * (2 * rand(n, 1, 1, 1) - 1) * 80
-        bg = bg + ramp
-        noise_sigma = (8 + 14 * rand(n)).view(-1, 1, 1, 1)
+        # Domain: strong clutter, a brightness ramp and more noise on every image.
+        bg = _clutter(n, image_size, rand, saturation=shift["clutter_saturation"], ramp=shift["ramp"], xx=xx)
+        n_lo, n_hi = shift["noise_sigma"]
+        noise_sigma = (n_lo + (n_hi - n_lo) * rand(n)).view(-1, 1, 1, 1)
     else:
-        levels = torch.tensor([[238.0, 22.0], [128.0, 22.0], [18.0, 18.0], [128.0, 28.0]])[background]
+        levels = torch.tensor([[238.0, 22.0], [128.0, 22.0], [18.0, 18.0], [128.0, 28.0], [0.0, 0.0]])[background]
         level = levels[:, 0] + (2 * rand(n) - 1) * levels[:, 1]
         bg = level.view(-1, 1, 1, 1).expand(n, 3, image_size, image_size).clone()
+        cluttered = background == PRETRAIN_BACKGROUNDS.index("cluttered")
+        bg[cluttered] = _clutter(n, image_size, rand, saturation=0.3, ramp=40.0, xx=xx)[cluttered]
         noisy = (background == PRETRAIN_BACKGROUNDS.index("noisy")).float()
         noise_sigma = (2 + 30 * noisy * (0.6 + 0.4 * rand(n))).view(-1, 1, 1, 1)
     a = alpha.unsqueeze(1)
     img = fg * a + bg * (1 - a)
+    if domain:
+        img = img * torch.tensor(shift["tint"], dtype=torch.float32).view(1, 3, 1, 1)
     img = img + torch.randn(img.shape, generator=g) * noise_sigma
     return img.round().clamp(0, 255).to(torch.uint8)
 
@@ -253,13 +281,20 @@ class World:
         """Base classes are labels ``0 .. n_base - 1`` (the official ``ceil(n / 2)``)."""
         return math.ceil(self.n_classes / 2)
 
-    def domain_batch(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """uint8 images (B, 3, 48, 48) of the given domain class labels."""
+    def domain_batch(self, labels: torch.Tensor, generator: torch.Generator, shifted: bool = True) -> torch.Tensor:
+        """uint8 images (B, 3, 48, 48) of the given domain class labels.
+
+        ``shifted=False`` draws the same classes in the pretraining style (plain
+        backgrounds, mild jitter) instead of the domain style.
+        """
         labels = torch.as_tensor(labels, dtype=torch.long)
         n = labels.shape[0]
         colour, shape = self._class_attrs[labels].unbind(1)
         texture = torch.randint(len(TEXTURES), (n,), generator=generator)
         size = torch.randint(len(SIZES), (n,), generator=generator)
+        if not shifted:
+            background = torch.randint(len(PRETRAIN_BACKGROUNDS), (n,), generator=generator)
+            return render(shape, colour, texture, size, background, generator, domain=False)
         return render(shape, colour, texture, size, "domain", generator, domain=True)
 
     def domain_split(self, split: str, n_per_class: int, seed: int = 0, chunk: int = 2048):
@@ -275,6 +310,14 @@ class World:
         images = torch.cat([self.domain_batch(labels[i:i + chunk], g) for i in range(0, len(labels), chunk)]) \
             if len(labels) else torch.zeros(0, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
         return images, labels
+
+    def domain_items(self, split: str, n_per_class: int, seed: int = 0) -> list:
+        """``domain_split`` as a list of ``(PIL RGB image, label)`` pairs, for image datasets."""
+        from PIL import Image
+
+        images, labels = self.domain_split(split, n_per_class, seed)
+        arr = images.permute(0, 2, 3, 1).numpy()
+        return [(Image.fromarray(np.ascontiguousarray(a)), int(y)) for a, y in zip(arr, labels.tolist())]
 
     def write_domain(self, root: str | Path, n_train: int = 64, n_val: int = 8, n_test: int = 50,
                      seed: int = 0) -> Path:
@@ -304,7 +347,8 @@ class World:
                 Image.fromarray(np.ascontiguousarray(img)).save(image_dir / rel)
                 entries.append([rel, label, name])
             split_json[split] = entries
-        (root / "split_zhou_Toy.json").write_text(json.dumps(split_json, indent=0))
+        with atomic_open(root / "split_zhou_Toy.json", "w") as f:  # written last, whole or not at all
+            f.write(json.dumps(split_json, indent=0))
         return root
 
     # -- pretraining --------------------------------------------------------------------
