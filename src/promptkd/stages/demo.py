@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ class DemoConfig:
     """Sizes and schedules of the demo; `quick()` shrinks them for tests."""
 
     seed: int = 0
-    n_train: int = 64  # unlabelled train images per class (distillation)
+    n_train: int = 192  # unlabelled train images per class (distillation)
     n_val: int = 8
     n_test: int = 50
     shots: int = 16
@@ -43,7 +44,9 @@ class DemoConfig:
     distill_lr: float = 0.05
     distill_batch: int = 32
     kd_weight: float = 1000.0
-    teacher_cache_views: int = 0  # > 0: distil from a teacher-output cache with this many views
+    # > 0: distil from a teacher-output cache of K views per image (K teacher forwards per image
+    # once, instead of one per epoch); 0: online teacher.
+    teacher_cache_views: int = 8
     threads: int = 0  # torch threads (0: leave as is)
     progress: bool = True
     extra: dict = field(default_factory=dict)
@@ -51,7 +54,7 @@ class DemoConfig:
     @classmethod
     def quick(cls, **kw) -> DemoConfig:
         base = dict(n_train=6, n_val=2, n_test=4, shots=2, teacher_epochs=1, distill_epochs=1,
-                    teacher_batch=8, distill_batch=8, student_ctx=2, teacher_ctx=4)
+                    teacher_batch=8, distill_batch=8, student_ctx=2, teacher_ctx=4, teacher_cache_views=2)
         return cls(**{**base, **kw})
 
 
@@ -172,6 +175,9 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> dict:
                             kd_weight=cfg.kd_weight, meta={"demo": True}, **extra)
     student.eval()
     metrics["student"] = _eval_encoder(student, student_clip.preprocess_cfg, cv.vectors, protocol, device, cfg.progress)
+    metrics["distillation"] = {"unlabelled_images": len(protocol.train), "epochs": cfg.distill_epochs,
+                               "teacher": f"cache, K={cfg.teacher_cache_views} views" if cfg.teacher_cache_views
+                               else "online", "seconds": result.train.seconds}
 
     log.info("[6/7] speed of the two image towers")
     metrics["teacher_images_per_s"] = images_per_second(teacher.encode_images, _image_size(teacher_clip))
@@ -198,6 +204,7 @@ def _build_cache(teacher, protocol, cache_dir, cfg):
     from promptkd.stages.cache import CacheSpec, TeacherCache, build_teacher_cache
 
     tf = transforms_for(teacher.clip.preprocess_cfg)[0]
+    shutil.rmtree(cache_dir, ignore_errors=True)  # a demo run is always fresh: the teacher was just retrained
     build_teacher_cache(teacher, protocol.train, tf, cache_dir, CacheSpec(views=cfg.teacher_cache_views, seed=cfg.seed),
                         progress=cfg.progress)
     return TeacherCache(cache_dir, teacher.identity(), protocol.train)
@@ -244,6 +251,9 @@ def write_report(out: Path, metrics: dict, cfg: DemoConfig) -> None:
         f"| teacher | {metrics['teacher_params']:,} | {metrics['teacher_images_per_s']:.0f} |",
         f"| student (+ projector) | {metrics['student_params']:,} | {metrics['student_images_per_s']:.0f} |",
         "",
+        f"Distillation: {metrics['distillation']['epochs']} epochs over {metrics['distillation']['unlabelled_images']} "
+        f"unlabelled images, teacher outputs from {metrics['distillation']['teacher']}.",
+        "",
         f"Student speed-up per image: {metrics['student_images_per_s'] / metrics['teacher_images_per_s']:.1f}x. "
         f"Total time: {metrics['seconds']:.0f} s.",
         "",
@@ -286,15 +296,17 @@ def register(sub) -> None:
     p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny sizes (seconds; for smoke tests, not for numbers)")
-    p.add_argument("--teacher-cache-views", type=int, default=0, help="distil from a teacher-output cache of K views")
+    p.add_argument("--teacher-cache-views", type=int, default=None, metavar="K",
+                   help="views per image in the teacher-output cache (default 8; 0: online teacher)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run)
 
 
 def _run(args) -> int:
-    kw = {"seed": args.seed, "teacher_cache_views": args.teacher_cache_views, "threads": args.threads,
-          "progress": not args.no_progress}
+    kw = {"seed": args.seed, "threads": args.threads, "progress": not args.no_progress}
+    if args.teacher_cache_views is not None:
+        kw["teacher_cache_views"] = args.teacher_cache_views
     cfg = DemoConfig.quick(**kw) if args.quick else DemoConfig(**kw)
     metrics = run_demo(args.out, cfg)
     print((Path(args.out) / "report.md").read_text())
