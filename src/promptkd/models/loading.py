@@ -9,7 +9,9 @@ torch.jit.load would run it), safetensors has no code at all.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import pickle
 import re
 import zipfile
@@ -47,6 +49,19 @@ class ClipBundle:
     @property
     def embed_dim(self) -> int:
         return int(self.model.visual.output_dim)
+
+
+@contextlib.contextmanager
+def quiet_open_clip():
+    """Silence open_clip's root-logger chatter while building a model whose weights we load
+    ourselves (it would otherwise warn 'No pretrained weights loaded ... initialized randomly')."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def _register_json_config(path: Path) -> str:
@@ -162,7 +177,8 @@ def load_clip(model: str, pretrained: str | None = None, *, device: str | torch.
     try:
         if pretrained is None or local:
             sd, openai = read_state_dict(pretrained) if local else ({}, False)
-            clip = open_clip.create_model(name, pretrained=None, force_quick_gelu=openai)
+            with quiet_open_clip():
+                clip = open_clip.create_model(name, pretrained=None, force_quick_gelu=openai)
             if local:
                 load_weights_into(clip, sd, str(pretrained))
         else:

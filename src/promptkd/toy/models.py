@@ -86,7 +86,10 @@ def world_token_ids() -> tuple[int, ...]:
 def create_toy_model(name: str) -> torch.nn.Module:
     """A randomly initialised standard open_clip model of the toy architecture."""
     register_toy_configs()
-    return open_clip.create_model(_check_name(name), pretrained=None, force_preprocess_cfg=PREPROCESS_CFG)
+    from promptkd.models.loading import quiet_open_clip
+
+    with quiet_open_clip():
+        return open_clip.create_model(_check_name(name), pretrained=None, force_preprocess_cfg=PREPROCESS_CFG)
 
 
 def trimmed_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
