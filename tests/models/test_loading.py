@@ -6,8 +6,8 @@ import os
 import open_clip
 import pytest
 import torch
-from tinyclip import tiny_config
 from safetensors.torch import save_file
+from tinyclip import tiny_config
 
 from promptkd.errors import PromptKDError
 from promptkd.models import PromptedImageEncoder, load_clip
