@@ -176,8 +176,8 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> dict:
     student.eval()
     metrics["student"] = _eval_encoder(student, student_clip.preprocess_cfg, cv.vectors, protocol, device, cfg.progress)
     metrics["distillation"] = {"unlabelled_images": len(protocol.train), "epochs": cfg.distill_epochs,
-                               "teacher": f"cache, K={cfg.teacher_cache_views} views" if cfg.teacher_cache_views
-                               else "online", "seconds": result.train.seconds}
+                               "teacher": f"teacher-output cache, K={cfg.teacher_cache_views} views per image"
+                               if cfg.teacher_cache_views else "online teacher", "seconds": result.train.seconds}
 
     log.info("[6/7] speed of the two image towers")
     metrics["teacher_images_per_s"] = images_per_second(teacher.encode_images, _image_size(teacher_clip))
@@ -252,7 +252,7 @@ def write_report(out: Path, metrics: dict, cfg: DemoConfig) -> None:
         f"| student (+ projector) | {metrics['student_params']:,} | {metrics['student_images_per_s']:.0f} |",
         "",
         f"Distillation: {metrics['distillation']['epochs']} epochs over {metrics['distillation']['unlabelled_images']} "
-        f"unlabelled images, teacher outputs from {metrics['distillation']['teacher']}.",
+        f"unlabelled images; teacher outputs: {metrics['distillation']['teacher']}.",
         "",
         f"Student speed-up per image: {metrics['student_images_per_s'] / metrics['teacher_images_per_s']:.1f}x. "
         f"Total time: {metrics['seconds']:.0f} s.",
