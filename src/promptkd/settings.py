@@ -1,9 +1,11 @@
-"""Type checks for the settings dataclasses, so a value of the wrong type in a YAML preset or a
-`--set KEY=VALUE` is a one-line error naming the setting, not a TypeError deep in training."""
+"""Settings files and type checks for the settings dataclasses, so a bad YAML preset or a
+`--set KEY=VALUE` of the wrong type is a one-line error naming the setting, not a TypeError deep
+in training."""
 
 from __future__ import annotations
 
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 from promptkd.errors import PromptKDError
@@ -37,3 +39,19 @@ def check_field_types(obj: Any, source: str) -> None:
         if not any(_matches(value, n) for n in names):
             expected = " or ".join(_NAMES[n] for n in names)
             raise PromptKDError(f"{source}: {f.name} must be {expected}, got {value!r}")
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML settings file as a mapping (safe_load: no Python objects)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise PromptKDError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise PromptKDError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise PromptKDError(f"{path}: expected a mapping of settings at the top level")
+    return data

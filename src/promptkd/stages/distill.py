@@ -36,7 +36,7 @@ from promptkd.engine.loop import (
 )
 from promptkd.errors import PromptKDError
 from promptkd.models.wrappers import ClassVectors, Student, Teacher
-from promptkd.settings import check_field_types
+from promptkd.settings import check_field_types, read_yaml
 from promptkd.stages.cache import CachedViewDataset, TeacherCache
 from promptkd.stages.evaluate import (
     PROTOCOLS,
@@ -413,7 +413,7 @@ class DistillConfig:
         """Merge YAML presets left to right (the `train:` section key by key), then `overrides`."""
         merged: dict = {}
         for p in paths:
-            for k, v in _read_yaml(p).items():
+            for k, v in read_yaml(p).items():
                 if k == "train" and isinstance(v, dict):
                     merged["train"] = {**merged.get("train", {}), **v}
                 else:
@@ -424,21 +424,6 @@ class DistillConfig:
             else:
                 merged[k] = v
         return cls.from_dict(merged)
-
-
-def _read_yaml(path) -> dict:
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise PromptKDError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise PromptKDError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise PromptKDError(f"{path}: expected a mapping of settings")
-    return data
 
 
 def _from_dict(cls, d: dict, what: str):

@@ -31,7 +31,7 @@ from promptkd.engine.loop import CHECKPOINT_NAME, resolve_device
 from promptkd.errors import PromptKDError
 from promptkd.models.loading import ClipBundle, load_clip
 from promptkd.models.wrappers import Teacher
-from promptkd.settings import check_field_types
+from promptkd.settings import check_field_types, read_yaml
 from promptkd.stages.evaluate import DEFAULT_TEMPLATES, accuracy, encode_items, zero_shot_class_vectors
 from promptkd.stages.templates import IMAGENET_TEMPLATES
 
@@ -110,21 +110,6 @@ class TeacherConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def read_yaml(path: str | Path) -> dict:
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise PromptKDError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise PromptKDError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise PromptKDError(f"{path}: expected a mapping of settings at the top level")
-    return data
 
 
 def _train_config(d: dict | TrainConfig, source: str = "config") -> TrainConfig:
