@@ -100,3 +100,16 @@ def test_chunked_checkpointed_text_forward_equals_full(tiny_configs):
     chunked.square().sum().backward()
     torch.testing.assert_close(chunked, full)
     torch.testing.assert_close(enc.prompts.input.grad, g_full, rtol=1e-3, atol=1e-3)
+
+
+def test_training_attention_path_equals_open_clip(tiny_configs):
+    """With gradients the blocks take our batch-first attention; it must be the same function."""
+    bundle = load_clip(str(tiny_configs[0]))
+    images = torch.randn(3, 3, 32, 32)
+    image_enc = PromptedImageEncoder(bundle.model.visual, depth=2, n_ctx=2)
+    text_enc = PromptedTextEncoder(bundle.model, bundle.tokenizer, depth=2, n_ctx=4)
+    tokens = text_enc.tokenize_classnames(["red circle", "blue square"])
+    with torch.no_grad():
+        image_ref, text_ref = image_enc(images), text_enc(tokens)
+    torch.testing.assert_close(image_enc(images), image_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(text_enc(tokens), text_ref, rtol=1e-5, atol=1e-5)  # causal mask path
