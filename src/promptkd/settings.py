@@ -55,3 +55,11 @@ def read_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise PromptKDError(f"{path}: expected a mapping of settings at the top level")
     return data
+
+
+def check_known_keys(cls: type, d: dict, source: str, what: str = "setting") -> None:
+    """A settings mapping may only name fields of the dataclass `cls` (typos must not pass silently)."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise PromptKDError(f"{source}: unknown {what}(s) {unknown}; known: {', '.join(sorted(known))}")

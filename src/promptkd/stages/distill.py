@@ -36,7 +36,7 @@ from promptkd.engine.loop import (
 )
 from promptkd.errors import PromptKDError
 from promptkd.models.wrappers import ClassVectors, Student, Teacher
-from promptkd.settings import check_field_types, read_yaml
+from promptkd.settings import check_field_types, check_known_keys, read_yaml
 from promptkd.stages.cache import CachedViewDataset, TeacherCache
 from promptkd.stages.evaluate import (
     PROTOCOLS,
@@ -427,10 +427,7 @@ class DistillConfig:
 
 
 def _from_dict(cls, d: dict, what: str):
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise PromptKDError(f"{what}: unknown key(s) {unknown}; known: {', '.join(sorted(known))}")
+    check_known_keys(cls, d, what, "key")
     return cls(**d)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,7 +31,7 @@ from promptkd.engine.loop import CHECKPOINT_NAME, resolve_device
 from promptkd.errors import PromptKDError
 from promptkd.models.loading import ClipBundle, load_clip
 from promptkd.models.wrappers import Teacher
-from promptkd.settings import check_field_types, read_yaml
+from promptkd.settings import check_field_types, check_known_keys, read_yaml
 from promptkd.stages.evaluate import DEFAULT_TEMPLATES, accuracy, encode_items, zero_shot_class_vectors
 from promptkd.stages.templates import IMAGENET_TEMPLATES
 
@@ -95,10 +95,7 @@ class TeacherConfig:
     def from_dict(cls, d: dict, source: str = "config") -> TeacherConfig:
         if not isinstance(d, dict):
             raise PromptKDError(f"{source}: expected a mapping of teacher settings")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise PromptKDError(f"{source}: unknown teacher setting(s) {unknown}; known: {', '.join(sorted(known))}")
+        check_known_keys(cls, d, source, "teacher setting")
         d = dict(d)
         if "train" in d:
             d["train"] = _train_config(d["train"], source)
@@ -117,10 +114,7 @@ def _train_config(d: dict | TrainConfig, source: str = "config") -> TrainConfig:
         return d
     if not isinstance(d, dict):
         raise PromptKDError(f"{source}: 'train' must be a mapping")
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise PromptKDError(f"{source}: unknown train setting(s) {unknown}; known: {', '.join(sorted(known))}")
+    check_known_keys(TrainConfig, d, source, "train setting")
     if "seed" in d:
         raise PromptKDError(f"{source}: set the teacher's top-level 'seed', not train.seed")
     return TrainConfig(**d)
