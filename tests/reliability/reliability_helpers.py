@@ -13,15 +13,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 from tinyclip import tiny_config
+from tinyclip import write_images as shared_write_images
 
 HERE = Path(__file__).resolve().parent
 KILLABLE = HERE / "killable.py"
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 # The kill points come from this seed; set RELIABILITY_SEED to try others.
 KILL_SEED = int(os.environ.get("RELIABILITY_SEED", "20240601"))
 
@@ -55,15 +53,7 @@ class World:
 
 
 def write_images(folder: Path, per_class: int, seed: int, size: int = 32) -> None:
-    rng = np.random.default_rng(seed)
-    for name, rgb in COLOURS.items():
-        d = folder / name
-        d.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            a = np.clip(np.array(rgb) + rng.normal(0, 25, (size, size, 3)), 0, 255)
-            y, x = rng.integers(0, size // 2, 2)
-            a[y : y + size // 3, x : x + size // 3] *= 0.5
-            Image.fromarray(a.astype(np.uint8)).save(d / f"{i}.png")
+    shared_write_images(folder, per_class, seed, size, noise=25.0)
 
 
 def clip_weights(config: Path, out: Path, seed: int) -> Path:

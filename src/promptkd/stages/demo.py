@@ -59,14 +59,11 @@ class DemoConfig:
 
 
 def _eval_zero_shot(clip, protocol, device, progress):
-    from promptkd.data.transforms import transforms_for
-    from promptkd.stages.evaluate import base_novel, encode_items, zero_shot_class_vectors
+    """Plain CLIP: its image tower against template class vectors from its own text tower."""
+    from promptkd.stages.evaluate import zero_shot_class_vectors
 
-    test_tf = transforms_for(clip.preprocess_cfg)[1]
-    W = zero_shot_class_vectors(clip, protocol.classnames, device=device).cpu()
-    fb, lb = encode_items(clip.model.encode_image, protocol.test["base"].items, test_tf, device=device, progress=progress)
-    fn, ln = encode_items(clip.model.encode_image, protocol.test["novel"].items, test_tf, device=device, progress=progress)
-    return base_novel(fb, lb, fn, ln, W, protocol.test["base"].classes.stop)
+    W = zero_shot_class_vectors(clip, protocol.classnames, device=device)
+    return _eval_encoder(clip.model.encode_image, clip.preprocess_cfg, W, protocol, device, progress)
 
 
 def _eval_encoder(encode, preprocess_cfg, class_vectors, protocol, device, progress):
