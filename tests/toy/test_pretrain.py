@@ -67,3 +67,22 @@ def test_main_cli(tmp_path, capsys):
     assert main(["student", "--out", str(tmp_path), "--steps", "2", "--batch-size", "8", "--eval-every", "0",
                  "--checkpoint-every", "0", "--eval-n-per-class", "1"]) == 0
     assert (tmp_path / "toy-student.safetensors").is_file()
+
+
+def test_stop_after_steps_gives_that_step_of_the_longer_schedule(tmp_path):
+    """How the shipped student was made: its weights are a step of a longer run, not a short run."""
+    kw = dict(seed=1, steps=6, batch_size=8, warmup_steps=2, eval_every_s=0, eval_n_per_class=1, log=lambda s: None)
+    full = pretrain("toy-student", tmp_path / "full", checkpoint_every_s=1e-9, **kw)  # a checkpoint every step
+    cut = pretrain("toy-student", tmp_path / "cut", checkpoint_every_s=0, stop_after_steps=3, **kw)
+    short = pretrain("toy-student", tmp_path / "short", checkpoint_every_s=0,
+                     **{**kw, "steps": 3})  # its own 3-step schedule anneals to 0
+
+    def state(path):
+        return build_toy_clip("toy-student", weights=path)[0].state_dict()
+
+    at3, mid, end, own = (state(p) for p in (tmp_path / "full" / "toy-student-step000003.safetensors",
+                                              cut["weights"], full["weights"], short["weights"]))
+    assert cut["steps"] == 3 and json.loads(read_toy_metadata(cut["weights"])["steps"]) == 3
+    assert all(torch.equal(at3[k], mid[k]) for k in at3)
+    assert not all(torch.equal(end[k], mid[k]) for k in end)
+    assert not all(torch.equal(own[k], mid[k]) for k in own)
