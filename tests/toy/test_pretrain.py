@@ -86,3 +86,15 @@ def test_stop_after_steps_gives_that_step_of_the_longer_schedule(tmp_path):
     assert all(torch.equal(at3[k], mid[k]) for k in at3)
     assert not all(torch.equal(end[k], mid[k]) for k in end)
     assert not all(torch.equal(own[k], mid[k]) for k in own)
+
+
+def test_promptkd_toy_pretrain_command(tmp_path, capsys):
+    from promptkd.cli import main as cli_main
+
+    out = tmp_path / "run"
+    common = ["toy", "pretrain", "student", "--out", str(out), "--batch-size", "8", "--eval-every", "0",
+              "--checkpoint-every", "0", "--eval-n-per-class", "1"]
+    assert cli_main([*common, "--steps", "2"]) == 0
+    assert json.loads(read_toy_metadata(out / "toy-student.safetensors")["steps"]) == 2
+    assert cli_main([*common, "--steps", "2", "--stop-after-steps", "3"]) == 2
+    assert "--stop-after-steps" in capsys.readouterr().err
