@@ -1,8 +1,12 @@
-"""Shared test helpers: tiny open_clip architectures as JSON configs, tiny image folders (no downloads)."""
+"""Shared test helpers: tiny open_clip architectures as JSON configs, tiny image folders (no downloads),
+and a simulated kill at a chosen step."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
+import pytest
 from PIL import Image
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
@@ -36,3 +40,27 @@ def write_images(root, per_class: int = 6, seed: int = 0, size: int = 32, noise:
             Image.fromarray(a.astype(np.uint8)).save(path)
             items.append(Item(str(path), label))
     return items, list(COLOURS)
+
+
+@contextlib.contextmanager
+def killed_at_call(owner, name: str, n: int, after: bool = False):
+    """Inside the block, `owner.name` raises KeyboardInterrupt at its n-th call (before running it,
+    or just after with `after=True`): a kill at a chosen step. The block must be interrupted;
+    the original is back afterwards."""
+    real = getattr(owner, name)
+    calls = 0
+
+    def dying(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == n and not after:
+            raise KeyboardInterrupt
+        out = real(*args, **kwargs)
+        if calls == n:
+            raise KeyboardInterrupt
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(owner, name, dying)
+        with pytest.raises(KeyboardInterrupt):
+            yield

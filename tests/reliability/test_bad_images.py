@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tinyclip import killed_at_call
 from torch import nn
 
 from promptkd.cli import main
@@ -177,21 +178,8 @@ def test_resume_with_an_unreadable_image_is_still_exact(tmp_path):
 
     import promptkd.engine.loop as loop
 
-    real = loop.save_checkpoint
-    calls = {"n": 0}
-
-    def dying(*a, **k):
-        real(*a, **k)
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-
-    loop.save_checkpoint = dying
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            _train(items, tmp_path / "run", checkpoint_every=1)
-    finally:
-        loop.save_checkpoint = real
+    with killed_at_call(loop, "save_checkpoint", 4, after=True):
+        _train(items, tmp_path / "run", checkpoint_every=1)
     model = _Tiny()
     cfg = TrainConfig(epochs=2, batch_size=4, lr=0.1, warmup_epochs=0, progress=False, checkpoint_every=1)
     ds = ImageDataset(items, TrainTransform(size=16), seed=3, train=True)

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+from tinyclip import killed_at_call
 
 from promptkd.artifacts import load_artifact
 from promptkd.cli import main
@@ -152,23 +153,13 @@ def test_artifact_has_val_accuracy_loss_curves_and_reloads(make_teacher, make_co
     assert again.identity()["prompts_hash"] == meta["prompts_hash"]
 
 
-def test_resume_gives_identical_prompts(make_teacher, make_config, fruit, tmp_path, monkeypatch):
+def test_resume_gives_identical_prompts(make_teacher, make_config, fruit, tmp_path):
     cfg = make_config(train={"checkpoint_every": 1})
     full = train_teacher_on(make_teacher(), fruit.train, fruit.val, fruit.classnames, cfg, tmp_path / "full")
 
-    calls = {"n": 0}
-    original = TeacherObjective.__call__
-
-    def crash_on_fourth_step(self, batch):
-        calls["n"] += 1
-        if calls["n"] == 4:  # epoch 2, second step: after the epoch-1 GPA update and a mid-epoch checkpoint
-            raise KeyboardInterrupt
-        return original(self, batch)
-
-    monkeypatch.setattr(TeacherObjective, "__call__", crash_on_fourth_step)
-    with pytest.raises(KeyboardInterrupt):
+    # epoch 2, second step: after the epoch-1 GPA update and a mid-epoch checkpoint
+    with killed_at_call(TeacherObjective, "__call__", 4):
         train_teacher_on(make_teacher(), fruit.train, fruit.val, fruit.classnames, cfg, tmp_path / "cut")
-    monkeypatch.setattr(TeacherObjective, "__call__", original)
     resumed = train_teacher_on(make_teacher(seed=99), fruit.train, fruit.val, fruit.classnames, cfg,
                                tmp_path / "cut", resume=True)
     a, meta_a = load_artifact(full, kind="teacher")
