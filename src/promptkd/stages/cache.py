@@ -293,7 +293,7 @@ def _run(args) -> int:
 
 
 def register(sub) -> None:
-    from promptkd.stages.evaluate import PROTOCOLS
+    from promptkd.stages.evaluate import PROTOCOLS, add_clip_args
 
     p = sub.add_parser(
         "cache", help="store the teacher's image features for K augmented views of each training image",
@@ -301,8 +301,7 @@ def register(sub) -> None:
                     "`promptkd distill --teacher-cache DIR` never runs it. Pays off when K is below the number "
                     "of distillation epochs, or when the cache is reused across runs. Rerun to resume.")
     p.add_argument("--teacher", required=True, metavar="PATH", help="teacher artifact")
-    p.add_argument("--teacher-clip-model", metavar="MODEL")
-    p.add_argument("--teacher-clip", metavar="TAG|PATH", help="the teacher's CLIP weights (if a local file)")
+    add_clip_args(p, "teacher")
     p.add_argument("--dataset", required=True)
     p.add_argument("--root", help="data root holding the CoOp dataset folders")
     p.add_argument("--protocol", default="base2novel", choices=PROTOCOLS)

@@ -93,13 +93,14 @@ def classnames_from_args(args) -> list[str]:
 
 
 def register(subparsers) -> None:
+    from promptkd.stages.evaluate import add_clip_args
+
     p = subparsers.add_parser(
         "class-vectors", help="run the teacher's text tower over class names and store the vectors",
         description="Write a class-vector file (normalised teacher text features + class names + teacher "
                     "identity). With --append-to, only the new names are computed and added.")
     p.add_argument("--teacher", required=True, help="teacher file (teacher.safetensors)")
-    p.add_argument("--teacher-clip", help="the teacher's CLIP weights file, when it was a local file")
-    p.add_argument("--teacher-model", help="the teacher's CLIP model name or config JSON (default: from the file)")
+    add_clip_args(p, "teacher", "--teacher-model")
     p.add_argument("--dataset", help="take the class names of this dataset (benchmark name or folder:PATH)")
     p.add_argument("--root", help="data root for --dataset")
     p.add_argument("--subset", choices=("all", "base", "novel"), default="all", help="with --dataset (default all)")
@@ -114,12 +115,12 @@ def register(subparsers) -> None:
 
 def _run(args) -> int:
     from promptkd.engine.loop import resolve_device
-    from promptkd.stages.teacher import load_teacher
+    from promptkd.stages.evaluate import load_teacher
 
     out = args.out or args.append_to
     if not out:
         raise PromptKDError("--out is required (unless --append-to updates a file in place)")
     names = classnames_from_args(args)
-    teacher = load_teacher(args.teacher, args.teacher_clip, args.teacher_model, device=resolve_device(args.device))
+    teacher = load_teacher(args.teacher, args.teacher_model, args.teacher_clip, device=resolve_device(args.device))
     print(write_class_vectors(teacher, names, out, append_to=args.append_to, chunk_size=args.chunk))
     return 0

@@ -42,6 +42,7 @@ from promptkd.stages.evaluate import (
     PROTOCOLS,
     EvalSplit,
     Protocol,
+    add_clip_args,
     align_class_vectors,
     build_protocol,
     evaluate_splits,
@@ -529,8 +530,7 @@ def register(sub) -> None:
     p.add_argument("--protocol", choices=PROTOCOLS)
     p.add_argument("--num-shots", type=int, help="K unlabelled images per class (0: all)")
     p.add_argument("--teacher", metavar="PATH", help="teacher artifact")
-    p.add_argument("--teacher-clip-model", metavar="MODEL")
-    p.add_argument("--teacher-clip", metavar="TAG|PATH", help="the teacher's CLIP weights (if a local file)")
+    add_clip_args(p, "teacher")
     p.add_argument("--class-vectors", metavar="PATH", help="the teacher's stored class vectors")
     p.add_argument("--teacher-cache", metavar="DIR",
                    help="teacher features from `promptkd cache` (its image tower then never runs)")

@@ -198,6 +198,14 @@ def _clip_override(path, kind: str, clip_model: str | None, clip_weights: str | 
                      clip_weights if clip_weights is not None else ident.get("pretrained"), device=device)
 
 
+def add_clip_args(p, role: str, model_flag: str | None = None) -> None:
+    """The two options that name an artifact's CLIP when its file cannot (local weights), as
+    `load_teacher` / `load_student` take them."""
+    p.add_argument(model_flag or f"--{role}-clip-model", metavar="MODEL",
+                   help=f"the {role}'s CLIP model name or config JSON (default: from the file)")
+    p.add_argument(f"--{role}-clip", metavar="TAG|PATH", help=f"the {role}'s CLIP weights, if a local file")
+
+
 def load_teacher(path, clip_model: str | None = None, clip_weights: str | None = None, device="cpu"):
     """A teacher artifact; `clip_model`/`clip_weights` supply its CLIP when the name alone cannot."""
     from promptkd.models.wrappers import Teacher
@@ -299,12 +307,10 @@ def register(sub) -> None:
     g.add_argument("--pretrained", metavar="TAG|PATH", help="weights for --clip (none: random)")
     g.add_argument("--template", action="append", help="zero-shot template(s), default 'a photo of a {}.'")
     g.add_argument("--teacher", metavar="PATH", help="teacher artifact")
-    g.add_argument("--teacher-clip-model", metavar="MODEL", help="the teacher's CLIP model/config, if not by name")
-    g.add_argument("--teacher-clip", metavar="TAG|PATH", help="the teacher's CLIP weights, if a local file")
+    add_clip_args(g, "teacher")
     g.add_argument("--student", metavar="PATH", help="student artifact (needs --class-vectors)")
     g.add_argument("--class-vectors", metavar="PATH", help="the teacher's class vectors for --student")
-    g.add_argument("--student-clip-model", metavar="MODEL", help="the student's CLIP model/config, if not by name")
-    g.add_argument("--student-clip", metavar="TAG|PATH", help="the student's CLIP weights, if a local file")
+    add_clip_args(g, "student")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")

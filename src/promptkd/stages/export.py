@@ -102,12 +102,9 @@ def load_classifier(student: str, class_vectors: str, *, student_model: str | No
         raise PromptKDError(f"{class_vectors} vs {student}: {e}") from None
 
 
-def add_student_args(p) -> None:
-    p.add_argument("--student-model", help="the student's CLIP model name or config JSON (default: from the file)")
-    p.add_argument("--student-clip", help="the student's CLIP weights file, when it was a local file")
-
-
 def register(subparsers) -> None:
+    from promptkd.stages.evaluate import add_clip_args
+
     p = subparsers.add_parser(
         "export", help="export a student classifier (student + class vectors) to ONNX",
         description="Write one ONNX graph from normalised images (fixed size, dynamic batch) to logits, "
@@ -119,7 +116,7 @@ def register(subparsers) -> None:
     p.add_argument("--fp16", action="store_true", help="fp16 weights and compute (inputs/outputs stay fp32)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime parity check after export")
-    add_student_args(p)
+    add_clip_args(p, "student", "--student-model")
     p.set_defaults(func=_run)
 
 

@@ -14,7 +14,8 @@ import sys
 
 from promptkd.data.dataset import is_image_file, list_images, load_rgb
 from promptkd.errors import PromptKDError
-from promptkd.stages.export import add_student_args, load_classifier
+from promptkd.stages.evaluate import add_clip_args
+from promptkd.stages.export import load_classifier
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
@@ -118,9 +119,8 @@ def register(subparsers) -> None:
     p.add_argument("--classes", help="open vocabulary: comma-separated class names (needs --teacher)")
     p.add_argument("--classes-file", help="open vocabulary: one class name per line (needs --teacher)")
     p.add_argument("--teacher", help="teacher file whose text tower computes vectors for --classes")
-    p.add_argument("--teacher-model", help="the teacher's CLIP model name or config JSON (default: from the file)")
-    p.add_argument("--teacher-clip", help="the teacher's CLIP weights file, when it was a local file")
-    add_student_args(p)
+    add_clip_args(p, "teacher", "--teacher-model")
+    add_clip_args(p, "student", "--student-model")
     p.add_argument("--topk", type=int, default=5, help="classes shown per image (default 5)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps (PyTorch only)")

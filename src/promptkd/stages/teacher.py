@@ -345,17 +345,6 @@ def train_teacher(cfg: TeacherConfig, out_dir: str | Path, resume: bool = False)
                             meta={"dataset": ds.name, "shots": cfg.shots, "seed": cfg.seed})
 
 
-def load_teacher(path: str | Path, clip_weights: str | None = None, model: str | None = None,
-                 device: str | torch.device = "cpu") -> Teacher:
-    """Load a teacher file; `clip_weights`/`model` name its CLIP when the file cannot (local weights)."""
-    clip = None
-    if clip_weights or model:
-        _, meta = load_artifact(path, kind="teacher")
-        ident = meta.get("clip") or {}
-        clip = load_clip(model or ident.get("model", "?"), clip_weights or ident.get("pretrained"), device=device)
-    return Teacher.load(path, clip=clip, device=device)
-
-
 # ---------------------------------------------------------------------------------------------- CLI
 
 # flag -> (TeacherConfig field, or "train.<field>")
