@@ -127,6 +127,14 @@ class Teacher(nn.Module):
         return teacher.to(device).eval()
 
 
+def check_same_teacher(made_by: dict, teacher: dict, refusal: str, holder: str) -> None:
+    """Refuse outputs of another teacher (another CLIP or other prompts): `refusal (key: holder has
+    X, this teacher has Y)`. Shared by class vectors, their append, distillation and the cache."""
+    for key in ("clip", "prompts_hash"):
+        if made_by.get(key) != teacher.get(key):
+            raise PromptKDError(f"{refusal} ({key}: {holder} has {made_by.get(key)}, this teacher has {teacher.get(key)})")
+
+
 class Student(nn.Module):
     """A frozen small CLIP image tower with deep vision prompts and a projector to the teacher's dim.
 
@@ -216,12 +224,7 @@ class ClassVectors:
             raise PromptKDError(f"{path}: metadata says dim {meta.get('dim')}, vectors have dim {cv.dim}")
         if teacher is not None:
             want = teacher.identity() if isinstance(teacher, Teacher) else teacher
-            for key in ("clip", "prompts_hash"):
-                if cv.teacher.get(key) != want.get(key):
-                    raise PromptKDError(
-                        f"{path}: class vectors come from another teacher ({key}: file has "
-                        f"{cv.teacher.get(key)}, this teacher has {want.get(key)})"
-                    )
+            check_same_teacher(cv.teacher, want, f"{path}: class vectors come from another teacher", "file")
         if dim is not None and cv.dim != dim:
             raise PromptKDError(f"{path}: class vectors have dim {cv.dim}, but the model needs {dim}")
         return cv

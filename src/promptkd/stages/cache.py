@@ -33,6 +33,7 @@ from promptkd.artifacts import load_artifact, read_json, save_artifact, write_js
 from promptkd.data.dataset import Item, augmentation_seed, load_rgb, read_item
 from promptkd.data.transforms import TrainTransform, View, sample_view
 from promptkd.errors import PromptKDError
+from promptkd.models.wrappers import check_same_teacher
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -186,15 +187,16 @@ class TeacherCache:
         m = check_manifest(read_json(d / "manifest.json"), d)
         self.dir, self.manifest = d, m
         self.check(teacher_identity, items)
-        ends = [0] + [s["end"] for s in sorted(m["shards"], key=lambda s: s["start"])]
-        if [s["start"] for s in sorted(m["shards"], key=lambda s: s["start"])] != ends[:-1]:
+        shards = sorted(m["shards"], key=lambda s: s["start"])
+        ends = [0] + [s["end"] for s in shards]
+        if [s["start"] for s in shards] != ends[:-1]:
             raise PromptKDError(f"{d}: manifest shards overlap or leave gaps; rebuild the cache in a new folder")
         covered = ends[-1]
         if covered != m["n_images"]:
             raise PromptKDError(f"{d}: cache is incomplete ({covered}/{m['n_images']} images); rerun the build to resume")
         self.views, self.dim = int(m["views"]), int(m["dim"])
         feats, views = [], []
-        for s in sorted(m["shards"], key=lambda s: s["start"]):
+        for s in shards:
             t, _ = load_artifact(d / s["file"], kind="teacher_cache_shard")
             n = s["end"] - s["start"]
             if (tuple(t.get("features", torch.empty(0)).shape) != (n, self.views, self.dim)
@@ -211,10 +213,7 @@ class TeacherCache:
         """Refuse a cache of another teacher, image list or teacher transform, saying what differs."""
         d, m = self.dir, self.manifest
         if teacher_identity is not None:
-            for key in ("clip", "prompts_hash"):
-                if m["teacher"].get(key) != teacher_identity.get(key):
-                    raise PromptKDError(f"{d}: cache was built by another teacher ({key}: cache has "
-                                        f"{m['teacher'].get(key)}, this teacher has {teacher_identity.get(key)})")
+            check_same_teacher(m["teacher"], teacher_identity, f"{d}: cache was built by another teacher", "cache")
         if items is not None and (len(items) != m["n_images"] or items_digest(items) != m["items_digest"]):
             raise PromptKDError(f"{d}: cache was built for another image list ({m['n_images']} images, "
                                 f"this run has {len(items)})")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from promptkd.errors import PromptKDError
-from promptkd.models.wrappers import ClassVectors, Teacher
+from promptkd.models.wrappers import ClassVectors, Teacher, check_same_teacher
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +48,10 @@ def compute_class_vectors(teacher: Teacher, classnames: list[str], chunk_size: i
 def append_class_vectors(existing: ClassVectors, teacher: Teacher, new_names: list[str],
                          chunk_size: int | None = 256) -> ClassVectors:
     """`existing` plus vectors for `new_names` (computed now; the old rows are kept as they are)."""
-    ident = teacher.identity()
-    for key in ("clip", "prompts_hash"):
-        if existing.teacher.get(key) != ident.get(key):
-            raise PromptKDError(f"class vectors come from another teacher ({key}: file has "
-                                f"{existing.teacher.get(key)}, this teacher has {ident.get(key)})")
+    check_same_teacher(existing.teacher, teacher.identity(), "class vectors come from another teacher", "file")
     names = _check_names(list(new_names), "new class names")
-    dupes = [n for n in names if n in set(existing.classnames)]
+    have = set(existing.classnames)
+    dupes = [n for n in names if n in have]
     if dupes:
         raise PromptKDError(f"{len(dupes)} class name(s) are already in the file (first: {dupes[:3]})")
     new = compute_class_vectors(teacher, names, chunk_size)

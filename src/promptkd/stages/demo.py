@@ -67,13 +67,12 @@ def _eval_zero_shot(clip, protocol, device, progress):
 
 
 def _eval_encoder(encode, preprocess_cfg, class_vectors, protocol, device, progress):
+    """Base / novel / HM of an image encoder on the protocol's test splits (test-time transform)."""
     from promptkd.data.transforms import transforms_for
-    from promptkd.stages.evaluate import base_novel, encode_items
+    from promptkd.stages.evaluate import evaluate_splits
 
-    test_tf = transforms_for(preprocess_cfg)[1]
-    fb, lb = encode_items(encode, protocol.test["base"].items, test_tf, device=device, progress=progress)
-    fn, ln = encode_items(encode, protocol.test["novel"].items, test_tf, device=device, progress=progress)
-    return base_novel(fb, lb, fn, ln, class_vectors.cpu(), protocol.test["base"].classes.stop)
+    return evaluate_splits(encode, class_vectors, protocol.test, transforms_for(preprocess_cfg)[1], device=device,
+                           progress=progress)
 
 
 @torch.no_grad()

@@ -35,9 +35,10 @@ from promptkd.engine.loop import (
     train_loop,
 )
 from promptkd.errors import PromptKDError
-from promptkd.models.wrappers import ClassVectors, Student, Teacher
+from promptkd.models.wrappers import ClassVectors, Student, Teacher, check_same_teacher
 from promptkd.settings import check_field_types, check_known_keys, read_yaml
 from promptkd.stages.cache import CachedViewDataset, TeacherCache
+from promptkd.stages.class_vectors import compute_class_vectors
 from promptkd.stages.evaluate import (
     PROTOCOLS,
     EvalSplit,
@@ -174,11 +175,8 @@ def _check_teacher_match(cv: ClassVectors, teacher: Teacher, student: Student) -
         raise PromptKDError(f"class vectors have dim {cv.dim}, the teacher's embedding has dim {teacher.dim}")
     if student.projector.out_dim != teacher.dim:
         raise PromptKDError(f"student projects to dim {student.projector.out_dim}, the teacher's is {teacher.dim}")
-    want = teacher.identity()
-    for key in ("clip", "prompts_hash"):
-        if cv.teacher and cv.teacher.get(key) != want.get(key):
-            raise PromptKDError(f"class vectors come from another teacher ({key}: vectors have "
-                                f"{cv.teacher.get(key)}, this teacher has {want.get(key)})")
+    if cv.teacher:
+        check_same_teacher(cv.teacher, teacher.identity(), "class vectors come from another teacher", "vectors")
 
 
 def distill_models(
@@ -464,9 +462,7 @@ def distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = False) -> Pa
     if not protocol.classnames:
         raise PromptKDError(f"{cfg.dataset}: no class names; give --class-vectors for unlabelled images")
     if cv is None:  # pre-store once, after the teacher's prompts are loaded (§6.1)
-        with torch.no_grad():
-            vectors = teacher.encode_classnames(protocol.classnames, chunk_size=256).float().cpu()
-        cv = ClassVectors(vectors, protocol.classnames, teacher.identity())
+        cv = compute_class_vectors(teacher, protocol.classnames)
     kd_weight = cfg.kd_weight if cfg.kd_weight is not None else official_kd_weight(cfg.dataset, cfg.protocol)
 
     torch.manual_seed(train_cfg.seed)  # prompt and projector initialisation

@@ -60,14 +60,6 @@ def accuracy(features: torch.Tensor, labels: torch.Tensor, class_vectors: torch.
     return 100.0 * (pred == labels).float().mean().item()
 
 
-def base_novel(features_base, labels_base, features_novel, labels_novel, class_vectors: torch.Tensor,
-               n_base: int) -> dict[str, float]:
-    """Official base-to-novel: base images as an m-way problem over W[:m], novel as (n-m)-way over W[m:]."""
-    b = accuracy(features_base, labels_base, class_vectors[:n_base])
-    n = accuracy(features_novel, labels_novel, class_vectors[n_base:])
-    return {"base": b, "novel": n, "hm": harmonic_mean(b, n)}
-
-
 @torch.no_grad()
 def zero_shot_class_vectors(clip, classnames: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
                             device: str | torch.device = "cpu", batch_size: int = 256) -> torch.Tensor:
