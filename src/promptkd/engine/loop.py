@@ -268,6 +268,10 @@ class MetricsLog:
     def __init__(self, out_dir: Path, enabled: bool):
         self.enabled = enabled
         self.path = out_dir / "metrics.jsonl"
+        # Opened once, line-buffered: every record still reaches the file when it is written.
+        self.file = open(self.path, "a") if enabled else None
+        if self.file is not None:
+            self.file.reconfigure(line_buffering=True)
         self.tb = None
         if enabled:
             try:
@@ -280,8 +284,7 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.file.write(json.dumps(record) + "\n")
         if self.tb is not None:
             step = record.get("step", 0)
             for k, v in record.items():
@@ -289,6 +292,8 @@ class MetricsLog:
                     self.tb.add_scalar(f"{record.get('event', 'train')}/{k}", v, step)
 
     def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
         if self.tb is not None:
             self.tb.close()
 
@@ -327,7 +332,9 @@ def _average_gradients(params: list[nn.Parameter], world_size: int) -> None:
 
 
 def _non_finite_grads(params: list[nn.Parameter]) -> bool:
-    return any(p.grad is not None and not torch.isfinite(p.grad).all() for p in params)
+    """One device sync per step, not one per parameter."""
+    finite = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
+    return bool(finite) and not bool(torch.stack(finite).all())
 
 
 def train_loop(
