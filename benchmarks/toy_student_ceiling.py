@@ -40,12 +40,12 @@ def main(argv=None) -> int:
     data = out / "data"
     protocol = build_protocol("base2novel", f"split:{(data / 'split_zhou_Toy.json').resolve()}", str((data / "images").resolve()))
     cv = ClassVectors.load(out / "class_vectors.safetensors")
-    clip = load_clip("toy-student")
     rows = []
     for setting in args.settings.split(","):
         depth, ctx = (int(x) for x in setting.split(":"))
         student = Student(load_clip("toy-student"), cv.dim, depth, ctx)
-        dataset = ImageDataset(protocol.train, transforms_for(clip.preprocess_cfg)[0], seed=1)
+        preprocess = student.clip.preprocess_cfg
+        dataset = ImageDataset(protocol.train, transforms_for(preprocess)[0], seed=1)
 
         def loss_fn(batch, student=student):
             x, y, _ = batch
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
         train_loop(student, loss_fn, dataset, TrainConfig(epochs=args.epochs, batch_size=32, lr=args.lr, progress=False),
                    out / f"ceiling-d{depth}-c{ctx}")
         student.eval()
-        res = _eval_encoder(student, clip.preprocess_cfg, cv.vectors, protocol, "cpu", False)
+        res = _eval_encoder(student, preprocess, cv.vectors, protocol, "cpu", False)
         rows.append({"depth": depth, "ctx": ctx, **{k: round(v, 1) for k, v in res.items()}})
         print(json.dumps(rows[-1]), flush=True)
     demo = json.loads((out / "metrics.json").read_text())

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from promptkd.artifacts import atomic_open
+from promptkd.stages.evaluate import harmonic_mean
 from promptkd.toy.models import (
     PREPROCESS_CFG,
     create_toy_model,
@@ -88,7 +89,7 @@ def zero_shot_eval(model, tokenizer, world: World | None = None, n_per_class: in
     acc_base = (pred_base == labels[base]).float().mean().item() * 100
     acc_novel = (pred_novel == labels[~base]).float().mean().item() * 100
     all_acc = (logits.argmax(1) == labels).float().mean().item() * 100
-    hm = 2 * acc_base * acc_novel / (acc_base + acc_novel) if acc_base + acc_novel > 0 else 0.0
+    hm = harmonic_mean(acc_base, acc_novel)
     model.train(was_training)
     return {"base": round(acc_base, 2), "novel": round(acc_novel, 2), "hm": round(hm, 2), "all": round(all_acc, 2)}
 
