@@ -49,10 +49,11 @@ class TextTower:
 
 
 def text_tower(clip: nn.Module) -> TextTower:
-    """Text-tower parts of an open_clip CLIP (built-in text) or CustomTextCLIP (TextTransformer)."""
+    """Text-tower parts of an open_clip CLIP (built-in text), a CustomTextCLIP or a bare TextTransformer."""
     from open_clip.transformer import TextTransformer
 
-    if hasattr(clip, "token_embedding") and hasattr(clip, "transformer"):
+    text = clip if isinstance(clip, TextTransformer) else getattr(clip, "text", None)
+    if text is None and hasattr(clip, "token_embedding") and hasattr(clip, "transformer"):
         return TextTower(
             clip.token_embedding,
             clip.positional_embedding,
@@ -63,7 +64,6 @@ def text_tower(clip: nn.Module) -> TextTower:
             getattr(clip, "text_pool_type", "argmax"),
             getattr(clip, "text_eos_id", None),
         )
-    text = getattr(clip, "text", None)
     if isinstance(text, TextTransformer) and text.cls_emb is None and not getattr(text, "use_pad_mask", False):
         return TextTower(
             text.token_embedding,
