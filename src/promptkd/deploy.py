@@ -123,10 +123,10 @@ class StudentClassifier(nn.Module, _Predictor):
         """From a student file and a class-vector file; `clip` overrides the student's CLIP (local weights)."""
         s = Student.load(student, clip=clip, device=device)
         cv = ClassVectors.load(class_vectors)
-        if cv.dim != s.projector.out_dim:
-            raise PromptKDError(f"{class_vectors}: class vectors have dim {cv.dim}, but {student} projects to "
-                                f"dim {s.projector.out_dim} (class vectors and student come from different teachers)")
-        return cls(s, cv)
+        try:
+            return cls(s, cv)
+        except PromptKDError as e:  # say which files do not belong together
+            raise PromptKDError(f"{class_vectors} vs {student}: {e}") from None
 
     @property
     def logit_scale(self) -> torch.Tensor:

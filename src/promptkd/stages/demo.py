@@ -196,14 +196,12 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> dict:
 
 
 def _build_cache(teacher, protocol, cache_dir, cfg):
-    from promptkd.data.transforms import transforms_for
-    from promptkd.stages.cache import CacheSpec, TeacherCache, build_teacher_cache
+    """The teacher-output cache's folder (distillation opens and checks it)."""
+    from promptkd.stages.cache import CacheSpec, build_teacher_cache
 
-    tf = transforms_for(teacher.clip.preprocess_cfg)[0]
     shutil.rmtree(cache_dir, ignore_errors=True)  # a demo run is always fresh: the teacher was just retrained
-    build_teacher_cache(teacher, protocol.train, tf, cache_dir, CacheSpec(views=cfg.teacher_cache_views, seed=cfg.seed),
-                        progress=cfg.progress)
-    return TeacherCache(cache_dir, teacher.identity(), protocol.train)
+    return build_teacher_cache(teacher, protocol.train, None, cache_dir,
+                               CacheSpec(views=cfg.teacher_cache_views, seed=cfg.seed), progress=cfg.progress)
 
 
 def _try_export(student_path, cv_path, onnx_path, student_clip):

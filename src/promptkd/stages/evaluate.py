@@ -175,7 +175,7 @@ def evaluate_splits(encode: Callable[[torch.Tensor], torch.Tensor], classifier: 
 # Loading what is evaluated (also used by distillation).
 
 
-def _clip_override(path, kind: str, clip_model: str | None, clip_weights: str | None, device):
+def artifact_clip(path, kind: str, clip_model: str | None, clip_weights: str | None, device):
     """The artifact's CLIP, rebuilt from explicit model/weights when given; a missing file is one line."""
     from promptkd.artifacts import load_artifact
     from promptkd.models import load_clip
@@ -202,13 +202,13 @@ def load_teacher(path, clip_model: str | None = None, clip_weights: str | None =
     """A teacher artifact; `clip_model`/`clip_weights` supply its CLIP when the name alone cannot."""
     from promptkd.models.wrappers import Teacher
 
-    return Teacher.load(path, clip=_clip_override(path, "teacher", clip_model, clip_weights, device), device=device)
+    return Teacher.load(path, clip=artifact_clip(path, "teacher", clip_model, clip_weights, device), device=device)
 
 
 def load_student(path, clip_model: str | None = None, clip_weights: str | None = None, device="cpu"):
     from promptkd.models.wrappers import Student
 
-    return Student.load(path, clip=_clip_override(path, "student", clip_model, clip_weights, device), device=device)
+    return Student.load(path, clip=artifact_clip(path, "student", clip_model, clip_weights, device), device=device)
 
 
 # ----------------------------------------------------------------------------------------------

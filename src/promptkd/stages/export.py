@@ -90,16 +90,11 @@ def parity(classifier: StudentClassifier, onnx_path: str | Path, batch: int = 3,
 
 def load_classifier(student: str, class_vectors: str, *, student_model: str | None = None,
                     student_clip: str | None = None, device="cpu") -> StudentClassifier:
-    """Student + class-vector files -> classifier; a dim mismatch names both files."""
-    from promptkd.models.wrappers import ClassVectors
-    from promptkd.stages.evaluate import load_student
+    """Student + class-vector files -> classifier, with the CLI's CLIP options for the student."""
+    from promptkd.stages.evaluate import artifact_clip
 
-    s = load_student(student, student_model, student_clip, device=device)
-    cv = ClassVectors.load(class_vectors)
-    try:
-        return StudentClassifier(s, cv)
-    except PromptKDError as e:
-        raise PromptKDError(f"{class_vectors} vs {student}: {e}") from None
+    clip = artifact_clip(student, "student", student_model, student_clip, device)
+    return StudentClassifier.load(student, class_vectors, device=device, clip=clip)
 
 
 def register(subparsers) -> None:
