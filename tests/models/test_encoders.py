@@ -113,3 +113,17 @@ def test_training_attention_path_equals_open_clip(tiny_configs):
         image_ref, text_ref = image_enc(images), text_enc(tokens)
     torch.testing.assert_close(image_enc(images), image_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(text_enc(tokens), text_ref, rtol=1e-5, atol=1e-5)  # causal mask path
+
+
+def test_a_sequence_first_transformer_is_refused_in_one_line(tiny_configs):
+    import pytest
+
+    from promptkd.errors import PromptKDError
+
+    bundle = load_clip(str(tiny_configs[0]))
+    bundle.model.visual.transformer.batch_first = False
+    with pytest.raises(PromptKDError, match="image tower.*batch_first=False"):
+        PromptedImageEncoder(bundle.model.visual, depth=2)
+    bundle.model.transformer.batch_first = False
+    with pytest.raises(PromptKDError, match="text tower.*batch_first=False"):
+        PromptedTextEncoder(bundle.model, bundle.tokenizer, depth=1)

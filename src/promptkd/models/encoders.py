@@ -18,6 +18,13 @@ from promptkd.errors import PromptKDError
 from promptkd.models.prompts import DeepPrompts
 
 
+def _check_batch_first(transformer: nn.Module, what: str) -> None:
+    """Prompt insertion indexes (batch, tokens, width); open_clip 3 stacks are batch-first."""
+    if not getattr(transformer, "batch_first", True):
+        raise PromptKDError(f"{what} runs its transformer sequence-first (batch_first=False); deep prompts "
+                            "need open_clip's default batch-first layout")
+
+
 def _check_vision_tower(visual: nn.Module) -> None:
     from open_clip.transformer import VisionTransformer
 
@@ -32,6 +39,7 @@ def _check_vision_tower(visual: nn.Module) -> None:
             f"{'an attention pooler' if getattr(visual, 'attn_pool', None) is not None else visual.pool_type!r}; "
             "deep prompts are only supported for class-token pooling ('tok')"
         )
+    _check_batch_first(visual.transformer, "image tower")
 
 
 @dataclass
@@ -161,19 +169,12 @@ class PromptedImageEncoder(nn.Module):
         if p.input is not None:
             x = torch.cat([x, p.input.to(x.dtype).expand(x.shape[0], -1, -1)], dim=1)
         x = v.ln_pre(x)
-        batch_first = getattr(v.transformer, "batch_first", True)
-        if not batch_first:
-            x = x.transpose(0, 1)
         for i, block in enumerate(v.transformer.resblocks):
             deep = p.at_block(i)
             if deep is not None:
-                if batch_first:
-                    x = torch.cat([x[:, : -p.n_ctx], deep.to(x.dtype).expand(x.shape[0], -1, -1)], dim=1)
-                else:
-                    x = torch.cat([x[: -p.n_ctx], deep.to(x.dtype).unsqueeze(1).expand(-1, x.shape[1], -1)], dim=0)
+                x = torch.cat([x[:, : -p.n_ctx], deep.to(x.dtype).expand(x.shape[0], -1, -1)], dim=1)
             x = _run_block(block, x, None, self.grad_checkpointing)
-        cls_out = x[:, 0] if batch_first else x[0]
-        pooled = v.ln_post(cls_out)
+        pooled = v.ln_post(x[:, 0])
         if v.proj is not None:
             pooled = pooled @ v.proj
         return pooled
@@ -199,6 +200,7 @@ class PromptedTextEncoder(nn.Module):
     ):
         super().__init__()
         tower = text_tower(clip)
+        _check_batch_first(tower.transformer, "text tower")
         # Register the open_clip modules as children so .to()/.eval() reach them.
         self.token_embedding = tower.token_embedding
         self.transformer = tower.transformer
@@ -259,19 +261,14 @@ class PromptedTextEncoder(nn.Module):
         if p.input is not None:
             x = self._replace(x, p.input)
         x = x + self.positional_embedding[: x.shape[1]].to(dtype)
-        batch_first = getattr(self.transformer, "batch_first", True)
         mask = self.attn_mask
         if mask is not None:
             mask = mask[: x.shape[1], : x.shape[1]]
-        if not batch_first:
-            x = x.transpose(0, 1)
         for i, block in enumerate(self.transformer.resblocks):
             deep = p.at_block(i)
             if deep is not None:
-                x = self._replace(x, deep) if batch_first else self._replace(x.transpose(0, 1), deep).transpose(0, 1)
+                x = self._replace(x, deep)
             x = _run_block(block, x, mask, block_checkpoint)
-        if not batch_first:
-            x = x.transpose(0, 1)
         x = self.ln_final(x)
         from open_clip.transformer import text_global_pool
 
