@@ -10,6 +10,7 @@ Artifact kinds (safetensors + JSON metadata, see promptkd.artifacts):
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -209,7 +210,7 @@ class ClassVectors:
         names = meta.get("classnames")
         if "vectors" not in tensors or not isinstance(names, list) or not all(isinstance(c, str) for c in names):
             raise PromptKDError(f"{path}: class-vector file needs a 'vectors' tensor and a 'classnames' list of strings")
-        dupes = sorted({c for c in names if names.count(c) > 1})
+        dupes = sorted(c for c, k in Counter(names).items() if k > 1)
         if dupes:
             raise PromptKDError(f"{path}: duplicate class names {dupes[:5]}")
         vectors = tensors["vectors"]

@@ -411,17 +411,12 @@ class DistillConfig:
     def from_yaml(cls, *paths: str | Path, overrides: dict | None = None) -> DistillConfig:
         """Merge YAML presets left to right (the `train:` section key by key), then `overrides`."""
         merged: dict = {}
-        for p in paths:
-            for k, v in read_yaml(p).items():
+        for layer in [*(read_yaml(p) for p in paths), overrides or {}]:
+            for k, v in layer.items():
                 if k == "train" and isinstance(v, dict):
                     merged["train"] = {**merged.get("train", {}), **v}
                 else:
                     merged[k] = v
-        for k, v in (overrides or {}).items():
-            if k == "train":
-                merged["train"] = {**merged.get("train", {}), **v}
-            else:
-                merged[k] = v
         return cls.from_dict(merged)
 
 
