@@ -21,12 +21,12 @@ import torch
 
 def main(argv=None) -> int:
     from promptkd.data.dataset import ImageDataset
+    from promptkd.data.protocols import build_protocol
     from promptkd.data.transforms import transforms_for
     from promptkd.engine import TrainConfig, train_loop
     from promptkd.models import load_clip
     from promptkd.models.wrappers import ClassVectors, Student
     from promptkd.stages.demo import _eval_encoder
-    from promptkd.stages.evaluate import build_protocol
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--demo-out", default="demo-out")

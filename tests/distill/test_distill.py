@@ -13,9 +13,9 @@ from promptkd.cli import main
 from promptkd.data.transforms import transforms_for
 from promptkd.engine import TrainConfig
 from promptkd.errors import PromptKDError
+from promptkd.metrics import encode_items
 from promptkd.models.wrappers import ClassVectors
 from promptkd.stages.distill import distill_models
-from promptkd.stages.evaluate import encode_items
 
 
 def prototype_class_vectors(teacher, items, names):
@@ -103,7 +103,7 @@ def test_mismatched_class_vectors_say_what_differs(tmp_path, tiny_configs):
 
 
 def _protocol(names, items):
-    from promptkd.stages.evaluate import EvalSplit, Protocol
+    from promptkd.data.protocols import EvalSplit, Protocol
 
     return Protocol("cross", "colours", names, items, {}, {"accuracy": EvalSplit(items)})
 

@@ -7,10 +7,10 @@ import torch
 from distill_helpers import make_models, text_class_vectors, write_images
 
 from promptkd.cli import main
+from promptkd.data.protocols import align_class_vectors, build_protocol
 from promptkd.engine import TrainConfig
 from promptkd.models.wrappers import ClassVectors
 from promptkd.stages.distill import distill_models
-from promptkd.stages.evaluate import align_class_vectors, build_protocol
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ import yaml
 
 from promptkd.cli import main
 from promptkd.errors import PromptKDError
+from promptkd.metrics import harmonic_mean
 from promptkd.stages.distill import official_kd_weight
-from promptkd.stages.evaluate import harmonic_mean
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -8,7 +8,8 @@ an empty val (ImageNet, which has none) means "no model selection: take the last
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from promptkd.data.dataset import DatasetSplits, Item
 from promptkd.data.sampling import fewshot_for_seed, split_labels, subsample_classes
@@ -107,3 +108,77 @@ def domain_generalisation(variant_ds: DatasetSplits, imagenet_classnames) -> Dom
     if missing:
         raise PromptKDError(f"{variant_ds.name}: {what}(s) {missing[:3]} not among the ImageNet classes")
     return DomainGeneralisation(list(variant_ds.test), list(variant_ds.classnames), [index[c] for c in mine])
+
+
+# ----------------------------------------------------------------------------------------------
+# Protocols: which images train, which select, which test, and which class vectors score them.
+
+PROTOCOLS = ("base2novel", "cross", "dg")
+
+
+@dataclass
+class EvalSplit:
+    """Labelled images scored against rows `classes` of the protocol's classifier (None: all)."""
+
+    items: list[Item]
+    classes: slice | None = None
+
+
+@dataclass
+class Protocol:
+    """A dataset under one of the paper's protocols, as item lists and class names.
+
+    `classnames` are the classes the classifier must list, in order. `class_indices` (DG only)
+    picks those classes' rows out of class vectors made for the full ImageNet class list.
+    """
+
+    name: str
+    dataset: str
+    classnames: list[str]
+    train: list[Item]
+    val: dict[str, EvalSplit] = field(default_factory=dict)
+    test: dict[str, EvalSplit] = field(default_factory=dict)
+    class_indices: list[int] | None = None
+
+
+def build_protocol(name: str, dataset: str, root=None, *, num_shots: int = 0, seed: int = 1,
+                   reference_classnames: Sequence[str] | None = None) -> Protocol:
+    """Build `dataset` under protocol `name`.
+
+    - base2novel: train on all train images (all classes, unlabelled); select on the split's val
+      of the base classes; test base (m-way over W[:m]) and novel ((n-m)-way over W[m:]) apart.
+    - cross: train on the target's train images (unlabelled), select on its val, test on all classes.
+    - dg: the official DG runs are transductive: train (unlabelled) and test on the variant's
+      images; no val. With `reference_classnames` (ImageNet's), classes are mapped into that list.
+    `reference_classnames` also names the classes of an unlabelled `images:` dataset.
+    """
+    from promptkd.data.registry import build_dataset  # registry reads folders and split files
+
+    if name not in PROTOCOLS:
+        raise PromptKDError(f"unknown protocol {name!r}; choose one of {', '.join(PROTOCOLS)}")
+    ds = build_dataset(dataset, root)
+    if name == "base2novel":
+        if not ds.classnames:
+            raise PromptKDError(f"{dataset}: base2novel needs a labelled dataset (class names)")
+        b = base2novel(ds, num_shots=num_shots, seed=seed)
+        m = slice(0, b.n_base)
+        return Protocol(name, ds.name, b.classnames, b.train, {"val": EvalSplit(b.val_base, m)},
+                        {"base": EvalSplit(b.test_base, m), "novel": EvalSplit(b.test_novel, slice(b.n_base, None))})
+    classnames = list(ds.classnames) or list(reference_classnames or [])
+    if name == "cross":
+        c = cross_dataset(ds)
+        val = {"val": EvalSplit(c.val)} if c.val else {}
+        return Protocol(name, ds.name, classnames, c.train, val, {"accuracy": EvalSplit(c.test)})
+    indices = None
+    if reference_classnames is not None and ds.classnames and list(reference_classnames) != list(ds.classnames):
+        indices = domain_generalisation(ds, list(reference_classnames)).class_indices
+    test = list(ds.test) or list(ds.train)
+    return Protocol(name, ds.name, classnames, test, {}, {"accuracy": EvalSplit(test)}, indices)
+
+
+def align_class_vectors(cv, protocol: Protocol, source: str = "class vectors"):
+    """The rows of `cv` (a ClassVectors) for the protocol's classes, in order; a mismatch says what differs."""
+    if protocol.class_indices is not None:
+        return cv.vectors[protocol.class_indices]
+    cv.check_classnames(protocol.classnames, source)
+    return cv.vectors

@@ -10,7 +10,8 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from promptkd.data import coop, folders
+import promptkd.data.coop as coop
+import promptkd.data.folders as folders
 from promptkd.data.dataset import DatasetSplits
 from promptkd.errors import PromptKDError
 

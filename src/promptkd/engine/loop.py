@@ -25,8 +25,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+import promptkd.engine.distributed as distributed
 from promptkd.artifacts import atomic_open, load_artifact, save_artifact
-from promptkd.engine import distributed
 from promptkd.errors import PromptKDError
 from promptkd.settings import check_field_types
 
@@ -88,6 +88,14 @@ def lr_at_epoch(epoch: int, cfg: TrainConfig) -> float:
     if epoch < cfg.warmup_epochs:
         return cfg.warmup_lr
     return 0.5 * cfg.lr * (1 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / cfg.epochs))
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
 
 
 def autocast(device: torch.device, precision: str):

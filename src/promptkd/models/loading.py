@@ -9,9 +9,7 @@ torch.jit.load would run it), safetensors has no code at all.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import pickle
 import re
 import zipfile
@@ -23,6 +21,7 @@ import torch
 from torch import nn
 
 from promptkd.errors import PromptKDError
+from promptkd.logs import quiet_open_clip
 from promptkd.models.torchscript import read_torchscript_state_dict
 
 # Buffers that OpenAI state dicts carry and open_clip's CLIP does not.
@@ -49,19 +48,6 @@ class ClipBundle:
     @property
     def embed_dim(self) -> int:
         return int(self.model.visual.output_dim)
-
-
-@contextlib.contextmanager
-def quiet_open_clip():
-    """Silence open_clip's root-logger chatter while building a model whose weights we load
-    ourselves (it would otherwise warn 'No pretrained weights loaded ... initialized randomly')."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
 
 
 def _register_json_config(path: Path) -> str:

@@ -274,9 +274,9 @@ class CachedViewDataset(Dataset):
 
 
 def _run(args) -> int:
-    from promptkd.engine.loop import resolve_device
-    from promptkd.stages.distill import resolve_precision
-    from promptkd.stages.evaluate import build_protocol, load_teacher
+    from promptkd.data.protocols import build_protocol
+    from promptkd.engine.loop import resolve_device, resolve_precision
+    from promptkd.inputs import load_teacher
 
     device = resolve_device(args.device)
     teacher = load_teacher(args.teacher, args.teacher_clip_model, args.teacher_clip, device)
@@ -292,7 +292,8 @@ def _run(args) -> int:
 
 
 def register(sub) -> None:
-    from promptkd.stages.evaluate import PROTOCOLS, add_clip_args
+    from promptkd.data.protocols import PROTOCOLS
+    from promptkd.inputs import add_clip_args
 
     p = sub.add_parser(
         "cache", help="store the teacher's image features for K augmented views of each training image",

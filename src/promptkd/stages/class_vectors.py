@@ -90,7 +90,7 @@ def classnames_from_args(args) -> list[str]:
 
 
 def register(subparsers) -> None:
-    from promptkd.stages.evaluate import add_clip_args
+    from promptkd.inputs import add_clip_args
 
     p = subparsers.add_parser(
         "class-vectors", help="run the teacher's text tower over class names and store the vectors",
@@ -112,7 +112,7 @@ def register(subparsers) -> None:
 
 def _run(args) -> int:
     from promptkd.engine.loop import resolve_device
-    from promptkd.stages.evaluate import load_teacher
+    from promptkd.inputs import load_teacher
 
     out = args.out or args.append_to
     if not out:

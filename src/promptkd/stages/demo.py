@@ -60,7 +60,7 @@ class DemoConfig:
 
 def _eval_zero_shot(clip, protocol, device, progress):
     """Plain CLIP: its image tower against template class vectors from its own text tower."""
-    from promptkd.stages.evaluate import zero_shot_class_vectors
+    from promptkd.metrics import zero_shot_class_vectors
 
     W = zero_shot_class_vectors(clip, protocol.classnames, device=device)
     return _eval_encoder(clip.model.encode_image, clip.preprocess_cfg, W, protocol, device, progress)
@@ -69,7 +69,7 @@ def _eval_zero_shot(clip, protocol, device, progress):
 def _eval_encoder(encode, preprocess_cfg, class_vectors, protocol, device, progress):
     """Base / novel / HM of an image encoder on the protocol's test splits (test-time transform)."""
     from promptkd.data.transforms import transforms_for
-    from promptkd.stages.evaluate import evaluate_splits
+    from promptkd.metrics import evaluate_splits
 
     return evaluate_splits(encode, class_vectors, protocol.test, transforms_for(preprocess_cfg)[1], device=device,
                            progress=progress)
@@ -107,13 +107,12 @@ def _count(module) -> int:
 
 def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> dict:
     """Run every stage on the toy world; returns (and writes) the metrics."""
-    from promptkd.data.protocols import teacher_split
+    from promptkd.data.protocols import build_protocol, teacher_split
     from promptkd.data.registry import build_dataset
     from promptkd.models import load_clip
     from promptkd.models.wrappers import Student, Teacher
     from promptkd.stages.class_vectors import compute_class_vectors
     from promptkd.stages.distill import distill_models
-    from promptkd.stages.evaluate import build_protocol
     from promptkd.stages.teacher import TeacherConfig, train_teacher_on
     from promptkd.toy.world import World
 

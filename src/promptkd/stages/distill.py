@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from promptkd.artifacts import load_artifact, read_json, write_json
 from promptkd.data.dataset import ImageDataset, Item
+from promptkd.data.protocols import PROTOCOLS, EvalSplit, Protocol, align_class_vectors, build_protocol
 from promptkd.data.transforms import transforms_for
 from promptkd.engine import distributed
 from promptkd.engine.loop import (
@@ -32,24 +33,16 @@ from promptkd.engine.loop import (
     TrainResult,
     autocast,
     resolve_device,
+    resolve_precision,
     train_loop,
 )
 from promptkd.errors import PromptKDError
+from promptkd.inputs import add_clip_args, load_teacher
+from promptkd.metrics import evaluate_splits, harmonic_mean
 from promptkd.models.wrappers import ClassVectors, Student, Teacher, check_same_teacher
 from promptkd.settings import check_field_types, check_known_keys, read_yaml
 from promptkd.stages.cache import CachedViewDataset, TeacherCache
 from promptkd.stages.class_vectors import compute_class_vectors
-from promptkd.stages.evaluate import (
-    PROTOCOLS,
-    EvalSplit,
-    Protocol,
-    add_clip_args,
-    align_class_vectors,
-    build_protocol,
-    evaluate_splits,
-    harmonic_mean,
-    load_teacher,
-)
 
 log = logging.getLogger(__name__)
 
@@ -423,14 +416,6 @@ class DistillConfig:
 def _from_dict(cls, d: dict, what: str):
     check_known_keys(cls, d, what, "key")
     return cls(**d)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
 
 
 def distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = False) -> Path:

@@ -91,14 +91,14 @@ def parity(classifier: StudentClassifier, onnx_path: str | Path, batch: int = 3,
 def load_classifier(student: str, class_vectors: str, *, student_model: str | None = None,
                     student_clip: str | None = None, device="cpu") -> StudentClassifier:
     """Student + class-vector files -> classifier, with the CLI's CLIP options for the student."""
-    from promptkd.stages.evaluate import artifact_clip
+    from promptkd.inputs import artifact_clip
 
     clip = artifact_clip(student, "student", student_model, student_clip, device)
     return StudentClassifier.load(student, class_vectors, device=device, clip=clip)
 
 
 def register(subparsers) -> None:
-    from promptkd.stages.evaluate import add_clip_args
+    from promptkd.inputs import add_clip_args
 
     p = subparsers.add_parser(
         "export", help="export a student classifier (student + class vectors) to ONNX",

@@ -14,7 +14,7 @@ import sys
 
 from promptkd.data.dataset import is_image_file, list_images, load_rgb
 from promptkd.errors import PromptKDError
-from promptkd.stages.evaluate import add_clip_args
+from promptkd.inputs import add_clip_args
 from promptkd.stages.export import load_classifier
 
 
@@ -84,8 +84,8 @@ def build_classifier(args):
     if args.class_vectors:
         raise PromptKDError("give either --class-vectors or --classes/--classes-file, not both")
     from promptkd.deploy import StudentClassifier
+    from promptkd.inputs import load_student, load_teacher
     from promptkd.stages.class_vectors import compute_class_vectors
-    from promptkd.stages.evaluate import load_student, load_teacher
 
     student = load_student(args.student, args.student_model, args.student_clip, device=args.device)
     teacher = load_teacher(args.teacher, args.teacher_model, args.teacher_clip, device=args.device)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from promptkd.artifacts import atomic_open, read_json, write_json
 from promptkd.errors import PromptKDError
-from promptkd.stages.evaluate import harmonic_mean
+from promptkd.metrics import harmonic_mean
 
 # Table order of the paper.
 PAPER_ORDER = ["ImageNet", "Caltech101", "OxfordPets", "StanfordCars", "OxfordFlowers", "Food101", "FGVCAircraft",

@@ -29,10 +29,10 @@ from promptkd.data.transforms import transforms_for
 from promptkd.engine import TrainConfig, distributed, train_loop
 from promptkd.engine.loop import CHECKPOINT_NAME, resolve_device
 from promptkd.errors import PromptKDError
+from promptkd.metrics import DEFAULT_TEMPLATES, accuracy, encode_items, zero_shot_class_vectors
 from promptkd.models.loading import ClipBundle, load_clip
 from promptkd.models.wrappers import Teacher
 from promptkd.settings import check_field_types, check_known_keys, read_yaml
-from promptkd.stages.evaluate import DEFAULT_TEMPLATES, accuracy, encode_items, zero_shot_class_vectors
 from promptkd.stages.templates import IMAGENET_TEMPLATES
 
 log = logging.getLogger(__name__)

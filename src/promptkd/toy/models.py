@@ -86,7 +86,7 @@ def world_token_ids() -> tuple[int, ...]:
 def create_toy_model(name: str) -> torch.nn.Module:
     """A randomly initialised standard open_clip model of the toy architecture."""
     register_toy_configs()
-    from promptkd.models.loading import quiet_open_clip
+    from promptkd.logs import quiet_open_clip
 
     with quiet_open_clip():
         return open_clip.create_model(_check_name(name), pretrained=None, force_preprocess_cfg=PREPROCESS_CFG)

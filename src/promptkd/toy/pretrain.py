@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from promptkd.artifacts import atomic_open
-from promptkd.stages.evaluate import harmonic_mean
+from promptkd.metrics import harmonic_mean
 from promptkd.toy.models import (
     PREPROCESS_CFG,
     create_toy_model,

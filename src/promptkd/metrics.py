@@ -1,0 +1,91 @@
+"""Scoring shared by every stage: top-1 accuracy against class vectors, base/novel/HM as the paper
+computes it, and the plain-CLIP zero-shot classifier used as a baseline."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from promptkd.data.dataset import ImageDataset, Item
+from promptkd.data.protocols import EvalSplit
+
+# Plain zero-shot template (what the official IVLP/PromptSRC prompt reads at initialisation).
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+
+
+def harmonic_mean(base: float, novel: float) -> float:
+    """HM of base and novel accuracy; the paper applies it to seed means (and dataset means)."""
+    return 0.0 if base + novel == 0 else 2 * base * novel / (base + novel)
+
+
+@torch.no_grad()
+def encode_items(
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    items: Sequence[Item],
+    transform,
+    *,
+    batch_size: int = 100,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    desc: str = "eval",
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised features and labels for every item, in order (test transform, no augmentation)."""
+    from tqdm.auto import tqdm
+
+    ds = ImageDataset(list(items), transform, train=False)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    feats, labels = [], []
+    for images, y, _ in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+        feats.append(F.normalize(encode(images.to(device)).float(), dim=-1).cpu())
+        labels.append(y)
+    if not feats:
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def accuracy(features: torch.Tensor, labels: torch.Tensor, class_vectors: torch.Tensor) -> float:
+    """Top-1 accuracy in percent (micro, as Dassl's evaluator)."""
+    if len(labels) == 0:
+        return float("nan")
+    pred = (features @ class_vectors.to(features).T).argmax(dim=-1)
+    return 100.0 * (pred == labels).float().mean().item()
+
+
+@torch.no_grad()
+def zero_shot_class_vectors(clip, classnames: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
+                            device: str | torch.device = "cpu", batch_size: int = 256) -> torch.Tensor:
+    """Plain-CLIP classifier: normalised text features averaged over templates, renormalised.
+
+    Averaging unnormalised features then normalising is what PromptSRC's frozen reference does.
+    """
+    model, tokenizer = clip.model, clip.tokenizer
+    names = [c.replace("_", " ") for c in classnames]
+    per_template = []
+    for t in templates:
+        texts = [t.format(n) for n in names]
+        feats = [model.encode_text(tokenizer(texts[i : i + batch_size]).to(device))
+                 for i in range(0, len(texts), batch_size)]
+        per_template.append(torch.cat(feats).float())
+    return F.normalize(torch.stack(per_template).mean(0), dim=-1)
+
+
+def evaluate_splits(encode: Callable[[torch.Tensor], torch.Tensor], classifier: torch.Tensor,
+                    splits: dict[str, EvalSplit], transform, *, batch_size: int = 100,
+                    device: str | torch.device = "cpu", num_workers: int = 0, progress: bool = True) -> dict:
+    """Accuracy per split (unlabelled items skipped), plus HM when there are base and novel splits."""
+    out: dict[str, float] = {}
+    for name, split in splits.items():
+        items = [it for it in split.items if it.label >= 0]
+        if not items:
+            continue
+        feats, labels = encode_items(encode, items, transform, batch_size=batch_size, device=device,
+                                     num_workers=num_workers, desc=f"eval {name}", progress=progress)
+        w = classifier if split.classes is None else classifier[split.classes]
+        out[name] = accuracy(feats, labels, w.float().cpu())
+    if "base" in out and "novel" in out:
+        out["hm"] = harmonic_mean(out["base"], out["novel"])
+    return out
