@@ -120,6 +120,19 @@ def load_artifact(path: str | os.PathLike, kind: str | None = None) -> tuple[dic
     return tensors, meta
 
 
+def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse NaN or infinite values in floating-point tensors, naming the first bad tensor.
+
+    A flipped byte in a file can turn one bias into NaN; every later score would then be NaN or
+    silently wrong, so loads stop here instead.
+    """
+    for name, t in tensors.items():
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise PromptKDError(f"{source}: tensor {name!r} holds {bad} non-finite value(s) (NaN or inf); "
+                                "the file is damaged or was written by a diverged run")
+
+
 def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     """A short stable hash of named tensors (for identifying a teacher's prompts)."""
     import hashlib
