@@ -22,7 +22,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 demo: $(VENV)/.installed
-	$(BIN)/promptkd demo --out $(OUT)
+	$(BIN)/promptkd demo --out $(OUT) --overwrite
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q

@@ -54,10 +54,10 @@ def commands(args) -> list[list[str]]:
                        "--protocol", spec["protocol"], "--dataset", dataset, "--root", args.data,
                        "--teacher", teacher, "--kd-weight", str(settings["kd_weight"]), "--seed", str(seed),
                        "--out", str(run_dir)]
-                if args.teacher_clip:
-                    cmd += ["--teacher-clip", args.teacher_clip]
-                if args.student_pretrained:
-                    cmd += ["--student-pretrained", args.student_pretrained]
+                if args.teacher_weights:
+                    cmd += ["--teacher-weights", args.teacher_weights]
+                if args.student_weights:
+                    cmd += ["--student-weights", args.student_weights]
                 if (run_dir / "checkpoint.safetensors").is_file():
                     cmd.append("--resume")
                 cmds.append(cmd)
@@ -74,8 +74,9 @@ def main(argv=None) -> int:
     p.add_argument("--protocols", nargs="+", choices=list(PROTOCOL_FILES), default=list(PROTOCOL_FILES))
     p.add_argument("--seeds", nargs="+", type=int, help="override the protocol files' seeds")
     p.add_argument("--nproc", type=int, default=1, help="GPUs per run (torchrun)")
-    p.add_argument("--teacher-clip", help="the teachers' CLIP weights when they are a local file (ViT-L-14.pt)")
-    p.add_argument("--student-pretrained", help="the student's CLIP weights (default: open_clip 'openai')")
+    p.add_argument("--teacher-weights", help="the teachers' CLIP weights, if they moved since the teachers were made")
+    p.add_argument("--student-weights", help="the student's CLIP weights (default: open_clip 'openai'), "
+                                               "e.g. clip/ViT-B-16.pt")
     p.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
     args = p.parse_args(argv)
     for cmd in commands(args):

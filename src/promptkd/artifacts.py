@@ -2,6 +2,8 @@
 
 Every file promptkd writes (teacher prompts, class vectors, students, checkpoints) goes through
 here, so nothing is ever unpickled and a crash mid-write never destroys the previous file.
+torch and safetensors are imported inside the functions that need them: the CLI reads JSON and
+artifact headers through this module before any heavy import.
 """
 
 from __future__ import annotations
@@ -11,14 +13,12 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load_bytes
-from safetensors.torch import save as st_save_bytes
+from typing import TYPE_CHECKING, Any
 
 from promptkd.errors import PromptKDError
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_VERSION = 1
 _META_KEY = "promptkd"
@@ -43,8 +43,11 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb"):
     A process killed mid-write can leave a hidden `.NAME.*.tmp` file behind; it is never read.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _about(e, path) from e
     try:
         if hasattr(os, "fchmod"):  # POSIX only
             with contextlib.suppress(OSError):
@@ -60,10 +63,19 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb"):
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, PromptKDError):
+            raise _about(e, path) from e
         raise
+
+
+def _about(e: OSError, path: Path) -> OSError:
+    """The same error about `path`: the temporary file's random name means nothing to the user."""
+    if e.errno is None:
+        return e
+    return type(e)(e.errno, f"{e.strerror} (writing {path})")
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -85,6 +97,8 @@ def read_json(path: str | os.PathLike) -> Any:
 
 def save_artifact(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
     """Save tensors plus a JSON-able metadata dict into one safetensors file, atomically."""
+    from safetensors.torch import save as st_save_bytes
+
     path = Path(path)
     meta = {"format_version": FORMAT_VERSION, **meta}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
@@ -94,19 +108,8 @@ def save_artifact(path: str | os.PathLike, tensors: dict[str, torch.Tensor], met
     return path
 
 
-def load_artifact(path: str | os.PathLike, kind: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Load a promptkd artifact; check its `kind` when given. Never unpickles."""
-    path = Path(path)
-    if not path.is_file():
-        raise PromptKDError(f"{path}: file not found")
-    data = path.read_bytes()
-    try:
-        tensors = st_load_bytes(data)
-        header_len = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8 : 8 + header_len])
-    except (SafetensorError, ValueError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PromptKDError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
-    raw = (header.get("__metadata__") or {}).get(_META_KEY)
+def _promptkd_meta(header: dict, path: Path, kind: str | None) -> dict[str, Any]:
+    raw = (header.get("__metadata__") or {}).get(_META_KEY) if isinstance(header, dict) else None
     if raw is None:
         raise PromptKDError(f"{path}: safetensors file without promptkd metadata (not a promptkd artifact)")
     try:
@@ -117,7 +120,42 @@ def load_artifact(path: str | os.PathLike, kind: str | None = None) -> tuple[dic
         raise PromptKDError(f"{path}: promptkd metadata must be a JSON object")
     if kind is not None and meta.get("kind") != kind:
         raise PromptKDError(f"{path}: expected a {kind} artifact, found kind={meta.get('kind')!r}")
-    return tensors, meta
+    return meta
+
+
+def load_artifact(path: str | os.PathLike, kind: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load a promptkd artifact; check its `kind` when given. Never unpickles."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load_bytes
+
+    path = Path(path)
+    if not path.is_file():
+        raise PromptKDError(f"{path}: file not found")
+    data = path.read_bytes()
+    try:
+        tensors = st_load_bytes(data)
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_len])
+    except (SafetensorError, ValueError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PromptKDError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    return tensors, _promptkd_meta(header, path, kind)
+
+
+def read_metadata(path: str | os.PathLike, kind: str | None = None) -> dict[str, Any]:
+    """An artifact's promptkd metadata from its header alone (no tensors read, no torch): how a
+    command checks its inputs' kinds before any heavy work."""
+    path = Path(path)
+    if not path.is_file():
+        raise PromptKDError(f"{path}: file not found")
+    try:
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            if not 0 < header_len <= min(100_000_000, path.stat().st_size - 8):
+                raise ValueError("bad header length")
+            header = json.loads(f.read(header_len))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise PromptKDError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    return _promptkd_meta(header, path, kind)
 
 
 def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
@@ -126,6 +164,8 @@ def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
     A flipped byte in a file can turn one bias into NaN; every later score would then be NaN or
     silently wrong, so loads stop here instead.
     """
+    import torch
+
     for name, t in tensors.items():
         if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
@@ -136,6 +176,8 @@ def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
 def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     """A short stable hash of named tensors (for identifying a teacher's prompts)."""
     import hashlib
+
+    import torch
 
     h = hashlib.sha256()
     for name in sorted(tensors):

@@ -1,19 +1,16 @@
 """The `promptkd` command: a thin layer over the stage functions.
 
-Each stage module exposes `register(subparsers)`, which adds its sub-command and sets
-`func(args) -> int | None`. User errors (PromptKDError, missing files, bad options) print one line
-and exit with code 2; `--debug` shows the traceback instead.
+Each command module exposes `register(subparsers)`, which adds its sub-command and sets
+`func(args) -> int | None`. Building the parser imports no torch (stage modules import their heavy
+libraries inside the functions that run), so `--help` answers at once.
+
+User errors (PromptKDError, missing files, bad options) print one line and exit with code 2;
+`--debug` shows the traceback instead. Ctrl-C at any moment prints one line and exits with 130.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import logging
 import sys
-
-from promptkd import __version__
-from promptkd.errors import PromptKDError
 
 # Modules that contribute sub-commands, in the order `promptkd --help` lists them.
 COMMAND_MODULES = [
@@ -27,65 +24,117 @@ COMMAND_MODULES = [
     "promptkd.stages.report",
     "promptkd.stages.import_official",
     "promptkd.stages.demo",
-    "promptkd.toy.pretrain",
+    "promptkd.toy.commands",
 ]
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr and exit code 2 (no usage dump)."""
+def _parser_class():
+    import argparse
 
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+    class Parser(argparse.ArgumentParser):
+        """argparse, but a usage error is one line on stderr and exit code 2 (no usage dump)."""
+
+        def error(self, message):
+            self.exit(2, f"{self.prog}: error: {message}\n")
+
+    return Parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="promptkd", description="Unsupervised prompt distillation of CLIP (PromptKD).")
+def _sub_parsers(parser):
+    """The parsers of `parser`'s sub-commands, each once (aliases share a parser)."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            yield from {id(p): p for p in action.choices.values()}.values()
+
+
+def _add_globals_everywhere(parser) -> None:
+    from promptkd.options import add_global_options
+
+    for sub in _sub_parsers(parser):
+        add_global_options(sub)
+        _add_globals_everywhere(sub)
+
+
+def build_parser():
+    import importlib
+
+    from promptkd import __version__
+    from promptkd.options import add_global_options
+
+    Parser = _parser_class()
+    parser = Parser(prog="promptkd", description="Unsupervised prompt distillation of CLIP (PromptKD). "
+                                                 "Options and run folders: docs/cli.md.")
     parser.add_argument("--version", action="version", version=f"promptkd {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors in the log")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    add_global_options(parser, top=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:  # a stage not built yet
-                continue
-            raise
-        register = getattr(module, "register", None)
-        if register is not None:
-            register(sub)
+        importlib.import_module(name).register(sub)
+    _add_globals_everywhere(parser)
     return parser
+
+
+def _setup_logging(args) -> None:
+    import logging
+
+    # open_clip logs chatty INFO lines on the root logger: keep the root at WARNING and let only
+    # promptkd's own loggers speak at INFO.
+    logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s" if args.debug else "%(message)s")
+    logging.getLogger("promptkd").setLevel(logging.WARNING if args.quiet else logging.INFO)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+
+
+def _interrupted(args) -> str:
+    """One line; it advises --resume only where the command has it and left something to resume."""
+    from pathlib import Path
+
+    marker, out = getattr(args, "resume_marker", None), getattr(args, "out", None)
+    if marker and out and (Path(out) / marker).is_file():
+        return (f"promptkd: interrupted; {out} holds the last checkpoint: rerun the same command with --resume "
+                "to continue")
+    return "promptkd: interrupted"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    # --debug may appear anywhere on the line.
-    debug = "--debug" in argv
-    argv = [a for a in argv if a != "--debug"]
-    args = parser.parse_args(argv)
-    # open_clip logs chatty INFO lines on the root logger: keep the root at WARNING and let only
-    # promptkd's own loggers speak at INFO.
-    logging.basicConfig(level=logging.INFO if debug else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s" if debug else "%(message)s")
-    logging.getLogger("promptkd").setLevel(logging.WARNING if args.quiet else logging.INFO)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+    debug = "--debug" in argv  # known before parsing, for an interrupt while the parser is built
+    args = None
     try:
-        code = args.func(args)
-    except (PromptKDError, OSError) as e:  # OSError: missing files, permissions, a full disk
-        if debug:
-            raise
-        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        print(f"promptkd: error: {message}", file=sys.stderr)  # always one line
-        return 2
+        from promptkd import runs
+        from promptkd.errors import PromptKDError
+
+        runs.COMMAND_LINE = ["promptkd", *argv]
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        debug = args.debug
+        _setup_logging(args)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        try:
+            code = args.func(args)
+        except (PromptKDError, OSError, MemoryError) as e:  # OSError: missing files, permissions, a full disk
+            if debug:
+                raise
+            print(f"promptkd: error: {_one_line(e)}", file=sys.stderr)  # always one line
+            return 2
+        except RuntimeError as e:
+            if debug or type(e).__name__ != "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
+                raise
+            print(f"promptkd: error: out of device memory ({_one_line(e)[:160]}); try a smaller --batch-size",
+                  file=sys.stderr)
+            return 2
+        return int(code or 0)
     except KeyboardInterrupt:
         if debug:
             raise
-        print("promptkd: interrupted (the last checkpoint is kept; rerun with --resume)", file=sys.stderr)
+        print(_interrupted(args), file=sys.stderr)
         return 130
-    return int(code or 0)
 
 
 if __name__ == "__main__":

@@ -1,44 +1,134 @@
-"""How a command names and finds its inputs: the CLIP options of an artifact's role, and loading a
-teacher or student artifact with the CLIP it was built on."""
+"""How a command names and finds its inputs: a teacher or student given as an artifact file or as
+the run folder that holds it, the class vectors and dataset a run folder remembers, and the CLIP
+an artifact was built on (rebuilt from the files it recorded, or from explicit --ROLE-model /
+--ROLE-weights, which override them).
+
+Kinds are checked from artifact headers only (no torch), so a wrong input is reported before any
+model or dataset is loaded.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from promptkd.artifacts import read_metadata
 from promptkd.errors import PromptKDError
+from promptkd.runs import read_run_record
+
+ARTIFACT_FILES = {"teacher": "teacher.safetensors", "student": "student.safetensors"}
+CLASS_VECTORS_FILE = "class_vectors.safetensors"
+
+
+def artifact_path(given: str | Path, kind: str, option: str | None = None) -> Path:
+    """A `kind` artifact named by its file or by the run folder holding it; the wrong kind, a folder
+    of another stage or a missing file is one line naming the option."""
+    option = option or f"--{kind}"
+    path = Path(given)
+    if path.is_dir():
+        inside = path / ARTIFACT_FILES[kind]
+        if not inside.is_file():
+            other = [k for k, name in ARTIFACT_FILES.items() if (path / name).is_file()]
+            what = f"a {other[0]} run folder" if other else f"a folder without {ARTIFACT_FILES[kind]}"
+            raise PromptKDError(f"{option} {path}: {what}, not a {kind} file or run folder")
+        path = inside
+    elif not path.is_file():
+        raise PromptKDError(f"{option} {path}: {kind} file or run folder not found")
+    meta = read_metadata(path)
+    if meta.get("kind") != kind:
+        raise PromptKDError(f"{option} {path}: expected a {kind} artifact, found kind={meta.get('kind')!r}")
+    return path
+
+
+def artifact_kind(given: str | Path, option: str) -> tuple[str, Path]:
+    """(teacher | student, artifact file) of a file or run folder whose kind is not known yet."""
+    path = Path(given)
+    if path.is_dir():
+        for kind, name in ARTIFACT_FILES.items():
+            if (path / name).is_file():
+                return kind, artifact_path(path, kind, option)
+        raise PromptKDError(f"{option} {path}: a folder without teacher.safetensors or student.safetensors")
+    if not path.is_file():
+        raise PromptKDError(f"{option} {path}: file or run folder not found")
+    kind = read_metadata(path).get("kind")
+    if kind not in ARTIFACT_FILES:
+        raise PromptKDError(f"{option} {path}: expected a teacher or student artifact, found kind={kind!r}")
+    return kind, path
+
+
+def run_record_of(artifact: Path) -> dict:
+    """The run.json of the folder an artifact sits in ({} outside a run folder)."""
+    return read_run_record(Path(artifact).parent) or {}
+
+
+def class_vectors_beside(student: Path) -> Path | None:
+    """The class vectors distillation wrote next to the student (the classifier it was trained on)."""
+    path = Path(student).parent / CLASS_VECTORS_FILE
+    return path if path.is_file() else None
+
+
+def class_vectors_path(given: str | Path, option: str = "--class-vectors") -> Path:
+    path = Path(given)
+    if path.is_dir() and (path / CLASS_VECTORS_FILE).is_file():
+        path = path / CLASS_VECTORS_FILE
+    if not path.is_file():
+        raise PromptKDError(f"{option} {path}: class-vector file not found")
+    read_metadata(path, "class_vectors")
+    return path
+
+
+def one_of(positional, option_value, option: str) -> str | None:
+    """A command's subject given either as its positional argument or as `option`, not both."""
+    if positional and option_value and Path(positional) != Path(option_value):
+        raise PromptKDError(f"give the {option.lstrip('-')} once: as the first argument or with {option}")
+    return positional or option_value
+
+
+def check_clip_files(model: str | None, weights: str | None, role: str) -> None:
+    """A CLIP named by files (config JSON, local weights) must have them, before any heavy work."""
+    if model and model.endswith(".json") and not Path(model).is_file():
+        raise PromptKDError(f"--{role}-model {model}: model config not found")
+    if weights and weights.strip().lower() not in ("none", "") and any(c in weights for c in "/\\.") \
+            and not Path(weights).exists():
+        raise PromptKDError(f"--{role}-weights {weights}: weights file not found")
+    if weights and Path(weights).is_dir():
+        raise PromptKDError(f"--{role}-weights {weights} is a folder; give the weights file")
 
 
 def artifact_clip(path, kind: str, clip_model: str | None, clip_weights: str | None, device):
-    """The artifact's CLIP, rebuilt from explicit model/weights when given; a missing file is one line."""
-    from promptkd.artifacts import load_artifact
-    from promptkd.models import load_clip
+    """The artifact's CLIP when --ROLE-model / --ROLE-weights override what it recorded (None: the
+    artifact's loader rebuilds the recorded one)."""
+    from promptkd.models.loading import clip_from_source, load_clip
 
-    if not Path(path).is_file():
-        raise PromptKDError(f"{kind} artifact not found: {path}")
     if clip_model is None and clip_weights is None:
         return None
-    _, meta = load_artifact(path, kind=kind)
-    ident = meta.get("clip") or {}
+    meta = read_metadata(path, kind)
+    source = meta.get("clip_source")
+    if isinstance(source, dict) and source:
+        return clip_from_source(source, where=str(path), role=kind, device=device, model=clip_model,
+                                weights=clip_weights)
+    ident = meta.get("clip") if isinstance(meta.get("clip"), dict) else {}  # artifacts without clip_source
     return load_clip(clip_model or ident.get("model", "?"),
                      clip_weights if clip_weights is not None else ident.get("pretrained"), device=device)
 
 
-def add_clip_args(p, role: str, model_flag: str | None = None) -> None:
-    """The two options that name an artifact's CLIP when its file cannot (local weights), as
-    `load_teacher` / `load_student` take them."""
-    p.add_argument(model_flag or f"--{role}-clip-model", metavar="MODEL",
-                   help=f"the {role}'s CLIP model name or config JSON (default: from the file)")
-    p.add_argument(f"--{role}-clip", metavar="TAG|PATH", help=f"the {role}'s CLIP weights, if a local file")
+def add_clip_args(p, role: str) -> None:
+    """--ROLE-model / --ROLE-weights for an artifact's CLIP (needed only when its recorded files moved)."""
+    from promptkd.options import add_model_options
+
+    add_model_options(p, role, default_note="default: what the artifact recorded")
 
 
 def load_teacher(path, clip_model: str | None = None, clip_weights: str | None = None, device="cpu"):
-    """A teacher artifact; `clip_model`/`clip_weights` supply its CLIP when the name alone cannot."""
+    """A teacher artifact (file or run folder) on the CLIP it recorded, or on the one given."""
     from promptkd.models.wrappers import Teacher
 
+    path = artifact_path(path, "teacher")
     return Teacher.load(path, clip=artifact_clip(path, "teacher", clip_model, clip_weights, device), device=device)
 
 
 def load_student(path, clip_model: str | None = None, clip_weights: str | None = None, device="cpu"):
+    """A student artifact (file or run folder) on the CLIP it recorded, or on the one given."""
     from promptkd.models.wrappers import Student
 
+    path = artifact_path(path, "student")
     return Student.load(path, clip=artifact_clip(path, "student", clip_model, clip_weights, device), device=device)

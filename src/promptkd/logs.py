@@ -1,4 +1,4 @@
-"""Logging helpers shared by model loading and the toy models."""
+"""What promptkd shows on stderr besides errors: logging helpers and progress bars."""
 
 from __future__ import annotations
 
@@ -17,3 +17,14 @@ def quiet_open_clip():
         yield
     finally:
         root.setLevel(level)
+
+
+def progress_bar(iterable=None, *, enabled: bool = True, **kwargs):
+    """A tqdm bar on stderr, drawn only when stderr is a terminal: in a log file or a pipe, its
+    carriage-return redraws would be noise (tqdm's disable=None). `enabled=False` (--no-progress)
+    turns it off everywhere."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, disable=None if enabled else True, file=sys.stderr, dynamic_ncols=True, **kwargs)

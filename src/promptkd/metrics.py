@@ -34,12 +34,12 @@ def encode_items(
     progress: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised features and labels for every item, in order (test transform, no augmentation)."""
-    from tqdm.auto import tqdm
+    from promptkd.logs import progress_bar
 
     ds = ImageDataset(list(items), transform, train=False)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     feats, labels = [], []
-    for images, y, _ in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+    for images, y, _ in progress_bar(loader, desc=desc, enabled=progress, leave=False):
         feats.append(F.normalize(encode(images.to(device)).float(), dim=-1).cpu())
         labels.append(y)
     if not feats:

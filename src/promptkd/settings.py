@@ -63,3 +63,33 @@ def check_known_keys(cls: type, d: dict, source: str, what: str = "setting") -> 
     unknown = sorted(set(d) - known)
     if unknown:
         raise PromptKDError(f"{source}: unknown {what}(s) {unknown}; known: {', '.join(sorted(known))}")
+
+
+def check_ranges(obj: Any, source: str, limits: dict[str, tuple[str, float]]) -> None:
+    """Each named field (when not None) must be `op` its bound: {"lr": (">", 0), "epochs": (">=", 1)}.
+
+    A setting out of range is a one-line error naming it, before any model or data is loaded
+    (e.g. zero steps per epoch would otherwise train nothing and still write an artifact)."""
+    import math
+
+    for name, (op, bound) in limits.items():
+        value = getattr(obj, name)
+        if value is None:
+            continue
+        ok = not (isinstance(value, float) and math.isnan(value)) and (value > bound if op == ">" else value >= bound)
+        if not ok:
+            raise PromptKDError(f"{source}: {name} must be {op} {bound:g}, got {value!r}")
+
+
+def rename_keys(d: dict, renames: dict[str, str], source: str) -> dict:
+    """Old setting names still read for one release, with a warning naming the new one."""
+    import logging
+
+    out = dict(d)
+    for old, new in renames.items():
+        if old in out:
+            if new in out:
+                raise PromptKDError(f"{source}: both '{old}' (the old name) and '{new}' are set; keep '{new}'")
+            logging.getLogger("promptkd").warning("%s: setting '%s' is deprecated; use '%s'", source, old, new)
+            out[new] = out.pop(old)
+    return out

@@ -160,8 +160,8 @@ def test_cli_cache_then_distill(tiny_configs, tmp_path, capsys):
     clip = load_clip(str(t_cfg))
     save_file({k: v.contiguous() for k, v in clip.model.state_dict().items()}, str(tmp_path / "t.safetensors"))
     Teacher(load_clip(str(t_cfg), str(tmp_path / "t.safetensors")), 2, 2, 2, 2).save(tmp_path / "teacher.safetensors")
-    teacher_args = ["--teacher", str(tmp_path / "teacher.safetensors"), "--teacher-clip-model", str(t_cfg),
-                    "--teacher-clip", str(tmp_path / "t.safetensors")]
+    teacher_args = ["--teacher", str(tmp_path / "teacher.safetensors"), "--teacher-model", str(t_cfg),
+                    "--teacher-weights", str(tmp_path / "t.safetensors")]
     data = ["--dataset", f"folder:{tmp_path / 'data'}", "--protocol", "cross"]
     cache_cmd = ["cache", *teacher_args, *data, "--views", "2", "--shard-size", "5", "--device", "cpu",
                  "--no-progress", "--out", str(tmp_path / "cache")]
@@ -169,9 +169,12 @@ def test_cli_cache_then_distill(tiny_configs, tmp_path, capsys):
     assert "16 images x 2 views" in capsys.readouterr().out
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     assert len(manifest["shards"]) == 4 and manifest["views"] == 2
-    assert main(cache_cmd) == 0  # a finished cache: the rerun has nothing left to do
+    assert main(cache_cmd) == 2  # a finished cache is not rebuilt or touched without being asked
+    assert "already holds a finished teacher cache" in capsys.readouterr().err
+    assert main([*cache_cmd, "--resume"]) == 0  # --resume on a finished cache: nothing left to do
+    assert json.loads((tmp_path / "cache" / "manifest.json").read_text()) == manifest
     code = main(["distill", *teacher_args, *data, "--teacher-cache", str(tmp_path / "cache"), "--student-model",
-                 str(s_cfg), "--student-pretrained", "none", "--vision-depth", "2", "--n-ctx-vision", "2",
+                 str(s_cfg), "--student-weights", "none", "--vision-depth", "2", "--n-ctx-vision", "2",
                  "--epochs", "1", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "run")])
     assert code == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())

@@ -54,7 +54,7 @@ def test_export_then_predict_onnx(tiny_kd, image_folder, capsys):
     assert main(["export", "--format", "onnx", "--student", str(p.student), "--class-vectors", str(p.classes),
                  "--out", str(out), "--fp16"]) == 0
     assert capsys.readouterr().out.strip() == str(out)
-    code = main(["predict", str(image_folder), "--onnx", str(out), "--json"])
+    code = main(["predict", str(image_folder), "--model", str(out), "--json"])
     res = _json(capsys)
     assert code == 1 and len(res["predictions"]) == 3 and len(res["errors"]) == 1
     assert len(res["predictions"][0]["top"]) == len(tiny_kd.names)

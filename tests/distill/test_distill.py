@@ -129,10 +129,10 @@ def test_cli_distill_then_eval(tiny_configs, tmp_path, capsys):
     s_weights = _clip_file(load_clip(str(s_cfg)), tmp_path / "student-clip.safetensors")
     (tmp_path / "preset.yaml").write_text("vision_depth: 2\nn_ctx_vision: 2\nprotocol: cross\n"
                                           "train: {epochs: 2, batch_size: 8, warmup_epochs: 0}\n")
-    common = ["--teacher", str(tmp_path / "teacher.safetensors"), "--teacher-clip-model", str(t_cfg),
-              "--teacher-clip", str(t_weights)]
+    common = ["--teacher", str(tmp_path / "teacher.safetensors"), "--teacher-model", str(t_cfg),
+              "--teacher-weights", str(t_weights)]
     code = main(["distill", "--config", str(tmp_path / "preset.yaml"), "--dataset", f"folder:{tmp_path / 'data'}",
-                 *common, "--student-model", str(s_cfg), "--student-pretrained", str(s_weights), "--device", "cpu",
+                 *common, "--student-model", str(s_cfg), "--student-weights", str(s_weights), "--device", "cpu",
                  "--no-progress", "--out", str(tmp_path / "run")])
     assert code == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -142,8 +142,8 @@ def test_cli_distill_then_eval(tiny_configs, tmp_path, capsys):
 
     out = tmp_path / "eval.json"
     code = main(["eval", "--dataset", f"folder:{tmp_path / 'data'}", "--protocol", "cross",
-                 "--student", str(tmp_path / "run" / "student.safetensors"), "--student-clip-model", str(s_cfg),
-                 "--student-clip", str(s_weights), "--class-vectors", str(tmp_path / "run" / "class_vectors.safetensors"),
+                 "--student", str(tmp_path / "run" / "student.safetensors"), "--student-model", str(s_cfg),
+                 "--student-weights", str(s_weights), "--class-vectors", str(tmp_path / "run" / "class_vectors.safetensors"),
                  "--no-progress", "--out", str(out)])
     assert code == 0
     evaluated = json.loads(out.read_text())
@@ -159,7 +159,7 @@ def test_missing_teacher_is_a_one_line_error(tmp_path, capsys):
     code = main(["distill", "--dataset", f"folder:{tmp_path}", "--teacher", str(tmp_path / "nope.safetensors"),
                  "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "teacher artifact not found" in err
+    assert code == 2 and err.count("\n") == 1 and "teacher file or run folder not found" in err
 
 
 def test_unknown_config_key_is_an_error(tmp_path):

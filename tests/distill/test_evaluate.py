@@ -38,12 +38,12 @@ def test_base2novel_protocol_scores_base_and_novel_apart(split_file):
 def test_eval_zero_shot_clip_prints_base_novel_hm(split_file, tiny_configs, tmp_path, capsys):
     name, _ = split_file
     out = tmp_path / "zs.json"
-    assert main(["eval", "--clip", str(tiny_configs[1]), "--dataset", name, "--no-progress", "--out", str(out)]) == 0
+    assert main(["eval", "--clip-model", str(tiny_configs[1]), "--dataset", name, "--no-progress", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert set(res["results"]) == {"base", "novel", "hm"} and res["images"] == {"base": 4, "novel": 4}
     assert res["model"]["templates"] == ["a photo of a {}."]
     assert "HM" in capsys.readouterr().out
-    assert main(["eval", "--clip", str(tiny_configs[1]), "--dataset", name, "--split", "val", "--no-progress",
+    assert main(["eval", "--clip-model", str(tiny_configs[1]), "--dataset", name, "--split", "val", "--no-progress",
                  "--out", str(out)]) == 0
     assert set(json.loads(out.read_text())["results"]) == {"val"}
 
@@ -66,7 +66,7 @@ def test_class_vectors_for_other_classes_are_refused_by_eval(split_file, tiny_co
     name, _ = split_file
     student.save(tmp_path / "student.safetensors")
     text_class_vectors(teacher, ["red", "green", "cyan", "yellow"]).save(tmp_path / "cv.safetensors")
-    code = main(["eval", "--student", str(tmp_path / "student.safetensors"), "--student-clip-model",
+    code = main(["eval", "--student", str(tmp_path / "student.safetensors"), "--student-model",
                  str(tiny_configs[1]), "--class-vectors", str(tmp_path / "cv.safetensors"), "--dataset", name])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1

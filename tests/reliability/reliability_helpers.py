@@ -35,18 +35,18 @@ class World:
     data: Path  # labelled folder with train/ val/ test/
 
     def teacher_args(self) -> list[str]:
-        return ["--teacher", str(self.teacher), "--teacher-clip-model", str(self.teacher_cfg),
-                "--teacher-clip", str(self.teacher_weights)]
+        return ["--teacher", str(self.teacher), "--teacher-model", str(self.teacher_cfg),
+                "--teacher-weights", str(self.teacher_weights)]
 
     def distill_args(self, out: Path, *extra: str) -> list[str]:
         return ["distill", "--dataset", f"folder:{self.data}", "--protocol", "cross", *self.teacher_args(),
-                "--student-model", str(self.student_cfg), "--student-pretrained", str(self.student_weights),
+                "--student-model", str(self.student_cfg), "--student-weights", str(self.student_weights),
                 "--vision-depth", "2", "--n-ctx-vision", "2", "--epochs", "3", "--batch-size", "4", "--lr", "0.05",
                 "--kd-weight", "100", "--device", "cpu", "--no-progress", "--out", str(out), *extra]
 
     def teacher_train_args(self, out: Path, *extra: str) -> list[str]:
-        return ["teacher", "--dataset", f"folder:{self.data}", "--model", str(self.teacher_cfg),
-                "--pretrained", str(self.teacher_weights), "--vision-depth", "2", "--text-depth", "2",
+        return ["teacher", "--dataset", f"folder:{self.data}", "--teacher-model", str(self.teacher_cfg),
+                "--teacher-weights", str(self.teacher_weights), "--vision-depth", "2", "--text-depth", "2",
                 "--n-ctx-vision", "2", "--n-ctx-text", "2", "--epochs", "3", "--batch-size", "2", "--lr", "0.01",
                 "--gpa-mean", "2", "--device", "cpu", "--set", "train.progress=false", "--set",
                 "train.warmup_epochs=0", "--out", str(out), *extra]
@@ -59,8 +59,7 @@ def write_images(folder: Path, per_class: int, seed: int, size: int = 32) -> Non
 def clip_weights(config: Path, out: Path, seed: int) -> Path:
     from promptkd.models import load_clip
 
-    torch.manual_seed(seed)
-    model = load_clip(str(config)).model
+    model = load_clip(str(config), init_seed=seed).model
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out))
     return out
 

@@ -209,8 +209,8 @@ def test_distill_on_a_split_file_with_a_corrupt_image_finishes_and_counts_it(wor
 
     split.write_text(json.dumps({"train": entries, "val": [], "test": entries}))
     code = main(["eval", "--dataset", f"split:{split}", "--root", str(root), "--protocol", "cross",
-                 "--student", str(tmp_path / "run" / "student.safetensors"), "--student-clip-model",
-                 str(world.student_cfg), "--student-clip", str(world.student_weights), "--class-vectors",
+                 "--student", str(tmp_path / "run" / "student.safetensors"), "--student-model",
+                 str(world.student_cfg), "--student-weights", str(world.student_weights), "--class-vectors",
                  str(tmp_path / "run" / "class_vectors.safetensors"), "--no-progress", "--device", "cpu"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "red/0.png: cannot read image" in err, err

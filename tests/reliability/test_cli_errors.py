@@ -1,16 +1,27 @@
 """Every sub-command: an unknown option, a missing file or a wrong type is one line on stderr,
-exit code 2 and no traceback; `--debug` shows the traceback instead."""
+exit code 2 and no traceback; `--debug` shows the traceback instead. Ctrl-C is one line, exit 130.
+
+Each case is parametrized only over the commands it applies to (demo and toy pretrain read no
+user files; report and import-official take no number), and the list of commands is fixed here,
+so a sub-command that disappears from the parser fails instead of being skipped."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
+from reliability_helpers import KILLABLE
 
 from promptkd.cli import build_parser, main
 
 MISSING = "/nonexistent/promptkd-reliability"
+
+COMMANDS = ["teacher", "class-vectors", "cache", "distill", "eval", "export", "predict", "report",
+            "import-official", "demo", "toy"]
 
 
 def _commands() -> set[str]:
@@ -19,14 +30,15 @@ def _commands() -> set[str]:
     return set(sub.choices)
 
 
-PRESENT = _commands()
+def test_every_command_is_registered():
+    assert _commands() == set(COMMANDS)
 
 
 def _argv(command: str, tmp) -> list[str]:
-    """A complete command line for `command` whose input files do not exist."""
+    """A complete command line for `command` (whose input files do not exist, where it reads any)."""
     out = str(tmp / "out")
     return {
-        "teacher": ["teacher", "--dataset", f"folder:{MISSING}", "--model", f"{MISSING}.json", "--out", out],
+        "teacher": ["teacher", "--dataset", f"folder:{MISSING}", "--teacher-model", f"{MISSING}.json", "--out", out],
         "class-vectors": ["class-vectors", "--teacher", f"{MISSING}.safetensors", "--classes", "a,b", "--out", out],
         "cache": ["cache", "--teacher", f"{MISSING}.safetensors", "--dataset", f"folder:{MISSING}", "--out", out],
         "distill": ["distill", "--dataset", f"folder:{MISSING}", "--teacher", f"{MISSING}.safetensors", "--out", out],
@@ -34,29 +46,22 @@ def _argv(command: str, tmp) -> list[str]:
                  "--class-vectors", f"{MISSING}-cv.safetensors"],
         "export": ["export", "--student", f"{MISSING}.safetensors", "--class-vectors", f"{MISSING}-cv.safetensors",
                    "--out", out],
-        "predict": ["predict", f"{MISSING}.jpg", "--onnx", f"{MISSING}.onnx"],
+        "predict": ["predict", f"{MISSING}.jpg", "--model", f"{MISSING}.onnx"],
         "report": ["report", MISSING, "--out", out],
-        "import-official": ["import-official", "teacher", f"{MISSING}.pth.tar", "--clip", "ViT-B-16",
-                            "--pretrained", f"{MISSING}.pt", "--out", out],
-        "demo": None,  # reads no user files
-        "toy": ["toy", "pretrain", "teacher", "--steps", "1", "--out", out],  # reads no user files
+        "import-official": ["import-official", "teacher", f"{MISSING}.pth.tar", "--teacher-model", "ViT-B-16",
+                            "--teacher-weights", f"{MISSING}.pt", "--out", out],
+        "demo": ["demo", "--out", out],
+        "toy": ["toy", "pretrain", "teacher", "--steps", "1", "--out", out],
     }[command]
 
 
 # An option of an int/float type per command, to give a value of the wrong type.
 WRONG_TYPE = {
-    "teacher": ["--epochs", "three"], "class-vectors": ["--chunk", "many"], "cache": ["--views", "x"],
+    "teacher": ["--epochs", "three"], "class-vectors": ["--text-chunk", "many"], "cache": ["--views", "x"],
     "distill": ["--lr", "fast"], "eval": ["--batch-size", "big"], "export": ["--opset", "new"],
-    "predict": ["--topk", "all"], "report": None, "import-official": None, "demo": ["--seed", "lucky"],
-    "toy": ["--steps", "many"],
+    "predict": ["--topk", "all"], "demo": ["--seed", "lucky"], "toy": ["--steps", "many"],
 }
-NO_USER_FILES = {"demo", "toy"}
-ALL = sorted(WRONG_TYPE)
-
-
-def _need(command: str) -> None:
-    if command not in PRESENT:
-        pytest.skip(f"`promptkd {command}` does not exist yet")
+READS_USER_FILES = [c for c in COMMANDS if c not in ("demo", "toy")]
 
 
 def _one_line(err: str) -> str:
@@ -67,54 +72,49 @@ def _one_line(err: str) -> str:
     return err
 
 
-@pytest.mark.parametrize("command", ALL)
+@pytest.mark.parametrize("command", COMMANDS)
 def test_unknown_option(command, tmp_path, capsys):
-    _need(command)
-    argv = _argv(command, tmp_path) or [command, "--out", str(tmp_path / "out")]
     with pytest.raises(SystemExit) as e:
-        main([*argv, "--no-such-option"])
+        main([*_argv(command, tmp_path), "--no-such-option"])
     assert e.value.code == 2
     assert "unrecognized arguments: --no-such-option" in _one_line(capsys.readouterr().err)
 
 
-@pytest.mark.parametrize("command", ALL)
+@pytest.mark.parametrize("command", READS_USER_FILES)
 def test_missing_file(command, tmp_path, capsys):
-    _need(command)
-    argv = _argv(command, tmp_path)
-    if command in NO_USER_FILES:
-        pytest.skip(f"`promptkd {command}` reads no user files")
-    assert main(argv) == 2
+    assert main(_argv(command, tmp_path)) == 2
     err = _one_line(capsys.readouterr().err)
     assert "promptkd: error:" in err and "nonexistent" in err, err
     assert "not found" in err or "no such" in err.lower(), err
 
 
-@pytest.mark.parametrize("command", ALL)
+@pytest.mark.parametrize("command", READS_USER_FILES)
 def test_missing_file_with_debug_raises(command, tmp_path):
-    _need(command)
-    argv = _argv(command, tmp_path)
-    if command in NO_USER_FILES:
-        pytest.skip(f"`promptkd {command}` reads no user files")
     with pytest.raises(Exception) as e:  # noqa: PT011 - each command has its own error type
-        main(["--debug", *argv])
+        main(["--debug", *_argv(command, tmp_path)])
     assert "nonexistent" in str(e.value)
 
 
-@pytest.mark.parametrize("command", ALL)
+@pytest.mark.parametrize("command", sorted(WRONG_TYPE))
 def test_wrong_type(command, tmp_path, capsys):
-    _need(command)
-    if WRONG_TYPE[command] is None:
-        pytest.skip(f"`promptkd {command}` has no numeric option")
-    argv = _argv(command, tmp_path) or [command, "--out", str(tmp_path / "out")]
     with pytest.raises(SystemExit) as e:
-        main([*argv, *WRONG_TYPE[command]])
+        main([*_argv(command, tmp_path), *WRONG_TYPE[command]])
     assert e.value.code == 2
     assert "invalid" in _one_line(capsys.readouterr().err)
 
 
+def test_commands_without_numbers_have_no_numeric_option():
+    """Why report and import-official are not in WRONG_TYPE: they take no number at all."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    for command in sorted(set(COMMANDS) - set(WRONG_TYPE)):
+        typed = [a.option_strings for a in sub.choices[command]._actions if a.type not in (None, str)
+                 and a.option_strings != ["--device"]]
+        assert typed == [], (command, typed)
+
+
 @pytest.mark.parametrize("command", ["teacher", "distill"])
 def test_wrong_type_in_yaml_config(command, tmp_path, capsys):
-    _need(command)
     (tmp_path / "bad.yaml").write_text("train:\n  epochs: three\n")
     argv = [command, "--config", str(tmp_path / "bad.yaml"), "--dataset", f"folder:{MISSING}",
             "--out", str(tmp_path / "out")]
@@ -125,22 +125,36 @@ def test_wrong_type_in_yaml_config(command, tmp_path, capsys):
     assert "epochs" in err and "three" in err, err
 
 
-@pytest.mark.parametrize("value", ["--set train.lr=fast", "--set vision_depth=[1]", "--set gpa=maybe"])
-def test_wrong_type_in_teacher_set(value, tmp_path, capsys):
-    _need("teacher")
-    flag, setting = value.split(" ")
-    assert main(["teacher", flag, setting, "--dataset", f"folder:{MISSING}", "--out", str(tmp_path / "o")]) == 2
+@pytest.mark.parametrize("command", ["teacher", "distill"])
+@pytest.mark.parametrize("value", ["train.lr=fast", "vision_depth=[1]", "train.epochs=0", "n_ctx_vision=0"])
+def test_wrong_value_in_set(command, value, tmp_path, capsys):
+    argv = [command, "--set", value, "--dataset", f"folder:{MISSING}", "--out", str(tmp_path / "o")]
+    if command == "distill":
+        argv += ["--teacher", f"{MISSING}.safetensors"]
+    assert main(argv) == 2
     err = _one_line(capsys.readouterr().err)
-    assert setting.split("=")[0].split(".")[-1] in err, err
+    assert value.split("=")[0].split(".")[-1] in err, err
 
 
-def test_subcommand_without_arguments_and_bare_promptkd(capsys):
-    for command in sorted(PRESENT - NO_USER_FILES):
-        with pytest.raises(SystemExit) as e:
-            main([command])
-        assert e.value.code == 2, command
-        _one_line(capsys.readouterr().err)
-    assert main([]) == 2  # no command: the help, exit 2
+def test_wrong_type_in_teacher_set(tmp_path, capsys):
+    assert main(["teacher", "--set", "gpa=maybe", "--dataset", f"folder:{MISSING}", "--out", str(tmp_path / "o")]) == 2
+    assert "gpa" in _one_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("command", READS_USER_FILES)
+def test_subcommand_without_arguments(command, capsys):
+    """argparse's own error for a missing required option, or the command's: one line, exit 2."""
+    try:
+        code = main([command])
+    except SystemExit as e:
+        code = e.code
+    assert code == 2, command
+    _one_line(capsys.readouterr().err)
+
+
+def test_bare_promptkd_prints_help_with_exit_2(capsys):
+    assert main([]) == 2
+    assert "usage: promptkd" in capsys.readouterr().out
 
 
 def test_real_process_prints_exactly_one_line(tmp_path):
@@ -149,3 +163,92 @@ def test_real_process_prints_exactly_one_line(tmp_path):
     plain = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert plain.returncode == 2 and "Traceback" not in plain.stderr
     assert plain.stderr.strip().count("\n") == 0 and plain.stderr.startswith("promptkd: error:"), plain.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C
+
+
+@pytest.fixture
+def student_run(world, tmp_path):
+    """A student run folder (student + class vectors) on the world's CLIPs."""
+    from promptkd.models import load_clip
+    from promptkd.models.wrappers import ClassVectors, Student, Teacher
+
+    folder = tmp_path / "student"
+    Student(load_clip(str(world.student_cfg), str(world.student_weights)), 32, 1, 2).save(folder / "student.safetensors")
+    teacher = Teacher.load(world.teacher)
+    ClassVectors(teacher.encode_classnames(["red", "green"]).detach(), ["red", "green"], teacher.identity()).save(
+        folder / "class_vectors.safetensors")
+    return folder
+
+
+# The stage function each command's work goes through, to interrupt it there.
+WORK = {"teacher": ("promptkd.stages.teacher", "train_teacher"), "cache": ("promptkd.stages.cache", "build_teacher_cache"),
+        "export": ("promptkd.stages.export", "load_classifier")}
+
+
+@pytest.mark.parametrize("command", sorted(WORK))
+def test_ctrl_c_is_one_line_with_exit_130(command, world, student_run, tmp_path, capsys, monkeypatch):
+    """An interrupt inside the work: one line, exit 130; --resume is advised only by a command that
+    has it, and only when its folder holds something to continue from."""
+    import importlib
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module(WORK[command][0]), WORK[command][1], interrupted)
+    out = tmp_path / "out"
+    argv = {
+        "teacher": world.teacher_train_args(out),
+        "export": ["export", str(student_run), "--out", str(out / "m.onnx")],
+        "cache": ["cache", *world.teacher_args(), "--dataset", f"folder:{world.data}", "--out", str(out)],
+    }[command]
+    assert main(argv) == 130
+    assert _one_line(capsys.readouterr().err) == "promptkd: interrupted"  # nothing to resume: no advice
+    if command != "export":  # the same interrupt once a checkpoint / manifest exists
+        (out / ("checkpoint.safetensors" if command == "teacher" else "manifest.json")).write_text("{}")
+        assert main([*argv, "--resume"]) == 130
+        err = _one_line(capsys.readouterr().err)
+        assert err == (f"promptkd: interrupted; {out} holds the last checkpoint: rerun the same command with "
+                       "--resume to continue"), err
+
+
+def _interrupt_after(argv: list[str], seconds: float, env=None) -> subprocess.CompletedProcess:
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+    time.sleep(seconds)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("seconds", [0.3, 0.8])
+def test_ctrl_c_while_starting_is_one_line(seconds, tmp_path):
+    """Ctrl-C in the first moments (imports, building the parser, loading torch): one line, 130."""
+    done = _interrupt_after([sys.executable, "-m", "promptkd.cli", "eval", "--clip-model", "ViT-B-16", "--dataset",
+                             f"folder:{tmp_path}", "--device", "cpu"], seconds)
+    if done.returncode == 2:  # the machine was fast: the command had already failed (an empty folder)
+        assert done.stderr.startswith("promptkd: error:")
+        return
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.strip() == "promptkd: interrupted", done.stderr
+
+
+def test_ctrl_c_while_training_advises_resume(world, tmp_path):
+    """A real process interrupted mid-training: exit 130, the last stderr line advises --resume, and
+    the checkpoint it names lets --resume finish."""
+    out = tmp_path / "run"
+    argv = [sys.executable, str(KILLABLE), "-q", *world.distill_args(out, "--checkpoint-every", "1")]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "RELIABILITY_DELAY": "0.5"})
+    deadline = time.time() + 120
+    while not (out / "checkpoint.safetensors").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"promptkd: interrupted; {out} holds the last checkpoint: rerun the "
+                                            "same command with --resume to continue")
+    assert main([*world.distill_args(out), "--resume"]) == 0

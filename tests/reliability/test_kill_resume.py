@@ -101,7 +101,8 @@ def test_cache_build_killed_mid_run_resumes_to_identical_cache(world, tmp_path):
     kill_when(proc, lambda: _shards_listed(run), at, after)
     assert 0 < _shards_listed(run) < 16
 
-    assert main(_cache_args(world, run)) == 0  # rerunning the build resumes it
+    assert main(_cache_args(world, run)) == 2  # an unfinished cache is not restarted silently
+    assert main([*_cache_args(world, run), "--resume"]) == 0  # --resume continues at the first missing shard
     manifest_ref = json.loads((ref / "manifest.json").read_text())
     assert json.loads((run / "manifest.json").read_text()) == manifest_ref
     for shard in manifest_ref["shards"]:

@@ -145,8 +145,8 @@ def test_import_official_refuses_code(world, tmp_path, capsys):
         with pytest.raises(PromptKDError, match=r"refusing to load|not a readable checkpoint"):
             load_dassl_checkpoint(path)
         assert not marker.exists(), f"{name}: code ran"
-    code = main(["import-official", "teacher", str(tmp_path / "model.pth.tar-20"), "--clip", str(world.teacher_cfg),
-                 "--pretrained", str(world.teacher_weights), "--out", str(tmp_path / "t.safetensors")])
+    code = main(["import-official", "teacher", str(tmp_path / "model.pth.tar-20"), "--teacher-model", str(world.teacher_cfg),
+                 "--teacher-weights", str(world.teacher_weights), "--out", str(tmp_path / "t.safetensors")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "refusing to load" in err
     assert not marker.exists() and not (tmp_path / "t.safetensors").exists()
@@ -189,7 +189,7 @@ def test_onnx_file_that_is_a_pickle_is_refused(tmp_path, capsys):
     marker = tmp_path / "pwned"
     (tmp_path / "model.onnx").write_bytes(pickle.dumps(Touch(marker)))
     (tmp_path / "x.png").write_bytes(b"")
-    code = main(["predict", str(tmp_path / "x.png"), "--onnx", str(tmp_path / "model.onnx")])
+    code = main(["predict", str(tmp_path / "x.png"), "--model", str(tmp_path / "model.onnx")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "model.onnx" in err, err
     assert not marker.exists()
@@ -228,7 +228,7 @@ def test_onnx_with_malformed_promptkd_metadata_is_refused(tmp_path, capsys):
         with pytest.raises(PromptKDError, match=f"'{key}' is malformed"):
             OnnxClassifier(path)
     (tmp_path / "x.png").write_bytes(b"")
-    assert main(["predict", str(tmp_path / "x.png"), "--onnx", str(tmp_path / "bad-classnames.onnx")]) == 2
+    assert main(["predict", str(tmp_path / "x.png"), "--model", str(tmp_path / "bad-classnames.onnx")]) == 2
     assert "'classnames' is malformed" in capsys.readouterr().err
 
 
@@ -317,7 +317,7 @@ def test_bad_artifacts_through_the_cli_are_one_line(world, artifacts_of, tmp_pat
     small = _craft(tmp_path / "small.safetensors", {"vectors": torch.nn.functional.normalize(torch.randn(4, 24), dim=-1)},
                    {**m, "dim": 24})
     common = ["eval", "--dataset", f"folder:{world.data}", "--protocol", "cross", "--student", str(student),
-              "--student-clip-model", str(world.student_cfg), "--student-clip", str(world.student_weights),
+              "--student-model", str(world.student_cfg), "--student-weights", str(world.student_weights),
               "--no-progress", "--device", "cpu"]
     cases = [
         ([*common, "--class-vectors", str(other)], "2 missing"),  # classes of another dataset
@@ -388,6 +388,6 @@ def test_split_file_path_outside_the_dataset_root_is_refused(world, tmp_path, ca
     with pytest.raises(PromptKDError, match="points outside the image folder"):
         build_dataset(f"split:{tmp_path / 'split.json'}", str(world.data / "train"))
     code = main(["eval", "--dataset", f"split:{tmp_path / 'split.json'}", "--root", str(world.data / "train"),
-                 "--protocol", "cross", "--clip", str(world.student_cfg), "--no-progress"])
+                 "--protocol", "cross", "--clip-model", str(world.student_cfg), "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "points outside the image folder" in err, err

@@ -23,8 +23,7 @@ def tiny_clip(tiny_configs, tmp_path):
     from safetensors.torch import save_file
 
     config = tiny_configs[0]
-    torch.manual_seed(123)
-    clip = load_clip(str(config), None)
+    clip = load_clip(str(config), None, init_seed=123)
     weights = tmp_path / "tiny-teacher-weights.safetensors"
     save_file({k: v.contiguous() for k, v in clip.model.state_dict().items()}, str(weights))
     return str(config), str(weights)
@@ -56,7 +55,7 @@ def make_config(tiny_clip):
     def make(**kw) -> TeacherConfig:
         train = dict(epochs=2, batch_size=4, lr=0.01, warmup_epochs=0, progress=False)
         train.update(kw.pop("train", {}))
-        base = dict(model=tiny_clip[0], pretrained=tiny_clip[1], vision_depth=2, text_depth=2, n_ctx_vision=2,
+        base = dict(model=tiny_clip[0], weights=tiny_clip[1], vision_depth=2, text_depth=2, n_ctx_vision=2,
                     n_ctx_text=2, gpa_mean=2, gpa_std=1, eval_batch_size=4, train=TrainConfig(**train))
         base.update(kw)
         return TeacherConfig(**base)

@@ -207,8 +207,8 @@ def test_config_presets_and_overrides(tmp_path):
 
 def test_cli_teacher_on_a_folder(tiny_clip, image_folder, tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["-q", "teacher", "--dataset", f"folder:{image_folder}", "--model", tiny_clip[0],
-                 "--pretrained", tiny_clip[1], "--vision-depth", "2", "--text-depth", "2", "--n-ctx-vision", "2",
+    code = main(["-q", "teacher", "--dataset", f"folder:{image_folder}", "--teacher-model", tiny_clip[0],
+                 "--teacher-weights", tiny_clip[1], "--vision-depth", "2", "--text-depth", "2", "--n-ctx-vision", "2",
                  "--n-ctx-text", "2", "--epochs", "1", "--batch-size", "4", "--set", "train.progress=false",
                  "--device", "cpu", "--out", str(out)])
     assert code == 0

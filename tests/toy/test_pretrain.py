@@ -4,8 +4,9 @@ import json
 
 import torch
 
+from promptkd.toy.commands import main
 from promptkd.toy.models import build_toy_clip, read_toy_metadata
-from promptkd.toy.pretrain import contrastive_loss, main, pretrain
+from promptkd.toy.pretrain import contrastive_loss, pretrain
 
 
 def test_contrastive_loss_uses_all_true_captions():

@@ -1,45 +1,47 @@
-"""Datasets: CoOp benchmark builders, custom folders, Dassl-identical sampling, protocols, transforms."""
+"""Datasets: CoOp benchmark builders, custom folders, Dassl-identical sampling, protocols, transforms.
 
-from promptkd.data.dataset import DatasetSplits, ImageDataset, Item, load_rgb, scan_images
-from promptkd.data.folders import (
-    folder_dataset,
-    images_dataset,
-    labelled_folder,
-    read_classnames,
-    split_file_dataset,
-    unlabelled_folder,
-)
-from promptkd.data.protocols import base2novel, cross_dataset, domain_generalisation, teacher_split
-from promptkd.data.registry import build_dataset, canonical_name, dataset_names
-from promptkd.data.sampling import fewshot_for_seed, generate_fewshot, set_random_seed, subsample_classes
-from promptkd.data.transforms import TestTransform, TrainTransform, View, sample_view, transforms_for
+Names are resolved on first use, so that `promptkd.data.protocols.PROTOCOLS` (an option's
+choices) can be read without importing torch.
+"""
 
-__all__ = [
-    "DatasetSplits",
-    "ImageDataset",
-    "Item",
-    "TestTransform",
-    "TrainTransform",
-    "View",
-    "base2novel",
-    "build_dataset",
-    "canonical_name",
-    "cross_dataset",
-    "dataset_names",
-    "domain_generalisation",
-    "fewshot_for_seed",
-    "folder_dataset",
-    "generate_fewshot",
-    "images_dataset",
-    "labelled_folder",
-    "load_rgb",
-    "read_classnames",
-    "sample_view",
-    "scan_images",
-    "set_random_seed",
-    "split_file_dataset",
-    "subsample_classes",
-    "teacher_split",
-    "transforms_for",
-    "unlabelled_folder",
-]
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "DatasetSplits": "promptkd.data.dataset",
+    "ImageDataset": "promptkd.data.dataset",
+    "Item": "promptkd.data.dataset",
+    "TestTransform": "promptkd.data.transforms",
+    "TrainTransform": "promptkd.data.transforms",
+    "View": "promptkd.data.transforms",
+    "base2novel": "promptkd.data.protocols",
+    "build_dataset": "promptkd.data.registry",
+    "canonical_name": "promptkd.data.registry",
+    "cross_dataset": "promptkd.data.protocols",
+    "dataset_names": "promptkd.data.registry",
+    "domain_generalisation": "promptkd.data.protocols",
+    "fewshot_for_seed": "promptkd.data.sampling",
+    "folder_dataset": "promptkd.data.folders",
+    "generate_fewshot": "promptkd.data.sampling",
+    "images_dataset": "promptkd.data.folders",
+    "labelled_folder": "promptkd.data.folders",
+    "load_rgb": "promptkd.data.dataset",
+    "read_classnames": "promptkd.data.folders",
+    "sample_view": "promptkd.data.transforms",
+    "scan_images": "promptkd.data.dataset",
+    "set_random_seed": "promptkd.data.sampling",
+    "split_file_dataset": "promptkd.data.folders",
+    "subsample_classes": "promptkd.data.sampling",
+    "teacher_split": "promptkd.data.protocols",
+    "transforms_for": "promptkd.data.transforms",
+    "unlabelled_folder": "promptkd.data.folders",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'promptkd.data' has no attribute {name!r}")

@@ -13,6 +13,9 @@ from promptkd.data.dataset import DatasetSplits, Item, clean_classname, scan_ima
 from promptkd.errors import PromptKDError
 
 SPLIT_NAMES = ("train", "val", "test")
+# Split folder names of common exports (Roboflow, Kaggle, timm's ImageFolder layouts) -> our split.
+SPLIT_FOLDERS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                 "test": "test", "testing": "test"}
 
 
 def read_classnames(path: str | os.PathLike) -> list[str]:
@@ -55,16 +58,27 @@ def labelled_folder(
 def folder_dataset(path: str | os.PathLike, strict: bool = False) -> DatasetSplits:
     """A labelled folder as a dataset.
 
-    If its only sub-folders are train/ (+ val/, test/), each is a labelled split with the classes
-    of train/. Otherwise every image is in both train and test and val is empty: a single folder
-    has no held-out data, so its test accuracy is transductive.
+    If its sub-folders are split folders (train/ plus val/ or valid/ or validation/, test/), each is
+    a labelled split with the classes of train/. Otherwise every image is in both train and test and
+    val is empty: a single folder has no held-out data, so its test accuracy is transductive.
     """
     path = absolute_path(path)
     subs = class_folders(path)
-    if "train" in subs and set(subs) <= set(SPLIT_NAMES):
-        train, folders = labelled_folder(path / "train", strict)
-        val = labelled_folder(path / "val", strict, folders)[0] if "val" in subs else []
-        test = labelled_folder(path / "test", strict, folders)[0] if "test" in subs else []
+    splits = {s: SPLIT_FOLDERS[s.lower()] for s in subs if s.lower() in SPLIT_FOLDERS}
+    if "train" in splits.values() and len(splits) == len(subs):
+        by_split: dict[str, str] = {}
+        for folder, split in splits.items():
+            if split in by_split:
+                raise PromptKDError(f"{path}: both {by_split[split]}/ and {folder}/ look like the {split} split")
+            by_split[split] = folder
+        train, folders = labelled_folder(path / by_split["train"], strict)
+        val = labelled_folder(path / by_split["val"], strict, folders)[0] if "val" in by_split else []
+        test = labelled_folder(path / by_split["test"], strict, folders)[0] if "test" in by_split else []
+    elif len(splits) >= 2:
+        others = sorted(set(subs) - set(splits))
+        raise PromptKDError(f"{path}: mixes split folders ({', '.join(sorted(splits))}) with other folders "
+                            f"({', '.join(others[:3])}); give one folder per class, or train/ val/ test/ "
+                            "each holding one folder per class")
     else:
         train, folders = labelled_folder(path, strict)
         val, test = [], list(train)

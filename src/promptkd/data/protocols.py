@@ -10,10 +10,12 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from promptkd.data.dataset import DatasetSplits, Item
-from promptkd.data.sampling import fewshot_for_seed, split_labels, subsample_classes
 from promptkd.errors import PromptKDError
+
+if TYPE_CHECKING:  # the data modules import torch; this one is read by the CLI's parser
+    from promptkd.data.dataset import DatasetSplits, Item
 
 
 @dataclass
@@ -62,6 +64,8 @@ def _names(ds: DatasetSplits, labels: list[int]) -> list[str]:
 
 def teacher_split(ds: DatasetSplits, num_shots: int = 16, seed: int = 1) -> TeacherSplit:
     """Few-shot first (as official, over all classes, so the draws match), then keep base classes."""
+    from promptkd.data.sampling import fewshot_for_seed, split_labels, subsample_classes
+
     train, val = fewshot_for_seed(ds.train, ds.val, num_shots, seed)
     base = split_labels(train, "base")
     train, val = subsample_classes(train, val, subsample="base")
@@ -71,6 +75,8 @@ def teacher_split(ds: DatasetSplits, num_shots: int = 16, seed: int = 1) -> Teac
 def base2novel(ds: DatasetSplits, num_shots: int = 0, seed: int = 1) -> Base2Novel:
     """Transductive base-to-novel (official PromptKD). num_shots >= 1 first draws K shots per class
     of train (and min(K, 4) of val) as the paper's ImageNet ablation did; 0 uses everything."""
+    from promptkd.data.sampling import fewshot_for_seed, split_labels, subsample_classes
+
     train, val = fewshot_for_seed(ds.train, ds.val, num_shots, seed)
     all_labels = split_labels(train, "all")
     if all_labels != list(range(len(ds.classnames))):
@@ -94,6 +100,8 @@ def domain_generalisation(variant_ds: DatasetSplits, imagenet_classnames) -> Dom
     `class_indices`: ImageNet-A/R have 200 classes, and the official code (§6.9) compared their
     labels 0..199 against the wrong class vectors when run in base2novel mode.
     """
+    from promptkd.data.dataset import DatasetSplits
+
     if isinstance(imagenet_classnames, DatasetSplits):
         ref, mine, what = imagenet_classnames.class_ids, variant_ds.class_ids, "wnid"
         if ref is None or mine is None:

@@ -27,57 +27,36 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 import promptkd.engine.distributed as distributed
 from promptkd.artifacts import atomic_open, load_artifact, save_artifact
+from promptkd.engine.config import CHECKPOINT_NAME, TrainConfig
 from promptkd.errors import PromptKDError
-from promptkd.settings import check_field_types
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "checkpoint.safetensors"
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation settings; the defaults are the official PromptKD/PromptSRC ViT configs."""
-
-    epochs: int = 20
-    batch_size: int = 8  # global batch (split across DDP ranks)
-    lr: float = 0.005
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_epochs: int = 1
-    warmup_lr: float = 1e-5
-    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast, master weights stay fp32
-    seed: int = 1
-    num_workers: int = 0
-    drop_last: bool = True
-    grad_clip: float | None = None
-    on_nonfinite: str = "stop"  # stop | skip
-    on_bad_image: str = "substitute"  # substitute (next readable image, counted) | error
-    checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch (0: end of epoch only)
-    max_steps_per_epoch: int | None = None  # cap, for quick runs
-    device: str = "auto"
-    progress: bool = True
-
-    def __post_init__(self):
-        check_field_types(self, "train settings")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise PromptKDError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
-        if self.on_nonfinite not in ("stop", "skip"):
-            raise PromptKDError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
-        if self.on_bad_image not in ("substitute", "error"):
-            raise PromptKDError(f"on_bad_image must be 'substitute' or 'error', got {self.on_bad_image!r}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise PromptKDError("epochs and batch_size must be >= 1")
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
+def resolve_device(name: str | None = "auto") -> torch.device:
+    """auto (CUDA, else MPS, else CPU) or a named device that exists here; anything else is one line."""
+    if name in (None, "auto"):
         if torch.cuda.is_available():
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise PromptKDError(f"--device {name}: unknown device; use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise PromptKDError(f"--device {name}: CUDA is not available ({why}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise PromptKDError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s) "
+                                f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                     and torch.backends.mps.is_available()):
+        raise PromptKDError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+    return device
 
 
 def lr_at_epoch(epoch: int, cfg: TrainConfig) -> float:
@@ -458,9 +437,11 @@ def train_loop(
                 if bad:
                     where = f"epoch {epoch + 1} step {step + 1} (global step {result.steps + 1})"
                     if cfg.on_nonfinite == "stop":
+                        kept = (f"The last good checkpoint is kept at {ckpt_path}" if ckpt_path.is_file()
+                                else "No checkpoint was written yet")
                         raise PromptKDError(
-                            f"non-finite loss or gradients at {where}; stopped. The last good checkpoint is "
-                            f"kept at {ckpt_path} (on_nonfinite='skip', --on-nonfinite skip on the command line, skips such batches instead)"
+                            f"non-finite loss or gradients at {where}; stopped. {kept} (on_nonfinite='skip', "
+                            "--on-nonfinite skip on the command line, skips such batches instead)"
                         )
                     log.warning("skipping batch with non-finite loss/gradients at %s", where)
                     optimizer.zero_grad(set_to_none=True)
@@ -518,6 +499,6 @@ def train_loop(
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
+    from promptkd.logs import progress_bar
 
-    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False)
+    return progress_bar(total=total, initial=initial, desc=desc, enabled=enabled, leave=False)

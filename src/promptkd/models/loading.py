@@ -5,11 +5,17 @@ repo reads), plain state dicts, open_clip training checkpoints or safetensors. N
 ever unpickled with arbitrary code: torch.load runs with weights_only=True, TorchScript archives
 are read by an allow-list unpickler that never compiles or runs their code (models/torchscript.py;
 torch.jit.load would run it), safetensors has no code at all.
+
+A bundle remembers where it came from (`source`: the model name or config file and the weights
+tag or file, files by absolute path and sha256, and the seed of a random initialisation), so an
+artifact built on it can rebuild exactly the same CLIP later (`clip_from_source`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import pickle
 import re
 import zipfile
@@ -23,6 +29,9 @@ from torch import nn
 from promptkd.errors import PromptKDError
 from promptkd.logs import quiet_open_clip
 from promptkd.models.torchscript import read_torchscript_state_dict
+from promptkd.runs import check_file_record, file_record, is_file_record
+
+log = logging.getLogger(__name__)
 
 # Buffers that OpenAI state dicts carry and open_clip's CLIP does not.
 _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -37,13 +46,19 @@ class ClipBundle:
     pretrained: str | None
     tokenizer: Any
     preprocess_cfg: dict = field(default_factory=dict)
+    source: dict = field(default_factory=dict)  # what rebuilds it: see clip_source / clip_from_source
+    init_seed: int | None = None  # the seed of a random initialisation (pretrained None)
 
     def identity(self) -> dict:
-        """How artifacts refer to this CLIP (a weights file is named by its file name)."""
+        """Which CLIP this is, for matching a teacher and its outputs: the model name, the weights tag or
+        file *name* (so moving the file keeps the identity), and the seed of random weights."""
         pre = self.pretrained
         if pre and Path(pre).exists():
             pre = Path(pre).name
-        return {"model": self.name, "pretrained": pre}
+        ident = {"model": self.name, "pretrained": pre}
+        if pre is None and self.init_seed is not None:
+            ident["init_seed"] = self.init_seed
+        return ident
 
     @property
     def embed_dim(self) -> int:
@@ -132,39 +147,89 @@ def load_weights_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str
     model.load_state_dict(sd, strict=True)
 
 
-def load_clip(model: str, pretrained: str | None = None, *, device: str | torch.device = "cpu") -> ClipBundle:
+@contextlib.contextmanager
+def _seeded(init_seed: int):
+    """Random initialisation from `init_seed` alone, leaving the global RNG as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        yield
+
+
+def _is_random(pretrained: str | None) -> bool:
+    return pretrained is None or pretrained.strip().lower() in ("none", "")
+
+
+def _warn_random(name: str, init_seed: int) -> None:
+    log.warning("%s has random weights (seed %d): fine for testing the pipeline, meaningless for accuracy",
+                name, init_seed)
+
+
+def _load_toy(model: str, pretrained: str | None, device, init_seed: int) -> ClipBundle:
+    """A shipped toy CLIP: its shipped weights ('toy', or None in the Python API), a toy weights file
+    (e.g. from `promptkd toy pretrain`), or 'none' for a seeded random initialisation."""
+    from promptkd.toy.models import build_toy_clip, toy_model_names  # refuses an unknown toy name
+
+    if model not in toy_model_names():
+        raise PromptKDError(f"unknown toy model {model!r}; choose one of {toy_model_names()}")
+    if pretrained is not None and _is_random(pretrained):
+        with _seeded(init_seed):
+            clip, preprocess_cfg, tokenizer = build_toy_clip(model, pretrained=False)
+        _warn_random(model, init_seed)
+        return ClipBundle(clip.to(device).eval(), model, None, tokenizer, preprocess_cfg,
+                          {"model": model, "weights": "none", "init_seed": init_seed}, init_seed)
+    if pretrained in (None, "toy"):
+        clip, preprocess_cfg, tokenizer = build_toy_clip(model)
+        return ClipBundle(clip.to(device).eval(), model, "toy", tokenizer, preprocess_cfg,
+                          {"model": model, "weights": "toy"})
+    if not Path(pretrained).is_file():
+        raise PromptKDError(f"{model}: no weights {pretrained!r}: a toy model takes 'toy' (its shipped weights), "
+                            "'none' (random) or a toy weights file from `promptkd toy pretrain`")
+    clip, preprocess_cfg, tokenizer = build_toy_clip(model, weights=pretrained)
+    return ClipBundle(clip.to(device).eval(), model, str(pretrained), tokenizer, preprocess_cfg,
+                      {"model": model, "weights": file_record(pretrained)})
+
+
+def load_clip(model: str, pretrained: str | None = None, *, device: str | torch.device = "cpu",
+              init_seed: int = 0) -> ClipBundle:
     """Build a CLIP and load its weights.
 
     model: an open_clip model name (`ViT-B-16`), a path to a model-config JSON (tiny test
       architectures), or a shipped toy model (`toy-teacher`, `toy-student`).
     pretrained: an open_clip weights tag (`openai`, `laion2b_s34b_b88k`, ...), a local checkpoint
-      path, or None for random initialisation.
+      path, or None / 'none' for a random initialisation drawn from `init_seed` (so the same tower
+      can be rebuilt later; a warning says the weights are random). The toy models take 'toy'
+      (their shipped weights, also what None gives them), 'none' or a toy weights file.
     """
     import open_clip
 
     if model.startswith("toy-"):
-        from promptkd.toy.models import build_toy_clip  # refuses an unknown toy name
+        return _load_toy(model, pretrained, device, init_seed)
 
-        clip, preprocess_cfg, tokenizer = build_toy_clip(model, pretrained=pretrained != "none")
-        return ClipBundle(clip.to(device).eval(), model, "toy" if pretrained != "none" else None, tokenizer, preprocess_cfg)
-
-    name = model
+    name, model_source = model, model
     if model.endswith(".json"):
         path = Path(model)
         if not path.is_file():
             raise PromptKDError(f"{path}: model config not found")
         name = _register_json_config(path)
+        model_source = file_record(path)
     elif model not in open_clip.list_models():
         raise PromptKDError(f"unknown model {model!r}: not an open_clip model name (see `open_clip.list_models()`) nor a .json config")
 
+    random = _is_random(pretrained)
+    pretrained = None if random else pretrained
     local = pretrained is not None and (Path(pretrained).exists() or any(c in pretrained for c in "/\\."))
+    source = {"model": model_source, "weights": "none" if random else pretrained}
     try:
-        if pretrained is None or local:
+        if random or local:
             sd, openai = read_state_dict(pretrained) if local else ({}, False)
-            with quiet_open_clip():
+            with quiet_open_clip(), _seeded(init_seed):
                 clip = open_clip.create_model(name, pretrained=None, force_quick_gelu=openai)
             if local:
                 load_weights_into(clip, sd, str(pretrained))
+                source["weights"] = file_record(pretrained)
+            else:
+                source["init_seed"] = init_seed
+                _warn_random(name, init_seed)
         else:
             tags = open_clip.list_pretrained_tags_by_model(name)
             if pretrained not in tags:
@@ -180,7 +245,37 @@ def load_clip(model: str, pretrained: str | None = None, *, device: str | torch.
     visual = clip.visual
     preprocess_cfg = dict(getattr(visual, "preprocess_cfg", {}) or {})
     tokenizer = open_clip.get_tokenizer(name)
-    return ClipBundle(clip.to(device).eval(), name, pretrained, tokenizer, preprocess_cfg)
+    return ClipBundle(clip.to(device).eval(), name, pretrained, tokenizer, preprocess_cfg, source,
+                      init_seed if random else None)
+
+
+def clip_from_source(source: dict, *, where: str, role: str, device: str | torch.device = "cpu",
+                     model: str | None = None, weights: str | None = None) -> ClipBundle:
+    """Rebuild the CLIP an artifact recorded (`ClipBundle.source`); `model` / `weights` override the
+    recorded ones. A recorded file that moved or changed is one line naming its path and sha256."""
+    def recorded(value, what, option):
+        if is_file_record(value):
+            return str(check_file_record(value, f"{where}: its {role} CLIP {what}",
+                                         f"pass the file it was made with as {option} PATH"))
+        if not isinstance(value, str):
+            raise PromptKDError(f"{where}: metadata clip_source.{what} is malformed ({str(value)[:80]})")
+        return value
+
+    init_seed = source.get("init_seed", 0)
+    if type(init_seed) is not int:
+        raise PromptKDError(f"{where}: metadata clip_source.init_seed must be an integer, got {init_seed!r}")
+    if model is None:
+        model = recorded(source.get("model"), "config", f"--{role}-model")
+    if weights is None:
+        weights = recorded(source.get("weights"), "weights", f"--{role}-weights")
+    elif is_file_record(source.get("weights")) and Path(weights).is_file():
+        from promptkd.runs import file_digest
+
+        want = source["weights"]
+        if file_digest(weights) != want["sha256"]:
+            raise PromptKDError(f"{weights}: not the {role} CLIP weights {where} was made with ({want['path']}, "
+                                f"sha256 {want['sha256']})")
+    return load_clip(model, weights, device=device, init_seed=init_seed)
 
 
 def freeze(module: nn.Module) -> nn.Module:

@@ -2,7 +2,8 @@
 
 Artifact kinds (safetensors + JSON metadata, see promptkd.artifacts):
 - "teacher": the teacher's prompt tensors (`vision.*`, `text.*`) plus which CLIP they belong to
-  and the prompt shapes. The CLIP weights themselves are not copied.
+  (`clip`: its identity; `clip_source`: the files it was built from, by absolute path and sha256,
+  or the seed of random weights) and the prompt shapes. The CLIP weights themselves are not copied.
 - "student": the student's vision prompts (`vision.*`) and projector (`projector.*`).
 - "class_vectors": `vectors` (n_classes x teacher dim, L2-normalised) plus the class names, the
   teacher identity and a hash of its prompts, so a file from another teacher is refused.
@@ -20,7 +21,7 @@ from torch import nn
 from promptkd.artifacts import load_artifact, save_artifact, tensor_digest
 from promptkd.errors import PromptKDError
 from promptkd.models.encoders import PromptedImageEncoder, PromptedTextEncoder
-from promptkd.models.loading import ClipBundle, freeze, load_clip
+from promptkd.models.loading import ClipBundle, clip_from_source, freeze, load_clip
 from promptkd.models.projector import Projector
 
 
@@ -31,6 +32,9 @@ def _check_identity(expected: dict, bundle: ClipBundle, source: str) -> None:
             f"{source}: made for CLIP {expected.get('model')} / {expected.get('pretrained')}, "
             f"but the given CLIP is {got['model']} / {got['pretrained']}"
         )
+    if "init_seed" in expected and "init_seed" in got and expected["init_seed"] != got["init_seed"]:
+        raise PromptKDError(f"{source}: made on random CLIP weights of seed {expected['init_seed']}, but the given "
+                            f"CLIP was initialised with seed {got['init_seed']}")
 
 
 def _meta_dict(meta: dict, key: str, source: str) -> dict:
@@ -51,16 +55,19 @@ def _meta_int(d: dict, key: str, source: str, default: int | None = None) -> int
 
 
 def _bundle_for(meta: dict, clip: ClipBundle | None, device, source: str) -> ClipBundle:
+    """The artifact's CLIP: `clip` when given, else rebuilt from what the artifact recorded."""
     ident = _meta_dict(meta, "clip", source)
+    role = meta.get("kind") if meta.get("kind") in ("teacher", "student") else "teacher"
     for key in ("model", "pretrained"):
         if ident.get(key) is not None and not isinstance(ident[key], str):
             raise PromptKDError(f"{source}: metadata clip.{key} must be a string, got {ident[key]!r}")
-    if clip is None:
+    if clip is None and meta.get("clip_source"):
+        clip = clip_from_source(_meta_dict(meta, "clip_source", source), where=source, role=role, device=device)
+    elif clip is None:  # written before artifacts recorded their CLIP's files
         pre = ident.get("pretrained")
         if pre and pre.endswith((".pt", ".pth", ".bin", ".safetensors", ".tar")):
             raise PromptKDError(
-                f"{source}: its CLIP weights were a local file ({pre}); pass that file explicitly "
-                "(--teacher-clip/--clip PATH)"
+                f"{source}: its CLIP weights were a local file ({pre}); pass that file with --{role}-weights PATH"
             )
         clip = load_clip(ident.get("model", "?"), pre, device=device)
     _check_identity(ident, clip, source)
@@ -108,7 +115,8 @@ class Teacher(nn.Module):
                 "prompts_hash": tensor_digest(self.prompt_tensors())}
 
     def save(self, path: str | Path, **meta) -> Path:
-        return save_artifact(path, self.prompt_tensors(), {"kind": "teacher", **self.identity(), **meta})
+        return save_artifact(path, self.prompt_tensors(), {"kind": "teacher", **self.identity(),
+                                                           "clip_source": self.clip.source, **meta})
 
     @classmethod
     def load(cls, path: str | Path, clip: ClipBundle | None = None, device="cpu") -> Teacher:
@@ -162,8 +170,8 @@ class Student(nn.Module):
 
     def save(self, path: str | Path, **meta) -> Path:
         return save_artifact(path, self.trainable_tensors(), {
-            "kind": "student", "clip": self.clip.identity(), "prompts": self.prompt_config,
-            "teacher_dim": self.projector.out_dim, **meta})
+            "kind": "student", "clip": self.clip.identity(), "clip_source": self.clip.source,
+            "prompts": self.prompt_config, "teacher_dim": self.projector.out_dim, **meta})
 
     @classmethod
     def load(cls, path: str | Path, clip: ClipBundle | None = None, device="cpu") -> Student:

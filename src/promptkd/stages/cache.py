@@ -19,31 +19,25 @@ distillation uses a cache only when given one (`promptkd cache`, then `distill -
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from torch.utils.data import DataLoader, Dataset
+from typing import TYPE_CHECKING
 
 from promptkd.artifacts import load_artifact, read_json, save_artifact, write_json
-from promptkd.data.dataset import Item, augmentation_seed, load_rgb, read_item
-from promptkd.data.transforms import TrainTransform, View, sample_view
 from promptkd.errors import PromptKDError
-from promptkd.models.wrappers import check_same_teacher
+from promptkd.runs import items_digest
+
+if TYPE_CHECKING:  # torch, the data and model modules are imported where they run (fast `--help`)
+    import torch
+
+    from promptkd.data.dataset import Item
+    from promptkd.data.transforms import TrainTransform, View
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
-
-
-def items_digest(items: Sequence[Item]) -> str:
-    h = hashlib.sha256()
-    for path, _ in items:
-        h.update(str(path).encode() + b"\0")
-    return h.hexdigest()[:16]
 
 
 def transform_spec(tf: TrainTransform) -> dict:
@@ -54,11 +48,16 @@ def transform_spec(tf: TrainTransform) -> dict:
 
 def view_generator(seed: int, view: int, index: int) -> torch.Generator:
     """View k of image i is drawn from (seed, k, i) alone: reproducible and order-independent."""
+    import torch
+
+    from promptkd.data.dataset import augmentation_seed
+
     return torch.Generator().manual_seed(augmentation_seed(seed, 1_000_000 + view, index))
 
 
-class _ViewRenderer(Dataset):
-    """Renders the K views of each image of one shard with the teacher's transform."""
+class _ViewRenderer:
+    """Renders the K views of each image of one shard with the teacher's transform (a map-style
+    dataset for DataLoader)."""
 
     def __init__(self, items, indices, transform: TrainTransform, views: int, seed: int):
         self.items, self.indices, self.transform, self.views, self.seed = items, indices, transform, views, seed
@@ -67,6 +66,11 @@ class _ViewRenderer(Dataset):
         return len(self.indices)
 
     def __getitem__(self, j):
+        import torch
+
+        from promptkd.data.dataset import load_rgb
+        from promptkd.data.transforms import sample_view
+
         i = self.indices[j]
         img = load_rgb(self.items[i][0])
         tensors, boxes = [], []
@@ -93,7 +97,6 @@ def teacher_train_transform(teacher) -> TrainTransform:
     return transforms_for(teacher.clip.preprocess_cfg)[0]
 
 
-@torch.no_grad()
 def build_teacher_cache(teacher, items: Sequence[Item], transform: TrainTransform | None, out_dir: str | Path,
                         spec: CacheSpec | None = None, *, device: str | torch.device = "cpu",
                         precision: str = "fp32", progress: bool = True) -> Path:
@@ -101,9 +104,11 @@ def build_teacher_cache(teacher, items: Sequence[Item], transform: TrainTransfor
 
     `transform` None: the teacher's own train transform (what `distill_models` expects).
     """
-    from tqdm.auto import tqdm
+    import torch
+    from torch.utils.data import DataLoader
 
     from promptkd.engine.loop import autocast
+    from promptkd.logs import progress_bar
 
     spec = spec or CacheSpec()
     transform = transform or teacher_train_transform(teacher)
@@ -130,7 +135,7 @@ def build_teacher_cache(teacher, items: Sequence[Item], transform: TrainTransfor
     n_shards = math.ceil(len(items) / spec.shard_size)
     device = torch.device(device)
     teacher = teacher.to(device).eval()
-    bar = tqdm(total=len(items) * spec.views, desc="teacher cache", unit="view", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(items) * spec.views, desc="teacher cache", unit="view", enabled=progress)
     bar.update(sum(s["end"] - s["start"] for s in shards) * spec.views)
     for s in range(n_shards):
         start, end = s * spec.shard_size, min((s + 1) * spec.shard_size, len(items))
@@ -141,7 +146,7 @@ def build_teacher_cache(teacher, items: Sequence[Item], transform: TrainTransfor
         feats, boxes = [], []
         for images, b in loader:
             n = images.shape[0]
-            with autocast(device, precision):
+            with torch.no_grad(), autocast(device, precision):
                 f = teacher.encode_images(images.flatten(0, 1).to(device))
             feats.append(f.float().view(n, spec.views, -1).half().cpu())
             boxes.append(b)
@@ -181,6 +186,8 @@ class TeacherCache:
     """A built cache, loaded into memory (fp16 features: N x K x D x 2 bytes)."""
 
     def __init__(self, cache_dir: str | Path, teacher_identity: dict | None = None, items: Sequence[Item] | None = None):
+        import torch
+
         d = Path(cache_dir)
         if not (d / "manifest.json").is_file():
             raise PromptKDError(f"{d}: no teacher cache here (manifest.json missing); build one with `promptkd cache`")
@@ -211,6 +218,8 @@ class TeacherCache:
     def check(self, teacher_identity: dict | None = None, items: Sequence[Item] | None = None,
               transform: TrainTransform | None = None) -> None:
         """Refuse a cache of another teacher, image list or teacher transform, saying what differs."""
+        from promptkd.models.wrappers import check_same_teacher
+
         d, m = self.dir, self.manifest
         if teacher_identity is not None:
             check_same_teacher(m["teacher"], teacher_identity, f"{d}: cache was built by another teacher", "cache")
@@ -229,11 +238,13 @@ class TeacherCache:
         return {k: self.manifest[k] for k in ("views", "seed", "items_digest")}
 
     def view(self, index: int, k: int) -> View:
+        from promptkd.data.transforms import View
+
         t, left, h, w, flip = (int(x) for x in self.boxes[index, k])
         return View(t, left, h, w, bool(flip))
 
 
-class CachedViewDataset(Dataset):
+class CachedViewDataset:
     """Distillation inputs from a cache: (student view tensor, teacher feature, index).
 
     Image i replays view (offset_i + epoch) mod K, offset_i drawn from (seed, i): every K epochs use
@@ -241,6 +252,8 @@ class CachedViewDataset(Dataset):
     """
 
     def __init__(self, items: Sequence[Item], transform: TrainTransform, cache: TeacherCache, seed: int = 0):
+        import torch
+
         if len(items) != cache.features.shape[0]:
             raise PromptKDError(f"cache holds {cache.features.shape[0]} images, the dataset has {len(items)}")
         self.items, self.transform, self.cache, self.seed, self.epoch = list(items), transform, cache, seed, 0
@@ -260,9 +273,13 @@ class CachedViewDataset(Dataset):
         return len(self.items)
 
     def view_index(self, index: int) -> int:
+        from promptkd.data.dataset import augmentation_seed
+
         return (augmentation_seed(self.seed, -1, index) + self.epoch) % self.cache.views
 
     def __getitem__(self, index: int):
+        from promptkd.data.dataset import read_item
+
         # An image unreadable since the cache was built: the next readable one, with its own features.
         img, _, index = read_item(self.items, index, self.on_bad_image, self.unreadable)
         k = self.view_index(index)
@@ -273,19 +290,50 @@ class CachedViewDataset(Dataset):
 # `promptkd cache`
 
 
+CACHE_OUTPUTS = ("manifest.json", "shard-*.safetensors", "run.json")  # what `promptkd cache` writes
+
+
+def cache_complete(folder: Path) -> bool:
+    """Whether a cache folder's manifest covers all its images (a finished build)."""
+    try:
+        m = check_manifest(read_json(folder / "manifest.json"), folder)
+    except PromptKDError:
+        return False
+    return sum(s["end"] - s["start"] for s in m["shards"]) == m["n_images"]
+
+
 def _run(args) -> int:
     from promptkd.data.protocols import build_protocol
     from promptkd.engine.loop import resolve_device, resolve_precision
-    from promptkd.inputs import load_teacher
+    from promptkd.inputs import artifact_path, check_clip_files, load_teacher
+    from promptkd.runs import (
+        claim_folder,
+        dataset_record,
+        file_record,
+        finish_run_record,
+        promptkd_files,
+        write_run_record,
+    )
 
+    teacher_path = artifact_path(args.teacher, "teacher")
+    check_clip_files(args.teacher_model, args.teacher_weights, "teacher")
     device = resolve_device(args.device)
-    teacher = load_teacher(args.teacher, args.teacher_clip_model, args.teacher_clip, device)
+    claim = claim_folder(args.out, CACHE_OUTPUTS, overwrite=args.overwrite, resume=args.resume, what="teacher cache",
+                         finished=cache_complete, marker="manifest.json")
     # The same image list `promptkd distill` trains on (same protocol, shots and seed).
-    items = build_protocol(args.protocol, args.dataset, args.root, num_shots=args.num_shots, seed=args.seed).train
+    protocol = build_protocol(args.protocol, args.dataset, args.root, num_shots=args.shots, seed=args.seed)
+    items = protocol.train
+    teacher = load_teacher(teacher_path, args.teacher_model, args.teacher_weights, device)
+    out = claim.prepare()
+    write_run_record(out, "cache", {
+        "teacher": file_record(teacher_path), "teacher_clip": teacher.clip.source,
+        "dataset": dataset_record(protocol.dataset, args.root, items, protocol=args.protocol, shots=args.shots,
+                                  seed=args.seed)})
     spec = CacheSpec(views=args.views, seed=args.view_seed, shard_size=args.shard_size, batch_size=args.batch_size,
                      num_workers=args.num_workers)
-    out = build_teacher_cache(teacher, items, None, args.out, spec, device=device,
-                              precision=resolve_precision(args.precision, device), progress=not args.no_progress)
+    build_teacher_cache(teacher, items, None, out, spec, device=device,
+                        precision=resolve_precision(args.precision, device), progress=not args.no_progress)
+    finish_run_record(out, [p.name for p in promptkd_files(out, CACHE_OUTPUTS)])
     gb = len(items) * args.views * teacher.dim * 2 / 1e9
     print(f"teacher cache: {out} ({len(items)} images x {args.views} views, {gb:.2f} GB)")
     return 0
@@ -294,26 +342,30 @@ def _run(args) -> int:
 def register(sub) -> None:
     from promptkd.data.protocols import PROTOCOLS
     from promptkd.inputs import add_clip_args
+    from promptkd.options import PRECISIONS, add_output_options, deprecated, non_negative_int, positive_int
 
     p = sub.add_parser(
         "cache", help="store the teacher's image features for K augmented views of each training image",
         description="Runs the teacher image tower once over K replayable views per image, so that "
                     "`promptkd distill --teacher-cache DIR` never runs it. Pays off when K is below the number "
-                    "of distillation epochs, or when the cache is reused across runs. Rerun to resume.")
-    p.add_argument("--teacher", required=True, metavar="PATH", help="teacher artifact")
+                    "of distillation epochs, or when the cache is reused across runs. An interrupted build "
+                    "continues with --resume.")
+    p.add_argument("--teacher", required=True, metavar="PATH|DIR", help="teacher file or run folder")
     add_clip_args(p, "teacher")
     p.add_argument("--dataset", required=True)
     p.add_argument("--root", help="data root holding the CoOp dataset folders")
     p.add_argument("--protocol", default="base2novel", choices=PROTOCOLS)
-    p.add_argument("--num-shots", type=int, default=0, help="as given to distill (0: all images)")
-    p.add_argument("--seed", type=int, default=1, help="distill's seed; matters only with --num-shots")
-    p.add_argument("--views", type=int, default=8, metavar="K", help="augmented views per image (default 8)")
+    p.add_argument("--shots", type=non_negative_int, default=0, metavar="K",
+                   help="as given to distill: unlabelled images per class (0: all images)")
+    p.add_argument("--seed", type=int, default=1, help="distill's seed; matters only with --shots")
+    p.add_argument("--views", type=positive_int, default=8, metavar="K", help="augmented views per image (default 8)")
     p.add_argument("--view-seed", type=int, default=0)
-    p.add_argument("--out", required=True, metavar="DIR", help="cache folder (an interrupted build resumes)")
-    p.add_argument("--shard-size", type=int, default=1024, metavar="IMAGES")
-    p.add_argument("--batch-size", type=int, default=64, help="views per teacher forward")
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_run)
+    add_output_options(p, "dir", resume=True, what="teacher cache", help="cache folder (manifest.json, shards)")
+    p.add_argument("--shard-size", type=positive_int, default=1024, metavar="IMAGES")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="views per teacher forward")
+    p.add_argument("--num-workers", type=non_negative_int, default=0)
+    p.add_argument("--precision", default="auto", choices=PRECISIONS)
+    deprecated(p, "--teacher-clip-model", "--teacher-model")
+    deprecated(p, "--teacher-clip", "--teacher-weights")
+    deprecated(p, "--num-shots", "--shots", type=non_negative_int)
+    p.set_defaults(func=_run, resume_marker="manifest.json")

@@ -11,36 +11,43 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from promptkd.errors import PromptKDError
-from promptkd.models.wrappers import ClassVectors, Teacher, check_same_teacher
+
+if TYPE_CHECKING:  # imported where they run, so that the CLI's parser does not import torch
+    from promptkd.models.wrappers import ClassVectors, Teacher
 
 log = logging.getLogger(__name__)
 
 
-def _check_names(names: list[str], source: str) -> list[str]:
+def _check_names(names: list[str], source: str, existing: list[str] = ()) -> list[str]:
+    """Non-empty names, none repeated, also not up to case ('Cat' and 'cat' would get one text feature
+    from a lower-casing tokenizer, and two rows for one class)."""
     names = [n.strip() for n in names]
     if not names or any(not n for n in names):
         raise PromptKDError(f"{source}: class names must be non-empty")
-    seen, dupes = set(), []
+    seen = {n.casefold(): n for n in existing}
     for n in names:
-        if n in seen:
-            dupes.append(n)
-        seen.add(n)
-    if dupes:
-        raise PromptKDError(f"{source}: duplicate class names {sorted(set(dupes))[:5]}")
+        if n.casefold() in seen:
+            where = "already in the file" if seen[n.casefold()] in existing else "given twice"
+            same = "" if seen[n.casefold()] == n else f" as {seen[n.casefold()]!r}: names differing only in case clash"
+            raise PromptKDError(f"{source}: duplicate class name {n!r} ({where}{same})")
+        seen[n.casefold()] = n
     return names
 
 
-@torch.no_grad()
 def compute_class_vectors(teacher: Teacher, classnames: list[str], chunk_size: int | None = 256) -> ClassVectors:
     """Normalised teacher text features, one row per class name, in order."""
+    import torch
+
+    from promptkd.models.wrappers import ClassVectors
+
     names = _check_names(list(classnames), "class vectors")
     was_training = teacher.training
     teacher.eval()
-    vectors = teacher.encode_classnames(names, chunk_size).float().cpu()
+    with torch.no_grad():
+        vectors = teacher.encode_classnames(names, chunk_size).float().cpu()
     teacher.train(was_training)
     return ClassVectors(vectors, names, teacher.identity())
 
@@ -48,12 +55,12 @@ def compute_class_vectors(teacher: Teacher, classnames: list[str], chunk_size: i
 def append_class_vectors(existing: ClassVectors, teacher: Teacher, new_names: list[str],
                          chunk_size: int | None = 256) -> ClassVectors:
     """`existing` plus vectors for `new_names` (computed now; the old rows are kept as they are)."""
+    import torch
+
+    from promptkd.models.wrappers import ClassVectors, check_same_teacher
+
     check_same_teacher(existing.teacher, teacher.identity(), "class vectors come from another teacher", "file")
-    names = _check_names(list(new_names), "new class names")
-    have = set(existing.classnames)
-    dupes = [n for n in names if n in have]
-    if dupes:
-        raise PromptKDError(f"{len(dupes)} class name(s) are already in the file (first: {dupes[:3]})")
+    names = _check_names(list(new_names), "new class names", existing.classnames)
     new = compute_class_vectors(teacher, names, chunk_size)
     return ClassVectors(torch.cat([existing.vectors, new.vectors]), existing.classnames + names, existing.teacher)
 
@@ -61,6 +68,8 @@ def append_class_vectors(existing: ClassVectors, teacher: Teacher, new_names: li
 def write_class_vectors(teacher: Teacher, classnames: list[str], out: str | Path, *,
                         append_to: str | Path | None = None, chunk_size: int | None = 256) -> Path:
     """Compute (or append) class vectors and save them to `out`."""
+    from promptkd.models.wrappers import ClassVectors
+
     if append_to is not None:
         existing = ClassVectors.load(append_to, teacher=teacher, dim=teacher.dim)
         cv = append_class_vectors(existing, teacher, classnames, chunk_size)
@@ -72,16 +81,16 @@ def write_class_vectors(teacher: Teacher, classnames: list[str], out: str | Path
 
 
 def classnames_from_args(args) -> list[str]:
-    """Class names from exactly one of --dataset, --classnames-file or --classes."""
-    given = [x for x in (args.dataset, args.classnames_file, args.classes) if x]
+    """Class names from exactly one of --dataset, --classes-file or --classes."""
+    given = [x for x in (args.dataset, args.classes_file, args.classes) if x]
     if len(given) != 1:
-        raise PromptKDError("give exactly one of --dataset NAME, --classnames-file FILE or --classes 'a,b,c'")
+        raise PromptKDError("give exactly one of --dataset NAME, --classes-file FILE or --classes 'a,b,c'")
     if args.classes:
         return [c.strip() for c in args.classes.split(",") if c.strip()]
-    if args.classnames_file:
+    if args.classes_file:
         from promptkd.data.folders import read_classnames
 
-        return read_classnames(args.classnames_file)
+        return read_classnames(args.classes_file)
     from promptkd.data.registry import build_dataset
 
     names = list(build_dataset(args.dataset, args.root).classnames)
@@ -91,33 +100,50 @@ def classnames_from_args(args) -> list[str]:
 
 def register(subparsers) -> None:
     from promptkd.inputs import add_clip_args
+    from promptkd.options import add_output_options, deprecated, positive_int
 
     p = subparsers.add_parser(
         "class-vectors", help="run the teacher's text tower over class names and store the vectors",
         description="Write a class-vector file (normalised teacher text features + class names + teacher "
                     "identity). With --append-to, only the new names are computed and added.")
-    p.add_argument("--teacher", required=True, help="teacher file (teacher.safetensors)")
-    add_clip_args(p, "teacher", "--teacher-model")
+    p.add_argument("teacher_run", nargs="?", metavar="TEACHER", help="teacher file or run folder (or --teacher)")
+    p.add_argument("--teacher", metavar="PATH|DIR", help="teacher file or run folder")
+    add_clip_args(p, "teacher")
     p.add_argument("--dataset", help="take the class names of this dataset (benchmark name or folder:PATH)")
     p.add_argument("--root", help="data root for --dataset")
     p.add_argument("--subset", choices=("all", "base", "novel"), default="all", help="with --dataset (default all)")
-    p.add_argument("--classnames-file", help="one class name per line")
+    p.add_argument("--classes-file", metavar="FILE", help="one class name per line")
     p.add_argument("--classes", help="comma-separated class names, e.g. 'cat,dog,red fox'")
-    p.add_argument("--out", help="output file (default: the --append-to file, updated in place)")
-    p.add_argument("--append-to", help="existing class-vector file of the same teacher to extend")
-    p.add_argument("--chunk", type=int, default=256, help="classes per text forward (memory only)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    add_output_options(p, "file", required=False, what="class-vector file",
+                       help="output file (default: the --append-to file, updated in place)")
+    p.add_argument("--append-to", metavar="FILE", help="existing class-vector file of the same teacher to extend")
+    p.add_argument("--text-chunk", type=positive_int, default=256, metavar="N",
+                   help="classes per text forward (memory only; default 256)")
+    deprecated(p, "--teacher-clip", "--teacher-weights")
+    deprecated(p, "--chunk", "--text-chunk", type=positive_int)
+    deprecated(p, "--classnames-file", "--classes-file")
     p.set_defaults(func=_run)
 
 
 def _run(args) -> int:
     from promptkd.engine.loop import resolve_device
-    from promptkd.inputs import load_teacher
+    from promptkd.inputs import artifact_path, check_clip_files, class_vectors_path, load_teacher, one_of
+    from promptkd.runs import claim_file
 
+    given = one_of(args.teacher_run, args.teacher, "--teacher")
+    if not given:
+        raise PromptKDError("no teacher: give its file or run folder (promptkd class-vectors runs/NAME/teacher ...)")
+    teacher_path = artifact_path(given, "teacher")
     out = args.out or args.append_to
     if not out:
         raise PromptKDError("--out is required (unless --append-to updates a file in place)")
+    if args.append_to:
+        class_vectors_path(args.append_to, "--append-to")
+    in_place = bool(args.append_to) and Path(out).resolve() == Path(args.append_to).resolve()
+    claim_file(out, overwrite=args.overwrite, what="class-vector file", in_place=in_place)
+    check_clip_files(args.teacher_model, args.teacher_weights, "teacher")
+    device = resolve_device(args.device)
     names = classnames_from_args(args)
-    teacher = load_teacher(args.teacher, args.teacher_model, args.teacher_clip, device=resolve_device(args.device))
-    print(write_class_vectors(teacher, names, out, append_to=args.append_to, chunk_size=args.chunk))
+    teacher = load_teacher(teacher_path, args.teacher_model, args.teacher_weights, device=device)
+    print(write_class_vectors(teacher, names, out, append_to=args.append_to, chunk_size=args.text_chunk))
     return 0

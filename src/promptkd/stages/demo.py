@@ -15,10 +15,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from promptkd.artifacts import atomic_open, write_json
-from promptkd.engine import TrainConfig
+from promptkd.engine.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -75,23 +73,25 @@ def _eval_encoder(encode, preprocess_cfg, class_vectors, protocol, device, progr
                            progress=progress)
 
 
-@torch.no_grad()
 def images_per_second(encode, size: int, batch: int = 32, seconds: float = 2.0, threads: int = 1) -> float:
     """Throughput of an image encoder on random inputs, after one warm-up batch.
 
     One thread by default: per-image cost is what we compare, and on a small shared CPU a second
     thread mostly measures contention.
     """
+    import torch
+
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        x = torch.randn(batch, 3, size, size)
-        encode(x)
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
+        with torch.no_grad():
+            x = torch.randn(batch, 3, size, size)
             encode(x)
-            n += batch
-        return n / (time.perf_counter() - t0)
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                encode(x)
+                n += batch
+            return n / (time.perf_counter() - t0)
     finally:
         torch.set_num_threads(before)
 
@@ -107,6 +107,8 @@ def _count(module) -> int:
 
 def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> dict:
     """Run every stage on the toy world; returns (and writes) the metrics."""
+    import torch
+
     from promptkd.data.protocols import build_protocol, teacher_split
     from promptkd.data.registry import build_dataset
     from promptkd.models import load_clip
@@ -142,7 +144,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> dict:
 
     log.info("[3/7] teacher: PromptSRC on %d shots of %d base classes", cfg.shots, len(tsplit.classnames))
     tcfg = TeacherConfig(
-        model="toy-teacher", pretrained="toy", shots=cfg.shots, seed=cfg.seed + 1,
+        model="toy-teacher", weights="toy", shots=cfg.shots, seed=cfg.seed + 1,
         vision_depth=cfg.teacher_depth, text_depth=cfg.teacher_text_depth, n_ctx_vision=cfg.teacher_ctx,
         n_ctx_text=cfg.teacher_ctx, gpa_mean=max(1.0, cfg.teacher_epochs * 0.75), gpa_std=max(1.0, cfg.teacher_epochs / 5),
         zero_shot=False,
@@ -282,26 +284,37 @@ def _plot(path: Path, metrics: dict) -> None:
     plt.close(fig)
 
 
+# What a demo writes into its folder (an --overwrite removes these first).
+DEMO_OUTPUTS = ("data", "teacher", "student", "teacher_cache", "class_vectors.safetensors", "student.onnx",
+                "metrics.json", "report.md", "report.png")
+
+
 def register(sub) -> None:
+    from promptkd.options import add_output_options, non_negative_int
+
     p = sub.add_parser("demo", help="run the whole method on the embedded toy world (offline, minutes on a CPU)",
                        description="Teacher tuning, class vectors, distillation, evaluation, export and a report, "
-                                   "on a procedurally generated world with two shipped tiny CLIPs.")
-    p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
+                                   "on a procedurally generated world with two shipped tiny CLIPs (on the CPU).")
+    add_output_options(p, "dir", required=False, what="demo", help="output folder (default: demo-out)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny sizes (seconds; for smoke tests, not for numbers)")
-    p.add_argument("--teacher-cache-views", type=int, default=None, metavar="K",
+    p.add_argument("--teacher-cache-views", type=non_negative_int, default=None, metavar="K",
                    help="views per image in the teacher-output cache (default 8; 0: online teacher)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_run)
+    p.add_argument("--threads", type=non_negative_int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.set_defaults(func=_run, out="demo-out")
 
 
 def _run(args) -> int:
+    from promptkd.runs import claim_folder
+
+    if args.device not in (None, "auto", "cpu"):
+        log.warning("the demo runs on the CPU (its report compares CPU speeds); --device %s is not used", args.device)
+    claim = claim_folder(args.out, DEMO_OUTPUTS, overwrite=args.overwrite, what="demo", finished="report.md")
     kw = {"seed": args.seed, "threads": args.threads, "progress": not args.no_progress}
     if args.teacher_cache_views is not None:
         kw["teacher_cache_views"] = args.teacher_cache_views
     cfg = DemoConfig.quick(**kw) if args.quick else DemoConfig(**kw)
-    metrics = run_demo(args.out, cfg)
+    metrics = run_demo(claim.prepare(), cfg)
     print((Path(args.out) / "report.md").read_text())
     print(json.dumps({k: metrics[k] for k in ("student_zeroshot", "teacher_zeroshot", "teacher", "student")}))
     return 0

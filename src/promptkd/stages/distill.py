@@ -18,31 +18,22 @@ import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
 from promptkd.artifacts import load_artifact, read_json, write_json
-from promptkd.data.dataset import ImageDataset, Item
 from promptkd.data.protocols import PROTOCOLS, EvalSplit, Protocol, align_class_vectors, build_protocol
-from promptkd.data.transforms import transforms_for
-from promptkd.engine import distributed
-from promptkd.engine.loop import (
-    CHECKPOINT_NAME,
-    TrainConfig,
-    TrainResult,
-    autocast,
-    resolve_device,
-    resolve_precision,
-    train_loop,
-)
+from promptkd.engine.config import CHECKPOINT_NAME, TrainConfig
 from promptkd.errors import PromptKDError
-from promptkd.inputs import add_clip_args, load_teacher
-from promptkd.metrics import evaluate_splits, harmonic_mean
-from promptkd.models.wrappers import ClassVectors, Student, Teacher, check_same_teacher
-from promptkd.settings import check_field_types, check_known_keys, read_yaml
+from promptkd.settings import check_field_types, check_known_keys, check_ranges, read_yaml, rename_keys
 from promptkd.stages.cache import CachedViewDataset, TeacherCache
 from promptkd.stages.class_vectors import compute_class_vectors
+
+if TYPE_CHECKING:  # torch and the models are imported where they run: `promptkd distill --help` stays fast
+    import torch
+
+    from promptkd.data.dataset import Item
+    from promptkd.engine.loop import TrainResult
+    from promptkd.models.wrappers import ClassVectors, Student, Teacher
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +42,9 @@ STUDENT_FILE = "student.safetensors"
 BEST_VAL_FILE = "student-best-val.safetensors"
 CLASS_VECTORS_FILE = "class_vectors.safetensors"
 METRICS_FILE = "metrics.json"
+# What a distillation run writes into its folder (an --overwrite removes these first).
+DISTILL_OUTPUTS = (STUDENT_FILE, BEST_VAL_FILE, CLASS_VECTORS_FILE, CHECKPOINT_NAME, METRICS_FILE, "metrics.jsonl",
+                   "run.json", "tensorboard")
 
 # scripts/promptkd/base2new_train.sh (comment): 200 for these, 1000 for the other eight datasets;
 # xd_train.sh uses 1000 everywhere. configs/protocols/*.yaml state the same values explicitly.
@@ -76,6 +70,8 @@ def class_logits(features: torch.Tensor, class_vectors: torch.Tensor, logit_scal
 
     With a scale of 100, bf16 logits would be off by up to ~0.5; the product is tiny (B x d x C).
     """
+    import torch
+
     with torch.autocast(features.device.type, enabled=False):
         return logit_scale.float() * features.float() @ class_vectors.to(features.device, torch.float32).T
 
@@ -88,6 +84,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     batchmean: the summed KL divided by B (the paper's Eq. 3), i.e. official * C.
     Computed in fp32 whatever the autocast dtype (the official code ran it in fp16).
     """
+    import torch.nn.functional as F
+
     if reduction not in KD_REDUCTIONS:
         raise PromptKDError(f"kd reduction must be one of {KD_REDUCTIONS}, got {reduction!r}")
     t = float(temperature)
@@ -98,14 +96,17 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return weight * t * t * kl / denom
 
 
-class PairedViews(torch.utils.data.Dataset):
-    """The same random crop and flip rendered for the student's and the teacher's input format.
+class PairedViews:
+    """The same random crop and flip rendered for the student's and the teacher's input format
+    (a map-style dataset for DataLoader).
 
     Only needed when the two CLIPs normalise or size images differently; the official pair
     (B/16, L/14) shares one tensor.
     """
 
     def __init__(self, items, student_tf, teacher_tf, seed: int):
+        from promptkd.data.dataset import ImageDataset
+
         self.base = ImageDataset(items, student_tf, seed=seed, train=True)
         self.teacher_tf = teacher_tf
 
@@ -143,7 +144,6 @@ def _trainable(student: Student) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in student.trainable_tensors().items()}
 
 
-@torch.no_grad()
 def _load_trainable(student: Student, tensors: dict[str, torch.Tensor], source: str) -> None:
     student.image.prompts.load_tensors(tensors, "vision", source)
     student.projector.load_state_dict({k.removeprefix("projector."): v for k, v in tensors.items()
@@ -164,6 +164,8 @@ def _labelled(splits: dict[str, EvalSplit]) -> bool:
 
 
 def _check_teacher_match(cv: ClassVectors, teacher: Teacher, student: Student) -> None:
+    from promptkd.models.wrappers import check_same_teacher
+
     if cv.dim != teacher.dim:
         raise PromptKDError(f"class vectors have dim {cv.dim}, the teacher's embedding has dim {teacher.dim}")
     if student.projector.out_dim != teacher.dim:
@@ -204,6 +206,16 @@ def distill_models(
     Writes student.safetensors (last epoch, the reported model), student-best-val.safetensors,
     class_vectors.safetensors, checkpoint, metrics.jsonl and metrics.json into `out_dir`.
     """
+    import torch
+    import torch.nn.functional as F
+
+    from promptkd.data.dataset import ImageDataset
+    from promptkd.data.transforms import transforms_for
+    from promptkd.engine import distributed
+    from promptkd.engine.loop import autocast, train_loop
+    from promptkd.metrics import evaluate_splits
+    from promptkd.models.wrappers import ClassVectors
+
     cfg = train or TrainConfig()
     out_dir = Path(out_dir)
     if kd_reduction not in KD_REDUCTIONS:
@@ -342,6 +354,8 @@ def _open_cache(cache, teacher: Teacher, items, teacher_tf) -> TeacherCache | No
 
 def _official_best(history: list[dict], protocol: str) -> dict:
     """The official number: the epoch with the best (base) *test* accuracy, and its novel accuracy."""
+    from promptkd.metrics import harmonic_mean
+
     key = "test_base" if protocol == "base2novel" else "test_accuracy"
     rec = _best_epoch(history, key) or {}
     out = {"epoch": rec.get("epoch"), **{k.removeprefix("test_"): v for k, v in rec.items() if k.startswith("test_")}}
@@ -362,14 +376,14 @@ class DistillConfig:
     dataset: str = ""
     root: str | None = None
     protocol: str = "base2novel"
-    num_shots: int = 0
-    teacher: str = ""
-    teacher_clip_model: str | None = None  # rebuild the teacher's CLIP from this model name / config JSON
-    teacher_clip: str | None = None  # ... and these weights (needed when they were a local file)
+    shots: int = 0  # K unlabelled images per class (0: all)
+    teacher: str = ""  # teacher file or run folder
+    teacher_model: str | None = None  # override the CLIP the teacher recorded (model name / config JSON)
+    teacher_weights: str | None = None  # ... and its weights (when the recorded file moved)
     class_vectors: str | None = None  # None: encode the class names once with the teacher before training
     teacher_cache: str | None = None  # folder from `promptkd cache`; None: run the teacher online
     student_model: str = "ViT-B-16"
-    student_pretrained: str | None = "openai"
+    student_weights: str | None = "openai"  # tag, local file, or none/null (random, seeded by train.seed)
     vision_depth: int = 9
     n_ctx_vision: int = 4
     temperature: float = 1.0
@@ -393,12 +407,15 @@ class DistillConfig:
             raise PromptKDError(f"kd_reduction must be one of {', '.join(KD_REDUCTIONS)}, got {self.kd_reduction!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise PromptKDError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
-        if self.student_pretrained in ("none", ""):
-            self.student_pretrained = None
+        check_ranges(self, "distill settings", {"shots": (">=", 0), "vision_depth": (">=", 0),
+                                                 "n_ctx_vision": (">=", 1), "temperature": (">", 0),
+                                                 "kd_weight": (">=", 0), "eval_batch_size": (">=", 1)})
+        if isinstance(self.student_weights, str) and self.student_weights.strip().lower() in ("none", ""):
+            self.student_weights = None
 
     @classmethod
     def from_dict(cls, d: dict) -> DistillConfig:
-        return _from_dict(cls, d, "distill config")
+        return _from_dict(cls, rename_keys(d, _OLD_KEYS, "distill config"), "distill config")
 
     @classmethod
     def from_yaml(cls, *paths: str | Path, overrides: dict | None = None) -> DistillConfig:
@@ -413,6 +430,11 @@ class DistillConfig:
         return cls.from_dict(merged)
 
 
+# Setting names before the vocabulary of docs/cli.md (read, with a warning, until 0.3).
+_OLD_KEYS = {"num_shots": "shots", "teacher_clip_model": "teacher_model", "teacher_clip": "teacher_weights",
+             "student_pretrained": "student_weights"}
+
+
 def _from_dict(cls, d: dict, what: str):
     check_known_keys(cls, d, what, "key")
     return cls(**d)
@@ -423,21 +445,36 @@ def distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = False) -> Pa
 
     Under torchrun every process calls this; it joins the process group itself.
     """
+    import torch
+
+    from promptkd.engine import distributed
+    from promptkd.engine.loop import resolve_device, resolve_precision
+    from promptkd.inputs import artifact_path, load_teacher
     from promptkd.models import load_clip
+    from promptkd.models.wrappers import ClassVectors, Student
+    from promptkd.runs import (
+        dataset_record,
+        file_digest,
+        file_record,
+        finish_run_record,
+        promptkd_files,
+        write_run_record,
+    )
 
     if not cfg.dataset:
         raise PromptKDError("distill: no dataset (--dataset or `dataset:` in a config)")
     if not cfg.teacher:
-        raise PromptKDError("distill: no teacher artifact (--teacher or `teacher:` in a config)")
+        raise PromptKDError("distill: no teacher (--teacher FILE|DIR or `teacher:` in a config)")
+    teacher_path = artifact_path(cfg.teacher, "teacher")
     device = resolve_device(cfg.train.device)
     info = distributed.init_distributed(device.type)
     if device.type == "cuda" and info.enabled:
         device = torch.device("cuda", info.local_rank)
     train_cfg = TrainConfig(**{**asdict(cfg.train), "precision": resolve_precision(cfg.precision, device)})
 
-    teacher = load_teacher(cfg.teacher, cfg.teacher_clip_model, cfg.teacher_clip, device)
+    teacher = load_teacher(teacher_path, cfg.teacher_model, cfg.teacher_weights, device)
     cv = ClassVectors.load(cfg.class_vectors, teacher=teacher, dim=teacher.dim) if cfg.class_vectors else None
-    protocol = build_protocol(cfg.protocol, cfg.dataset, cfg.root, num_shots=cfg.num_shots, seed=train_cfg.seed,
+    protocol = build_protocol(cfg.protocol, cfg.dataset, cfg.root, num_shots=cfg.shots, seed=train_cfg.seed,
                               reference_classnames=cv.classnames if cv is not None else None)
     if not protocol.classnames:
         raise PromptKDError(f"{cfg.dataset}: no class names; give --class-vectors for unlabelled images")
@@ -446,8 +483,17 @@ def distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = False) -> Pa
     kd_weight = cfg.kd_weight if cfg.kd_weight is not None else official_kd_weight(cfg.dataset, cfg.protocol)
 
     torch.manual_seed(train_cfg.seed)  # prompt and projector initialisation
-    clip = load_clip(cfg.student_model, cfg.student_pretrained)
+    clip = load_clip(cfg.student_model, cfg.student_weights, init_seed=train_cfg.seed)
     student = Student(clip, teacher.dim, cfg.vision_depth, cfg.n_ctx_vision).to(device)
+    if info.is_main:
+        write_run_record(out_dir, "distill", {
+            "teacher": file_record(teacher_path), "teacher_clip": teacher.clip.source, "student_clip": clip.source,
+            "class_vectors": file_record(cfg.class_vectors) if cfg.class_vectors else None,
+            "teacher_cache": {"path": str(Path(cfg.teacher_cache).resolve()),
+                              "manifest_sha256": file_digest(Path(cfg.teacher_cache) / "manifest.json")}
+            if cfg.teacher_cache else None,
+            "dataset": dataset_record(protocol.dataset, cfg.root, protocol.train, protocol=cfg.protocol,
+                                      shots=cfg.shots, seed=train_cfg.seed)})
     config = asdict(cfg)
     config.update(kd_weight=kd_weight, precision=train_cfg.precision, train=asdict(train_cfg))
     if cfg.teacher_cache:  # its image tower never runs: free the device
@@ -459,6 +505,8 @@ def distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = False) -> Pa
         eval_batch_size=cfg.eval_batch_size, resume=resume, meta={"config": config},
         teacher_cache=cfg.teacher_cache,
     )
+    if info.is_main:
+        finish_run_record(out_dir, [p.name for p in promptkd_files(Path(out_dir), DISTILL_OUTPUTS)])
     return result.student_path
 
 
@@ -470,19 +518,48 @@ _TRAIN_FLAGS = ("epochs", "batch_size", "lr", "seed", "num_workers", "device", "
 
 
 def config_from_args(args) -> DistillConfig:
+    """YAML preset(s), then --set KEY=VALUE, then the explicit options."""
+    from promptkd.options import parse_set
+
+    overrides: dict = {"train": {}}
+    for key, value in parse_set(args.set):
+        section, _, name = key.rpartition(".")
+        if section not in ("", "train"):
+            raise PromptKDError(f"unknown setting {key!r} (use NAME or train.NAME)")
+        (overrides["train"] if section else overrides)[name] = value
     top = {f.name for f in fields(DistillConfig)} - {"train"}
-    overrides = {k: v for k, v in vars(args).items() if k in top and v is not None}
-    train = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k, None) is not None}
+    overrides.update({k: v for k, v in vars(args).items() if k in top and v is not None})
+    overrides["train"].update({k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k, None) is not None})
     if args.no_progress:
-        train["progress"] = False
-    if train:
-        overrides["train"] = train
+        overrides["train"]["progress"] = False
+    if not overrides["train"]:
+        del overrides["train"]
     return DistillConfig.from_yaml(*args.config, overrides=overrides)
 
 
 def _run(args) -> int:
-    cfg = config_from_args(args)
-    path = distill(cfg, args.out, resume=args.resume)
+    from promptkd.engine import distributed
+    from promptkd.engine.loop import resolve_device
+    from promptkd.inputs import artifact_path, check_clip_files, class_vectors_path
+    from promptkd.runs import claim_folder
+
+    cfg = config_from_args(args)  # types and ranges of every setting
+    if not cfg.dataset:
+        raise PromptKDError("distill: no dataset (--dataset or `dataset:` in a config)")
+    if not cfg.teacher:
+        raise PromptKDError("distill: no teacher (--teacher FILE|DIR or `teacher:` in a config)")
+    resolve_device(cfg.train.device)
+    artifact_path(cfg.teacher, "teacher")
+    if cfg.class_vectors:
+        class_vectors_path(cfg.class_vectors)
+    if cfg.teacher_cache and not (Path(cfg.teacher_cache) / "manifest.json").is_file():
+        raise PromptKDError(f"--teacher-cache {cfg.teacher_cache}: no teacher cache here (manifest.json missing); "
+                            "build one with `promptkd cache`")
+    check_clip_files(cfg.teacher_model, cfg.teacher_weights, "teacher")
+    check_clip_files(cfg.student_model, cfg.student_weights, "student")
+    claim = claim_folder(args.out, DISTILL_OUTPUTS, overwrite=args.overwrite, resume=args.resume,
+                         what="distillation run", finished=STUDENT_FILE, marker=CHECKPOINT_NAME)
+    path = distill(cfg, claim.prepare(), resume=args.resume)
     if distributed.current().is_main:
         results = read_json(Path(args.out) / METRICS_FILE).get("results", {})
         print(f"student: {path}")
@@ -493,47 +570,60 @@ def _run(args) -> int:
 
 
 def register(sub) -> None:
+    from promptkd.inputs import add_clip_args
+    from promptkd.options import (
+        PRECISIONS,
+        add_config_options,
+        add_model_options,
+        add_output_options,
+        deprecated,
+        non_negative_float,
+        non_negative_int,
+        positive_float,
+        positive_int,
+    )
+
     p = sub.add_parser(
         "distill", help="distil a teacher into a small student on unlabelled images",
         description="Multi-GPU: torchrun --nproc_per_node N -m promptkd.cli distill ... "
-                    "(the batch size is global and split across processes).")
-    p.add_argument("--config", action="append", default=[], metavar="YAML",
-                   help="preset(s) from configs/distill/, merged in order; flags override them")
-    p.add_argument("--out", required=True, metavar="DIR", help="run folder (student, checkpoint, metrics)")
-    p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.safetensors")
+                    "(the batch size is global and split across processes). The run folder (--out) records "
+                    "what it was built from (run.json); eval and export take the folder alone.")
+    add_config_options(p, several=True, example="configs/distill/vit_b16_c2_ep20_batch8_4ctx.yaml")
+    add_output_options(p, "dir", resume=True, what="distillation run",
+                       help="run folder (student, class vectors, checkpoint, metrics, run.json)")
     p.add_argument("--dataset")
     p.add_argument("--root", help="data root holding the CoOp dataset folders")
     p.add_argument("--protocol", choices=PROTOCOLS)
-    p.add_argument("--num-shots", type=int, help="K unlabelled images per class (0: all)")
-    p.add_argument("--teacher", metavar="PATH", help="teacher artifact")
+    p.add_argument("--shots", type=non_negative_int, metavar="K", help="K unlabelled images per class (0: all)")
+    p.add_argument("--teacher", metavar="PATH|DIR", help="teacher file or run folder")
     add_clip_args(p, "teacher")
-    p.add_argument("--class-vectors", metavar="PATH", help="the teacher's stored class vectors")
+    p.add_argument("--class-vectors", metavar="FILE", help="the teacher's stored class vectors")
     p.add_argument("--teacher-cache", metavar="DIR",
                    help="teacher features from `promptkd cache` (its image tower then never runs)")
-    p.add_argument("--student-model", metavar="MODEL")
-    p.add_argument("--student-pretrained", metavar="TAG|PATH")
-    p.add_argument("--vision-depth", type=int)
-    p.add_argument("--n-ctx-vision", type=int)
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--kd-weight", type=float, help="default: the official per-dataset weight")
+    add_model_options(p, "student", default_note="default ViT-B-16 / openai")
+    p.add_argument("--vision-depth", type=non_negative_int)
+    p.add_argument("--n-ctx-vision", type=positive_int)
+    p.add_argument("--temperature", type=positive_float)
+    p.add_argument("--kd-weight", type=non_negative_float, help="default: the official per-dataset weight")
     p.add_argument("--kd-reduction", choices=KD_REDUCTIONS)
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"))
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
+    p.add_argument("--precision", choices=PRECISIONS)
+    p.add_argument("--epochs", type=positive_int)
+    p.add_argument("--batch-size", type=positive_int)
+    p.add_argument("--lr", type=positive_float)
     p.add_argument("--seed", type=int)
-    p.add_argument("--num-workers", type=int)
-    p.add_argument("--device")
-    p.add_argument("--max-steps-per-epoch", type=int)
-    p.add_argument("--checkpoint-every", type=int, metavar="STEPS")
+    p.add_argument("--num-workers", type=non_negative_int)
+    p.add_argument("--max-steps-per-epoch", type=positive_int, metavar="N")
+    p.add_argument("--checkpoint-every", type=non_negative_int, metavar="STEPS")
     p.add_argument("--on-nonfinite", choices=("stop", "skip"), help="NaN/inf loss or gradients: stop (default) or skip the batch")
     p.add_argument("--on-bad-image", choices=("substitute", "error"),
                    help="unreadable training image: use the next readable one (default, counted) or stop")
-    p.add_argument("--eval-batch-size", type=int)
+    p.add_argument("--eval-batch-size", type=positive_int)
     p.add_argument("--no-val", dest="select_on_val", action="store_const", const=False,
                    help="skip the per-epoch validation (and best-on-val selection)")
     p.add_argument("--official-best-on-test", action="store_const", const=True,
                    help="also evaluate test every epoch and report the official best-on-test number")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_run)
-
+    deprecated(p, "--teacher-clip-model", "--teacher-model")
+    deprecated(p, "--teacher-clip", "--teacher-weights")
+    deprecated(p, "--student-pretrained", "--student-weights")
+    deprecated(p, "--num-shots", "--shots", type=non_negative_int)
+    p.set_defaults(func=_run, resume_marker=CHECKPOINT_NAME)

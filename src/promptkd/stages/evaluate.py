@@ -17,6 +17,23 @@ def _format_table(title: str, results: dict[str, float], counts: dict[str, int])
     return "\n".join(lines)
 
 
+def _subject(args):
+    """(clip model | None, teacher file | None, student file | None) of the command line; a run
+    folder or artifact given as the first argument is a teacher or a student by its kind."""
+    from promptkd.inputs import artifact_kind, artifact_path
+
+    teacher, student = args.teacher, args.student
+    if args.run:
+        kind, path = artifact_kind(args.run, "eval")
+        if (teacher if kind == "teacher" else student) not in (None, args.run):
+            raise PromptKDError(f"give the {kind} once: as the first argument or with --{kind}")
+        teacher, student = (path, student) if kind == "teacher" else (teacher, path)
+    chosen = [x for x in (args.clip_model, teacher, student) if x]
+    if len(chosen) != 1:
+        raise PromptKDError("give exactly one model: a teacher or student (file or run folder), or --clip-model")
+    return (args.clip_model, teacher and artifact_path(teacher, "teacher"), student and artifact_path(student, "student"))
+
+
 def run_eval(args) -> dict:
     """Evaluate a zero-shot CLIP, a teacher or a student on a dataset under a protocol."""
     import torch
@@ -24,60 +41,82 @@ def run_eval(args) -> dict:
     from promptkd.artifacts import write_json
     from promptkd.data.protocols import align_class_vectors, build_protocol
     from promptkd.data.transforms import transforms_for
-    from promptkd.engine.loop import autocast, resolve_device
-    from promptkd.inputs import load_student, load_teacher
+    from promptkd.engine.loop import autocast, resolve_device, resolve_precision
+    from promptkd.inputs import (
+        check_clip_files,
+        class_vectors_beside,
+        class_vectors_path,
+        load_student,
+        load_teacher,
+        run_record_of,
+    )
     from promptkd.metrics import DEFAULT_TEMPLATES, evaluate_splits, zero_shot_class_vectors
     from promptkd.models import load_clip
     from promptkd.models.wrappers import ClassVectors
 
-    chosen = [x for x in (args.clip, args.teacher, args.student) if x]
-    if len(chosen) != 1:
-        raise PromptKDError("give exactly one of --clip, --teacher, --student")
-    if args.student and not args.class_vectors:
-        raise PromptKDError("--student needs --class-vectors (the teacher's stored class vectors)")
+    clip_model, teacher_path, student_path = _subject(args)
+    cv_path = None
+    if student_path:
+        cv_path = class_vectors_path(args.class_vectors) if args.class_vectors else class_vectors_beside(student_path)
+        if cv_path is None:
+            raise PromptKDError(f"{student_path}: no class vectors beside it; give --class-vectors FILE")
+    for role, model, weights in (("clip", args.clip_model, args.clip_weights), ("teacher", args.teacher_model,
+                                 args.teacher_weights), ("student", args.student_model, args.student_weights)):
+        check_clip_files(model, weights, role)
+    # A run folder remembers its data: --dataset, --root and --protocol default to the run's.
+    recorded = (run_record_of(teacher_path or student_path).get("inputs") or {}).get("dataset") or {} \
+        if (teacher_path or student_path) else {}
+    dataset = args.dataset or recorded.get("name")
+    if not dataset:
+        raise PromptKDError("no dataset: pass --dataset NAME (or folder:PATH)")
+    root = args.root if args.dataset else args.root or recorded.get("root")
+    protocol_name = args.protocol or (recorded.get("protocol") if not args.dataset else None) or "base2novel"
     device = resolve_device(args.device)
-    cv = ClassVectors.load(args.class_vectors) if args.student else None
-    protocol = build_protocol(args.protocol, args.dataset, args.root, num_shots=args.num_shots, seed=args.seed,
+    precision = resolve_precision(args.precision, device)
+    cv = ClassVectors.load(cv_path) if cv_path else None
+    protocol = build_protocol(protocol_name, dataset, root, num_shots=args.shots, seed=args.seed,
                               reference_classnames=cv.classnames if cv is not None else None)
+    splits = protocol.val if args.split == "val" else protocol.test
+    if not any(it.label >= 0 for sp in splits.values() for it in sp.items):
+        raise PromptKDError(f"{protocol.dataset}: no labelled {args.split} images under the {protocol_name} protocol"
+                            + (" (a folder without a val/ sub-folder has none; use --split test)"
+                               if args.split == "val" else ""))
     with torch.no_grad():
-        if args.clip:
-            clip = load_clip(args.clip, args.pretrained, device=device)
+        if clip_model:
+            clip = load_clip(clip_model, args.clip_weights, device=device, init_seed=args.seed)
             encode, preprocess = clip.model.encode_image, clip.preprocess_cfg
             classifier = zero_shot_class_vectors(clip, protocol.classnames, args.template or DEFAULT_TEMPLATES, device)
             what = {"clip": clip.identity(), "templates": list(args.template or DEFAULT_TEMPLATES)}
-        elif args.teacher:
-            teacher = load_teacher(args.teacher, args.teacher_clip_model, args.teacher_clip, device)
+        elif teacher_path:
+            teacher = load_teacher(teacher_path, args.teacher_model, args.teacher_weights, device)
             encode, preprocess = teacher.encode_images, teacher.clip.preprocess_cfg
-            classifier = teacher.encode_classnames(protocol.classnames, chunk_size=256)
-            what = {"teacher": str(args.teacher), **teacher.identity()}
+            classifier = teacher.encode_classnames(protocol.classnames, chunk_size=args.text_chunk)
+            what = {"teacher": str(teacher_path), **teacher.identity()}
         else:
-            student = load_student(args.student, args.student_clip_model, args.student_clip, device)
+            student = load_student(student_path, args.student_model, args.student_weights, device)
             if cv.dim != student.projector.out_dim:
-                raise PromptKDError(f"{args.class_vectors}: class vectors have dim {cv.dim}, the student "
+                raise PromptKDError(f"{cv_path}: class vectors have dim {cv.dim}, the student "
                                     f"projects to {student.projector.out_dim}")
             made_by = (getattr(student, "meta", {}) or {}).get("teacher") or {}
             if made_by.get("prompts_hash") and cv.teacher.get("prompts_hash") not in (None, made_by["prompts_hash"]):
-                raise PromptKDError(f"{args.class_vectors}: class vectors come from another teacher than the one "
-                                    f"{args.student} was distilled from (prompts hash {cv.teacher.get('prompts_hash')}"
+                raise PromptKDError(f"{cv_path}: class vectors come from another teacher than the one "
+                                    f"{student_path} was distilled from (prompts hash {cv.teacher.get('prompts_hash')}"
                                     f" vs {made_by['prompts_hash']})")
-            classifier = align_class_vectors(cv, protocol, str(args.class_vectors))
+            classifier = align_class_vectors(cv, protocol, str(cv_path))
             encode, preprocess = student, student.clip.preprocess_cfg
-            what = {"student": str(args.student), "class_vectors": str(args.class_vectors)}
-    splits = protocol.val if args.split == "val" else protocol.test
-    if not splits:
-        raise PromptKDError(f"{protocol.dataset}: the {args.protocol} protocol has no {args.split} split")
+            what = {"student": str(student_path), "class_vectors": str(cv_path)}
 
     def encode_amp(x):
-        with autocast(device, args.precision):
+        with autocast(device, precision):
             return encode(x)
 
     results = evaluate_splits(encode_amp, classifier, splits, transforms_for(preprocess)[1],
                               batch_size=args.batch_size, device=device, num_workers=args.num_workers,
                               progress=not args.no_progress)
     counts = {k: sum(1 for it in s.items if it.label >= 0) for k, s in splits.items()}
-    out = {"kind": "eval_metrics", "dataset": protocol.dataset, "protocol": args.protocol, "split": args.split,
+    out = {"kind": "eval_metrics", "dataset": protocol.dataset, "protocol": protocol_name, "split": args.split,
            "model": what, "results": results, "images": counts}
-    print(_format_table(f"{protocol.dataset} ({args.protocol}, {args.split})", results, counts))
+    print(_format_table(f"{protocol.dataset} ({protocol_name}, {args.split})", results, counts))
     if args.out:
         write_json(args.out, out)
     return out
@@ -86,29 +125,41 @@ def run_eval(args) -> dict:
 def register(sub) -> None:
     from promptkd.data.protocols import PROTOCOLS
     from promptkd.inputs import add_clip_args
+    from promptkd.options import PRECISIONS, add_model_options, deprecated, non_negative_int, positive_int
 
     p = sub.add_parser("eval", help="evaluate a zero-shot CLIP, a teacher or a student on a dataset",
                        description="Student evaluation runs only the student (image tower + projector) against "
-                                   "the stored class vectors.")
-    p.add_argument("--dataset", required=True, help="benchmark name (OxfordPets, ...) or folder:/split:/images:PATH")
-    p.add_argument("--root", help="data root holding the CoOp dataset folders")
-    p.add_argument("--protocol", choices=PROTOCOLS, default="base2novel")
+                                   "the stored class vectors. Given a run folder, the dataset, root, protocol and "
+                                   "(for a student) the class vectors default to the run's.")
+    p.add_argument("run", nargs="?", metavar="RUN", help="teacher or student: its file or run folder")
+    p.add_argument("--dataset", help="benchmark name (OxfordPets, ...) or folder:/split:/images:PATH "
+                                     "(default: the run's)")
+    p.add_argument("--root", help="data root holding the CoOp dataset folders (default: the run's)")
+    p.add_argument("--protocol", choices=PROTOCOLS, help="default: the run's, else base2novel")
     p.add_argument("--split", choices=("test", "val"), default="test")
-    p.add_argument("--num-shots", type=int, default=0)
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--shots", type=non_negative_int, default=0, metavar="K",
+                   help="K images per class of train/val (0: all; the test split is never subsampled)")
+    p.add_argument("--seed", type=int, default=1, help="few-shot draw; the seed of --clip-weights none")
     g = p.add_argument_group("what to evaluate (one of)")
-    g.add_argument("--clip", metavar="MODEL", help="zero-shot open_clip model name or config JSON")
-    g.add_argument("--pretrained", metavar="TAG|PATH", help="weights for --clip (none: random)")
+    add_model_options(g, "clip", what="a plain zero-shot CLIP", default_note="weights default: random")
     g.add_argument("--template", action="append", help="zero-shot template(s), default 'a photo of a {}.'")
-    g.add_argument("--teacher", metavar="PATH", help="teacher artifact")
+    g.add_argument("--teacher", metavar="PATH|DIR", help="teacher file or run folder")
     add_clip_args(g, "teacher")
-    g.add_argument("--student", metavar="PATH", help="student artifact (needs --class-vectors)")
-    g.add_argument("--class-vectors", metavar="PATH", help="the teacher's class vectors for --student")
+    g.add_argument("--student", metavar="PATH|DIR", help="student file or run folder")
+    g.add_argument("--class-vectors", metavar="FILE",
+                   help="the teacher's class vectors for the student (default: those in its run folder)")
     add_clip_args(g, "student")
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
-    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--text-chunk", type=positive_int, default=256, metavar="N",
+                   help="classes per teacher text forward (memory only; default 256)")
+    p.add_argument("--batch-size", type=positive_int, default=100)
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument("--num-workers", type=non_negative_int, default=0)
     p.add_argument("--out", metavar="JSON", help="write the results here")
-    p.add_argument("--no-progress", action="store_true")
+    deprecated(p, "--clip", "--clip-model")
+    deprecated(p, "--pretrained", "--clip-weights")
+    deprecated(p, "--teacher-clip-model", "--teacher-model")
+    deprecated(p, "--teacher-clip", "--teacher-weights")
+    deprecated(p, "--student-clip-model", "--student-model")
+    deprecated(p, "--student-clip", "--student-weights")
+    deprecated(p, "--num-shots", "--shots", type=non_negative_int)
     p.set_defaults(func=lambda a: (run_eval(a), 0)[1])

@@ -17,12 +17,14 @@ import collections
 import pickle
 import re
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from promptkd.errors import PromptKDError
-from promptkd.models.loading import ClipBundle, load_clip
-from promptkd.models.wrappers import Student, Teacher
+
+if TYPE_CHECKING:  # torch and the models are imported where they run (fast `--help`)
+    import torch
+
+    from promptkd.models.loading import ClipBundle
 
 # Dassl checkpoints pickle the LR scheduler, whose state holds scheduler and optimiser *objects*.
 # Those (and only those) module prefixes are replaced by inert placeholders; anything else
@@ -51,6 +53,8 @@ def _placeholder(name: str) -> type:
 
 def load_dassl_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """The model state dict of a Dassl checkpoint, loaded with weights_only=True plus placeholders."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise PromptKDError(f"{path}: checkpoint not found")
@@ -108,6 +112,8 @@ def _check_arch(sd: dict[str, torch.Tensor], clip: ClipBundle, prefix: str, sour
 
 def import_teacher(checkpoint: str | Path, clip: ClipBundle, out: str | Path) -> Path:
     """Official PromptSRC/IVLP teacher checkpoint + matching CLIP -> our teacher artifact."""
+    from promptkd.models.wrappers import Teacher
+
     src = str(checkpoint)
     sd = load_dassl_checkpoint(checkpoint)
     _check_arch(sd, clip, "image_encoder", src)
@@ -138,6 +144,8 @@ def import_teacher(checkpoint: str | Path, clip: ClipBundle, out: str | Path) ->
 
 def import_student(checkpoint: str | Path, clip: ClipBundle, out: str | Path) -> Path:
     """Official PromptKD student checkpoint + matching CLIP -> our student artifact."""
+    from promptkd.models.wrappers import Student
+
     src = str(checkpoint)
     sd = load_dassl_checkpoint(checkpoint)
     _check_arch(sd, clip, "image_encoder", src)
@@ -179,19 +187,55 @@ def import_student(checkpoint: str | Path, clip: ClipBundle, out: str | Path) ->
 
 
 def register(sub) -> None:
+    from promptkd.options import add_model_options, add_output_options, deprecated
+
     p = sub.add_parser("import-official", help="convert an official PromptSRC/PromptKD checkpoint into our artifact",
                        description="Convert an official Dassl checkpoint (model-best.pth.tar / model.pth.tar-20) "
-                                   "of a PromptSRC/IVLP teacher or a PromptKD student into a promptkd artifact.")
+                                   "of a PromptSRC/IVLP teacher or a PromptKD student into a promptkd artifact. "
+                                   "Name its CLIP with --teacher-model/--teacher-weights (a teacher) or "
+                                   "--student-model/--student-weights (a student).")
     p.add_argument("kind", choices=["teacher", "student"])
     p.add_argument("checkpoint", help="the official checkpoint file")
-    p.add_argument("--clip", required=True, help="open_clip model name of the checkpoint's CLIP, e.g. ViT-L-14")
-    p.add_argument("--pretrained", required=True, help="matching CLIP weights: OpenAI archive path (ViT-L-14.pt) or tag")
-    p.add_argument("--out", required=True, help="output artifact (.safetensors)")
+    add_model_options(p, "teacher", default_note="required for a teacher")
+    add_model_options(p, "student", default_note="required for a student")
+    add_output_options(p, "path", what="imported artifact",
+                       help="a run folder (gets KIND.safetensors and run.json) or a .safetensors file")
+    deprecated(p, "--clip", "--teacher-model or --student-model", dest="old_model")
+    deprecated(p, "--pretrained", "--teacher-weights or --student-weights", dest="old_weights")
     p.set_defaults(func=_run)
 
 
 def _run(args) -> None:
-    clip = load_clip(args.clip, args.pretrained)
-    fn = import_teacher if args.kind == "teacher" else import_student
-    path = fn(args.checkpoint, clip, args.out)
+    from promptkd.inputs import ARTIFACT_FILES, check_clip_files
+    from promptkd.models.loading import load_clip
+    from promptkd.runs import claim_file, claim_folder, file_record, finish_run_record, write_run_record
+
+    role, other = args.kind, "student" if args.kind == "teacher" else "teacher"
+    if getattr(args, f"{other}_model") or getattr(args, f"{other}_weights"):
+        raise PromptKDError(f"a {role} checkpoint's CLIP is given with --{role}-model / --{role}-weights, "
+                            f"not --{other}-*")
+    model = getattr(args, f"{role}_model") or getattr(args, "old_model", None)
+    weights = getattr(args, f"{role}_weights") or getattr(args, "old_weights", None)
+    if not model or not weights:
+        raise PromptKDError(f"name the checkpoint's CLIP: --{role}-model MODEL and --{role}-weights TAG|PATH "
+                            "(the official code reads clip/ViT-L-14.pt for a teacher, clip/ViT-B-16.pt for a student)")
+    if not Path(args.checkpoint).is_file():
+        raise PromptKDError(f"{args.checkpoint}: checkpoint not found")
+    check_clip_files(model, weights, role)
+    folder = Path(args.out).suffix != ".safetensors"
+    if folder:
+        claim = claim_folder(args.out, (ARTIFACT_FILES[role], "run.json"), overwrite=args.overwrite,
+                             what=f"imported {role}", finished=ARTIFACT_FILES[role])
+        out = claim.path / ARTIFACT_FILES[role]
+    else:
+        out = claim_file(args.out, overwrite=args.overwrite, what=f"{role} artifact")
+    clip = load_clip(model, weights)
+    fn = import_teacher if role == "teacher" else import_student
+    if folder:
+        claim.prepare()
+        write_run_record(claim.path, "import-official", {"checkpoint": file_record(args.checkpoint),
+                                                          f"{role}_clip": clip.source})
+    path = fn(args.checkpoint, clip, out)
+    if folder:
+        finish_run_record(claim.path, [ARTIFACT_FILES[role], "run.json"])
     print(f"wrote {path}")

@@ -12,14 +12,13 @@ import json
 import os
 import sys
 
-from promptkd.data.dataset import is_image_file, list_images, load_rgb
 from promptkd.errors import PromptKDError
-from promptkd.inputs import add_clip_args
-from promptkd.stages.export import load_classifier
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
     """Image files named by paths, folders (recursive) or glob patterns, in order, without repeats."""
+    from promptkd.data.dataset import is_image_file, list_images
+
     out: list[str] = []
     for given in inputs:
         if os.path.isdir(given):
@@ -39,11 +38,11 @@ def expand_inputs(inputs: list[str]) -> list[str]:
 
 def predict_files(clf, paths: list[str], *, topk: int = 5, batch_size: int = 32, progress: bool = True):
     """-> (predictions [{path, top: [{class, prob}]}], errors [{path, error}]), reading files lazily."""
-    from tqdm.auto import tqdm
+    from promptkd.data.dataset import load_rgb
+    from promptkd.logs import progress_bar
 
     preds, errors = [], []
-    bar = tqdm(total=len(paths), desc="predict", unit="img", file=sys.stderr, dynamic_ncols=True,
-               disable=not progress or len(paths) <= batch_size or None)
+    bar = progress_bar(total=len(paths), desc="predict", unit="img", enabled=progress and len(paths) > batch_size)
     for i in range(0, len(paths), batch_size):
         batch, ok = [], []
         for p in paths[i : i + batch_size]:
@@ -61,24 +60,34 @@ def predict_files(clf, paths: list[str], *, topk: int = 5, batch_size: int = 32,
 
 
 def build_classifier(args):
-    """The classifier the flags describe: ONNX, student + class vectors, or student + teacher + names."""
+    """The classifier the options describe: a --model file, a student + class vectors (those in its
+    run folder by default), or a student + teacher + class names (open vocabulary)."""
+    from promptkd.inputs import artifact_path, check_clip_files, class_vectors_beside, class_vectors_path
+    from promptkd.stages.export import load_classifier
+
     names = _classnames(args)
-    if args.onnx:
+    if args.model:
         if args.student or args.class_vectors or names:
-            raise PromptKDError("--onnx has its class vectors built in: do not combine it with --student, "
+            raise PromptKDError("--model has its class vectors built in: do not combine it with --student, "
                                 "--class-vectors or --classes (export another model for other classes)")
         from promptkd.deploy import OnnxClassifier
 
-        return OnnxClassifier(args.onnx)
+        return OnnxClassifier(args.model)
     if not args.student:
-        raise PromptKDError("give --onnx MODEL, or --student with --class-vectors (or --classes and --teacher)")
+        raise PromptKDError("give --model FILE, or --student with --class-vectors (or --classes and --teacher)")
+    student = artifact_path(args.student, "student")
+    check_clip_files(args.student_model, args.student_weights, "student")
+    check_clip_files(args.teacher_model, args.teacher_weights, "teacher")
+    device = args.device or "cpu"
     if names is None:
         if args.teacher:
             raise PromptKDError("--teacher is only used with --classes/--classes-file")
-        if not args.class_vectors:
-            raise PromptKDError("--student needs --class-vectors, or --classes/--classes-file with --teacher")
-        return load_classifier(args.student, args.class_vectors, student_model=args.student_model,
-                               student_clip=args.student_clip, device=args.device)
+        cv = class_vectors_path(args.class_vectors) if args.class_vectors else class_vectors_beside(student)
+        if cv is None:
+            raise PromptKDError("--student needs --class-vectors (none beside it), or --classes/--classes-file "
+                                "with --teacher")
+        return load_classifier(str(student), str(cv), student_model=args.student_model,
+                               student_weights=args.student_weights, device=device)
     if not args.teacher:
         raise PromptKDError("--classes/--classes-file need --teacher: new class vectors come from its text tower")
     if args.class_vectors:
@@ -87,9 +96,10 @@ def build_classifier(args):
     from promptkd.inputs import load_student, load_teacher
     from promptkd.stages.class_vectors import compute_class_vectors
 
-    student = load_student(args.student, args.student_model, args.student_clip, device=args.device)
-    teacher = load_teacher(args.teacher, args.teacher_model, args.teacher_clip, device=args.device)
-    return StudentClassifier(student, compute_class_vectors(teacher, names))
+    teacher_path = artifact_path(args.teacher, "teacher")
+    student = load_student(student, args.student_model, args.student_weights, device=device)
+    teacher = load_teacher(teacher_path, args.teacher_model, args.teacher_weights, device=device)
+    return StudentClassifier(student, compute_class_vectors(teacher, names, args.text_chunk))
 
 
 def _classnames(args) -> list[str] | None:
@@ -108,32 +118,43 @@ def _classnames(args) -> list[str] | None:
 
 
 def register(subparsers) -> None:
+    from promptkd.inputs import add_clip_args
+    from promptkd.options import deprecated, positive_int
+
     p = subparsers.add_parser(
-        "predict", help="classify images with a student or an ONNX export",
+        "predict", help="classify images with an exported model or a student",
         description="Print the top-k classes and probabilities of each image. Inputs are image files, "
                     "folders (searched recursively) or glob patterns (quote them).")
     p.add_argument("inputs", nargs="+", metavar="IMAGE|FOLDER|GLOB")
-    p.add_argument("--onnx", help="an ONNX file from `promptkd export` (runs on onnxruntime)")
-    p.add_argument("--student", help="student file (runs on PyTorch)")
-    p.add_argument("--class-vectors", help="class-vector file for --student")
+    p.add_argument("--model", metavar="FILE", help="a model file from `promptkd export` (ONNX; runs on onnxruntime)")
+    p.add_argument("--student", metavar="PATH|DIR", help="student file or run folder (runs on PyTorch)")
+    p.add_argument("--class-vectors", metavar="FILE",
+                   help="class-vector file for --student (default: the one in its run folder)")
     p.add_argument("--classes", help="open vocabulary: comma-separated class names (needs --teacher)")
-    p.add_argument("--classes-file", help="open vocabulary: one class name per line (needs --teacher)")
-    p.add_argument("--teacher", help="teacher file whose text tower computes vectors for --classes")
-    add_clip_args(p, "teacher", "--teacher-model")
-    add_clip_args(p, "student", "--student-model")
-    p.add_argument("--topk", type=int, default=5, help="classes shown per image (default 5)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, mps (PyTorch only)")
+    p.add_argument("--classes-file", metavar="FILE", help="open vocabulary: one class name per line (needs --teacher)")
+    p.add_argument("--teacher", metavar="PATH|DIR", help="teacher whose text tower computes vectors for --classes")
+    add_clip_args(p, "teacher")
+    add_clip_args(p, "student")
+    p.add_argument("--text-chunk", type=positive_int, default=256, metavar="N",
+                   help="classes per teacher text forward with --classes (memory only; default 256)")
+    p.add_argument("--topk", type=positive_int, default=5, help="classes shown per image (default 5)")
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--json", action="store_true", help="print one JSON object (predictions and errors)")
+    deprecated(p, "--onnx", "--model")
+    deprecated(p, "--teacher-clip", "--teacher-weights")
+    deprecated(p, "--student-clip", "--student-weights")
     p.set_defaults(func=_run)
 
 
 def _run(args) -> int:
-    if args.topk < 1 or args.batch_size < 1:
-        raise PromptKDError("--topk and --batch-size must be at least 1")
+    if args.device:  # --model runs on onnxruntime's CPU provider; a student on this device
+        from promptkd.engine.loop import resolve_device
+
+        resolve_device(args.device)
     paths = expand_inputs(args.inputs)
     clf = build_classifier(args)
-    preds, errors = predict_files(clf, paths, topk=args.topk, batch_size=args.batch_size)
+    preds, errors = predict_files(clf, paths, topk=args.topk, batch_size=args.batch_size,
+                                  progress=not args.no_progress)
     if args.json:
         json.dump({"predictions": preds, "errors": errors}, sys.stdout, indent=2)
         print()
@@ -143,4 +164,3 @@ def _run(args) -> int:
     for e in errors:
         print(f"promptkd: {e['path']}: {e['error']}", file=sys.stderr)
     return 1 if errors else 0
-

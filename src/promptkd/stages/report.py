@@ -16,7 +16,6 @@ from pathlib import Path
 
 from promptkd.artifacts import atomic_open, read_json, write_json
 from promptkd.errors import PromptKDError
-from promptkd.metrics import harmonic_mean
 
 # Table order of the paper.
 PAPER_ORDER = ["ImageNet", "Caltech101", "OxfordPets", "StanfordCars", "OxfordFlowers", "Food101", "FGVCAircraft",
@@ -28,8 +27,17 @@ TITLES = {"base2novel": "Base-to-novel generalisation", "cross": "Cross-dataset 
 SELECTIONS = ("last", "best_val", "official_best_on_test")
 
 
+def _is_distill_metrics(path: Path) -> bool:
+    try:
+        return read_json(path).get("kind") == "distill_metrics"
+    except (PromptKDError, AttributeError):
+        return False
+
+
 def find_runs(paths) -> list[Path]:
-    """metrics.json files: given directly, in the given run folders, or anywhere below them."""
+    """Distillation metrics.json files: given directly, in the given run folders, or anywhere below
+    them. Below a folder, other metrics files (a teacher run's, as in runs/pets/{teacher,student})
+    are passed over; a file or run folder named directly must be a distillation's."""
     found = []
     for p in map(Path, paths):
         if p.is_file():
@@ -37,11 +45,11 @@ def find_runs(paths) -> list[Path]:
         elif (p / "metrics.json").is_file():
             found.append(p / "metrics.json")
         elif p.is_dir():
-            found.extend(sorted(p.rglob("metrics.json")))
+            found.extend(f for f in sorted(p.rglob("metrics.json")) if _is_distill_metrics(f))
         else:
             raise PromptKDError(f"{p}: no such run folder")
     if not found:
-        raise PromptKDError(f"no metrics.json under {', '.join(map(str, paths))}")
+        raise PromptKDError(f"no distillation runs (metrics.json of `promptkd distill`) under {', '.join(map(str, paths))}")
     return found
 
 
@@ -66,6 +74,8 @@ def _check_metrics(source: str, m: dict) -> None:
 
 def aggregate(metrics: list[tuple[str, dict]], select: str = "last") -> dict[str, dict]:
     """{protocol: {"rows": [...], "average": {...}}} from (source, metrics.json content) pairs."""
+    from promptkd.metrics import harmonic_mean
+
     if select not in SELECTIONS:
         raise PromptKDError(f"select must be one of {SELECTIONS}")
     groups: dict[tuple[str, str], dict[int, dict]] = defaultdict(dict)
@@ -149,28 +159,48 @@ def write_csv(path: Path, protocol: str, table: dict) -> None:
         w.writerow(["Average", ""] + [f"{a[h]:.4f}" if h in a else "" for h in header[2:]])
 
 
-def plot(path: Path, protocol: str, table: dict) -> None:
+def short_label(dataset: str, width: int = 18) -> str:
+    """A dataset's name as a plot label: `folder:/long/path/pets` -> `pets`, `split:.../x.json` -> `x`."""
+    prefix, sep, rest = dataset.partition(":")
+    if sep and prefix in ("folder", "images", "split"):
+        dataset = Path(rest.rstrip("/\\")).stem or rest
+    return dataset if len(dataset) <= width else dataset[: width - 1] + "…"
+
+
+def figure(protocol: str, table: dict):
+    """The bar chart of one protocol's table: short labels, error bars inside the axes, the legend
+    above the plot (never over a bar)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = table["rows"]
-    labels = [r["dataset"] for r in rows] + ["Average"]
+    labels = [short_label(r["dataset"]) for r in rows] + ["Average"]
     series = (["base", "novel", "hm"] if protocol == "base2novel" else ["accuracy"])
     width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(labels) + 2), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(labels) + 2), 4.3))
+    top = 100.0
     for i, name in enumerate(series):
         values = [r[name] for r in rows] + [table["average"][name]]
         errs = [r.get(f"{name}_std", 0.0) for r in rows] + [0.0]
+        top = max(top, *(v + e for v, e in zip(values, errs)))
         xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(labels))]
         ax.bar(xs, values, width, yerr=errs, label="HM" if name == "hm" else name.capitalize(), capsize=2)
-    ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right")
+    ax.set_xticks(range(len(labels)), labels, rotation=35 if len(labels) > 4 else 0,
+                  ha="right" if len(labels) > 4 else "center")
     ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(TITLES.get(protocol, protocol))
-    ax.set_ylim(0, 100)
-    ax.legend(loc="lower right")
+    ax.set_ylim(0, top * 1.04)  # a mean near 100 keeps its whole error bar
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(series), frameon=False)
+    ax.set_title(TITLES.get(protocol, protocol), pad=24 if len(series) > 1 else 6)
     fig.tight_layout()
+    return fig
+
+
+def plot(path: Path, protocol: str, table: dict) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = figure(protocol, table)
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=120)
     plt.close(fig)

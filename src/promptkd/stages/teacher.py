@@ -19,30 +19,30 @@ import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
 from promptkd.artifacts import load_artifact, write_json
-from promptkd.data.dataset import ImageDataset
-from promptkd.data.transforms import transforms_for
-from promptkd.engine import TrainConfig, distributed, train_loop
-from promptkd.engine.loop import CHECKPOINT_NAME, resolve_device
+from promptkd.engine.config import CHECKPOINT_NAME, TrainConfig
 from promptkd.errors import PromptKDError
-from promptkd.metrics import DEFAULT_TEMPLATES, accuracy, encode_items, zero_shot_class_vectors
-from promptkd.models.loading import ClipBundle, load_clip
-from promptkd.models.wrappers import Teacher
-from promptkd.settings import check_field_types, check_known_keys, read_yaml
+from promptkd.settings import check_field_types, check_known_keys, check_ranges, read_yaml, rename_keys
 from promptkd.stages.templates import IMAGENET_TEMPLATES
+
+if TYPE_CHECKING:  # torch and the models are imported where they run: `promptkd teacher --help` stays fast
+    import torch
+
+    from promptkd.models.loading import ClipBundle
+    from promptkd.models.wrappers import Teacher
 
 log = logging.getLogger(__name__)
 
 TEACHER_NAME = "teacher.safetensors"
+# What a teacher run writes into its folder (an --overwrite removes these first).
+TEACHER_OUTPUTS = (TEACHER_NAME, "metrics.json", "metrics.jsonl", CHECKPOINT_NAME, "run.json", "tensorboard")
 MODES = ("promptsrc", "ce")
 LOSS_TERMS = ("ce", "text_l1", "image_l1", "logits_kl")
 
 # Settings a resumed run must share with the run that wrote the checkpoint.
-_RESUME_KEYS = ("model", "pretrained", "dataset", "root", "shots", "seed", "vision_depth", "text_depth",
+_RESUME_KEYS = ("model", "weights", "dataset", "root", "shots", "seed", "vision_depth", "text_depth",
                 "n_ctx_vision", "n_ctx_text", "ctx_init", "mode", "text_loss_weight", "image_loss_weight",
                 "logits_loss_weight", "gpa", "gpa_mean", "gpa_std")
 
@@ -52,7 +52,7 @@ class TeacherConfig:
     """Everything a teacher run needs; the defaults are the official PromptSRC ViT-L/14 preset."""
 
     model: str = "ViT-L-14"
-    pretrained: str | None = "openai"
+    weights: str | None = "openai"  # open_clip tag, local checkpoint, or none/null (random, seeded by `seed`)
     dataset: str | None = None  # a benchmark name, or folder:PATH / split:FILE.json (see build_dataset)
     root: str | None = None
     shots: int = 16
@@ -84,19 +84,22 @@ class TeacherConfig:
         if self.gpa is None:
             self.gpa = self.mode == "promptsrc"
         if self.gpa and self.gpa_std <= 0:
-            raise PromptKDError(f"gpa_std must be > 0, got {self.gpa_std}")
-        if self.text_chunk is not None and self.text_chunk < 1:
-            raise PromptKDError(f"text_chunk must be >= 1, got {self.text_chunk}")
-        if self.shots < 0:
-            raise PromptKDError(f"shots must be >= 0 (0: all images), got {self.shots}")
+            raise PromptKDError(f"teacher settings: gpa_std must be > 0, got {self.gpa_std}")
+        check_ranges(self, "teacher settings", {
+            "shots": (">=", 0), "vision_depth": (">=", 0), "text_depth": (">=", 0), "n_ctx_vision": (">=", 1),
+            "n_ctx_text": (">=", 1), "text_loss_weight": (">=", 0), "image_loss_weight": (">=", 0),
+            "logits_loss_weight": (">=", 0), "text_chunk": (">=", 1), "val_every": (">=", 0),
+            "eval_batch_size": (">=", 1)})
+        if isinstance(self.weights, str) and self.weights.strip().lower() in ("none", ""):
+            self.weights = None
         self.train.seed = self.seed
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> TeacherConfig:
         if not isinstance(d, dict):
             raise PromptKDError(f"{source}: expected a mapping of teacher settings")
+        d = rename_keys(d, {"pretrained": "weights"}, source)
         check_known_keys(cls, d, source, "teacher setting")
-        d = dict(d)
         if "train" in d:
             d["train"] = _train_config(d["train"], source)
         return cls(**d)
@@ -125,6 +128,8 @@ def gpa_weights(epochs: int, mean: float, std: float) -> list[float]:
 
     Normalised in log space, so a mean far beyond the last epoch still gives finite weights.
     """
+    import torch
+
     logs = torch.tensor([-0.5 * ((e - mean) / std) ** 2 for e in range(1, epochs + 1)], dtype=torch.float64)
     return torch.softmax(logs, dim=0).tolist()
 
@@ -136,10 +141,11 @@ class PromptAggregate:
     """
 
     def __init__(self, teacher: Teacher, weights: list[float]):
+        import torch
+
         self.teacher, self.weights = teacher, list(weights)
         self.sum = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in teacher.prompt_tensors().items()}
 
-    @torch.no_grad()
     def add(self, epoch: int) -> float:
         w = self.weights[epoch]
         for k, v in self.teacher.prompt_tensors().items():
@@ -152,7 +158,7 @@ class PromptAggregate:
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         if set(tensors) != set(self.sum):
             raise PromptKDError("checkpoint's prompt aggregate does not match this teacher's prompts")
-        self.sum = {k: v.to(self.sum[k].device, torch.float32).clone() for k, v in tensors.items()}
+        self.sum = {k: v.to(self.sum[k].device, self.sum[k].dtype).clone() for k, v in tensors.items()}
 
     def write_into(self, teacher: Teacher) -> None:
         teacher.load_prompt_tensors(self.sum, "prompt aggregate")
@@ -166,6 +172,8 @@ class TeacherObjective:
     """
 
     def __init__(self, teacher: Teacher, classnames: list[str], cfg: TeacherConfig):
+        from promptkd.metrics import zero_shot_class_vectors
+
         self.teacher, self.cfg = teacher, cfg
         device = teacher.logit_scale.device
         self.tokens = teacher.text.tokenize_classnames(classnames).to(device)
@@ -176,6 +184,9 @@ class TeacherObjective:
 
     def terms(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each loss term as it enters the total (weights applied)."""
+        import torch
+        import torch.nn.functional as F
+
         t = self.teacher
         text = F.normalize(t.text.encode(self.tokens, self.cfg.text_chunk).float(), dim=-1)
         image = F.normalize(t.image(images).float(), dim=-1)
@@ -200,28 +211,36 @@ class TeacherObjective:
 
 
 def build_teacher(clip: ClipBundle, cfg: TeacherConfig) -> Teacher:
+    from promptkd.models.wrappers import Teacher
+
     return Teacher(clip, cfg.vision_depth, cfg.text_depth, cfg.n_ctx_vision, cfg.n_ctx_text, cfg.ctx_init)
 
 
-@torch.no_grad()
 def teacher_accuracy(teacher: Teacher, items, classnames: list[str], transform, *, text_chunk: int | None = 256,
                      batch_size: int = 100, progress: bool = False) -> float:
     """Top-1 accuracy (%) of the prompted teacher on `items` over `classnames`."""
+    import torch
+
+    from promptkd.metrics import accuracy, encode_items
+
     was_training = teacher.training
     teacher.eval()
     device = teacher.logit_scale.device
-    vectors = teacher.encode_classnames(classnames, text_chunk)
+    with torch.no_grad():
+        vectors = teacher.encode_classnames(classnames, text_chunk)
     feats, labels = encode_items(teacher.image, items, transform, batch_size=batch_size, device=device,
                                  desc="teacher val", progress=progress)
     teacher.train(was_training)
     return accuracy(feats, labels, vectors.float().cpu())
 
 
-@torch.no_grad()
-def zero_shot_eval(clip: ClipBundle, items, classnames: list[str], transform, templates=DEFAULT_TEMPLATES, *,
+def zero_shot_eval(clip: ClipBundle, items, classnames: list[str], transform, templates=None, *,
                    batch_size: int = 100, device: str | torch.device = "cpu", progress: bool = False) -> float:
-    """Top-1 accuracy (%) of plain CLIP with template-averaged class names (the zero-shot baseline)."""
-    vectors = zero_shot_class_vectors(clip, classnames, templates, device)
+    """Top-1 accuracy (%) of plain CLIP with template-averaged class names (the zero-shot baseline;
+    templates default to metrics.DEFAULT_TEMPLATES)."""
+    from promptkd.metrics import DEFAULT_TEMPLATES, accuracy, encode_items, zero_shot_class_vectors
+
+    vectors = zero_shot_class_vectors(clip, classnames, templates or DEFAULT_TEMPLATES, device)
     feats, labels = encode_items(clip.model.encode_image, items, transform, batch_size=batch_size, device=device,
                                  desc="zero-shot val", progress=progress)
     return accuracy(feats, labels, vectors.cpu())
@@ -254,6 +273,11 @@ def train_teacher_on(teacher: Teacher, train_items, val_items, classnames: list[
     Writes out_dir/teacher.safetensors (prompts + metadata: val and zero-shot accuracy, loss
     curves, settings), out_dir/metrics.json, and the engine's checkpoint and metrics.jsonl.
     """
+    from promptkd.data.dataset import ImageDataset
+    from promptkd.data.transforms import transforms_for
+    from promptkd.engine import distributed
+    from promptkd.engine.loop import resolve_device, train_loop
+
     out_dir = Path(out_dir)
     device = resolve_device(cfg.train.device)
     distributed.init_distributed(device.type)
@@ -327,6 +351,15 @@ def train_teacher(cfg: TeacherConfig, out_dir: str | Path, resume: bool = False)
     from promptkd.data.protocols import teacher_split
     from promptkd.data.registry import build_dataset
     from promptkd.data.sampling import set_random_seed
+    from promptkd.engine.loop import resolve_device
+    from promptkd.models.loading import load_clip
+    from promptkd.runs import (
+        dataset_record,
+        finish_run_record,
+        is_main_process,
+        promptkd_files,
+        write_run_record,
+    )
 
     if not cfg.dataset:
         raise PromptKDError("no dataset: pass --dataset NAME (or folder:PATH) or set 'dataset' in the config")
@@ -334,22 +367,28 @@ def train_teacher(cfg: TeacherConfig, out_dir: str | Path, resume: bool = False)
     split = teacher_split(ds, cfg.shots, cfg.seed)
     if not split.train:
         raise PromptKDError(f"{cfg.dataset}: no training images for the base classes")
+    if resume:
+        _check_resume(Path(out_dir), cfg, split.classnames)
     set_random_seed(cfg.seed)  # prompt initialisation depends on the seed alone
-    if cfg.pretrained is None:
-        log.warning("training a teacher on randomly initialised CLIP weights (only useful for tests)")
-    clip = load_clip(cfg.model, cfg.pretrained, device=resolve_device(cfg.train.device))
+    clip = load_clip(cfg.model, cfg.weights, device=resolve_device(cfg.train.device), init_seed=cfg.seed)
     teacher = build_teacher(clip, cfg)
-    log.info("teacher: %s/%s, %d base classes, %d train and %d val images", cfg.model, cfg.pretrained,
+    log.info("teacher: %s/%s, %d base classes, %d train and %d val images", cfg.model, cfg.weights,
              len(split.classnames), len(split.train), len(split.val or []))
-    return train_teacher_on(teacher, split.train, split.val, split.classnames, cfg, out_dir, resume=resume,
+    if is_main_process():
+        write_run_record(out_dir, "teacher", {"teacher_clip": clip.source, "dataset": dataset_record(
+            ds.name, cfg.root, split.train, shots=cfg.shots, seed=cfg.seed)})
+    path = train_teacher_on(teacher, split.train, split.val, split.classnames, cfg, out_dir, resume=resume,
                             meta={"dataset": ds.name, "shots": cfg.shots, "seed": cfg.seed})
+    if is_main_process():
+        finish_run_record(out_dir, [p.name for p in promptkd_files(Path(out_dir), TEACHER_OUTPUTS)])
+    return path
 
 
 # ---------------------------------------------------------------------------------------------- CLI
 
 # flag -> (TeacherConfig field, or "train.<field>")
 _FLAGS = {
-    "model": "model", "pretrained": "pretrained", "dataset": "dataset", "root": "root", "shots": "shots",
+    "teacher_model": "model", "teacher_weights": "weights", "dataset": "dataset", "root": "root", "shots": "shots",
     "seed": "seed", "mode": "mode", "text_chunk": "text_chunk", "vision_depth": "vision_depth",
     "text_depth": "text_depth", "n_ctx_vision": "n_ctx_vision", "n_ctx_text": "n_ctx_text",
     "gpa_mean": "gpa_mean", "gpa_std": "gpa_std", "val_every": "val_every",
@@ -360,73 +399,96 @@ _FLAGS = {
 
 
 def config_from_args(args) -> TeacherConfig:
-    """YAML preset (or the ViT-L/14 defaults), then --set KEY=VALUE, then the explicit flags."""
-    import yaml
+    """YAML preset (or the ViT-L/14 defaults), then --set KEY=VALUE, then the explicit options."""
+    from promptkd.options import parse_set
 
     data = read_yaml(args.config) if args.config else {}
     data = {**data, "train": dict(data.get("train") or {})}
-    overrides = []
-    for item in args.set or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise PromptKDError(f"--set {item!r}: expected KEY=VALUE (e.g. train.lr=0.01)")
-        overrides.append((key.strip(), yaml.safe_load(value)))
+    overrides = parse_set(args.set)
     for dest, key in _FLAGS.items():
         value = getattr(args, dest, None)
         if value is not None:
             overrides.append((key, value))
     if args.no_gpa:
         overrides.append(("gpa", False))
+    if getattr(args, "no_progress", False):
+        overrides.append(("train.progress", False))
     for key, value in overrides:
         section, _, name = key.rpartition(".")
         if section not in ("", "train"):
             raise PromptKDError(f"unknown setting {key!r} (use NAME or train.NAME)")
         (data["train"] if section else data)[name] = value
+    if data["train"].get("precision") == "auto":  # bf16 (or fp16) on CUDA, fp32 elsewhere
+        from promptkd.engine.loop import resolve_device, resolve_precision
+
+        data["train"]["precision"] = resolve_precision("auto", resolve_device(data["train"].get("device", "auto")))
     return TeacherConfig.from_dict(data, args.config or "settings")
 
 
 def register(subparsers) -> None:
+    from promptkd.options import (
+        PRECISIONS,
+        add_config_options,
+        add_model_options,
+        add_output_options,
+        deprecated,
+        non_negative_int,
+        positive_float,
+        positive_int,
+    )
+
     p = subparsers.add_parser(
         "teacher", help="train a teacher's prompts (PromptSRC) on K-shot base-class images",
         description="Train IVLP deep prompts on a CLIP teacher with the PromptSRC losses and GPA (or CE only). "
-                    "Defaults are the official ViT-L/14 preset; --config YAML overrides them, flags override that.")
-    p.add_argument("--config", help="YAML preset, e.g. configs/teacher/vit_l14.yaml")
-    p.add_argument("--out", required=True, help="output folder (teacher.safetensors, metrics.json, checkpoint)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+                    "Defaults are the official ViT-L/14 preset; --config YAML overrides them, --set and the "
+                    "options override that. The run folder (--out) records what it was built from (run.json).")
+    add_config_options(p, example="configs/teacher/vit_l14.yaml")
+    add_output_options(p, "dir", resume=True, what="teacher run",
+                       help="run folder (teacher.safetensors, metrics.json, checkpoint, run.json)")
     p.add_argument("--dataset", help="benchmark name (ImageNet, OxfordPets, ...) or folder:PATH / split:FILE.json")
     p.add_argument("--root", help="data root holding the datasets")
-    p.add_argument("--model", help="open_clip model name or config JSON (default ViT-L-14)")
-    p.add_argument("--pretrained", help="weights tag or local checkpoint (default openai)")
-    p.add_argument("--shots", type=int, help="labelled images per base class (default 16)")
-    p.add_argument("--seed", type=int, help="few-shot draw, prompt init and batch order (default 1)")
+    add_model_options(p, "teacher", default_note="default ViT-L-14 / openai")
+    p.add_argument("--shots", type=non_negative_int, metavar="K", help="labelled images per base class (default 16)")
+    p.add_argument("--seed", type=int, help="few-shot draw, prompt init, batch order, random weights (default 1)")
     p.add_argument("--mode", choices=MODES, help="promptsrc (default) or ce (CE only: IVLP/CoOp)")
-    p.add_argument("--text-chunk", type=int, help="classes per gradient-checkpointed text chunk (saves memory)")
-    p.add_argument("--vision-depth", type=int)
-    p.add_argument("--text-depth", type=int)
-    p.add_argument("--n-ctx-vision", type=int)
-    p.add_argument("--n-ctx-text", type=int)
+    p.add_argument("--text-chunk", type=positive_int, metavar="N",
+                   help="classes per gradient-checkpointed text forward (saves memory)")
+    p.add_argument("--vision-depth", type=non_negative_int)
+    p.add_argument("--text-depth", type=non_negative_int)
+    p.add_argument("--n-ctx-vision", type=positive_int)
+    p.add_argument("--n-ctx-text", type=positive_int)
     p.add_argument("--gpa-mean", type=float)
-    p.add_argument("--gpa-std", type=float)
+    p.add_argument("--gpa-std", type=positive_float)
     p.add_argument("--no-gpa", action="store_true", help="keep the last epoch's prompts")
-    p.add_argument("--val-every", type=int, help="also validate every N epochs")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"))
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, mps")
-    p.add_argument("--num-workers", type=int)
-    p.add_argument("--max-steps-per-epoch", type=int, help="cap steps per epoch (quick runs)")
-    p.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="also checkpoint every N steps (for --resume)")
+    p.add_argument("--val-every", type=non_negative_int, metavar="N", help="also validate every N epochs")
+    p.add_argument("--epochs", type=positive_int)
+    p.add_argument("--batch-size", type=positive_int)
+    p.add_argument("--lr", type=positive_float)
+    p.add_argument("--precision", choices=PRECISIONS, help="autocast dtype (default fp32; auto: bf16 on CUDA)")
+    p.add_argument("--num-workers", type=non_negative_int)
+    p.add_argument("--max-steps-per-epoch", type=positive_int, metavar="N", help="cap steps per epoch (quick runs)")
+    p.add_argument("--checkpoint-every", type=non_negative_int, metavar="STEPS",
+                   help="also checkpoint every N steps (for --resume)")
     p.add_argument("--on-nonfinite", choices=("stop", "skip"), help="NaN/inf loss or gradients: stop (default) or skip the batch")
     p.add_argument("--on-bad-image", choices=("substitute", "error"),
                    help="unreadable training image: use the next readable one (default, counted) or stop")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="any other setting, e.g. --set image_loss_weight=5 --set train.grad_clip=1.0")
-    p.set_defaults(func=_run)
+    deprecated(p, "--model", "--teacher-model")
+    deprecated(p, "--pretrained", "--teacher-weights")
+    p.set_defaults(func=_run, resume_marker=CHECKPOINT_NAME)
 
 
 def _run(args) -> int:
-    cfg = config_from_args(args)
-    path = train_teacher(cfg, args.out, resume=args.resume)
+    from promptkd.engine.loop import resolve_device
+    from promptkd.inputs import check_clip_files
+    from promptkd.runs import claim_folder
+
+    cfg = config_from_args(args)  # types and ranges of every setting
+    resolve_device(cfg.train.device)  # the device exists here
+    if not cfg.dataset:
+        raise PromptKDError("no dataset: pass --dataset NAME (or folder:PATH) or set 'dataset' in the config")
+    claim = claim_folder(args.out, TEACHER_OUTPUTS, overwrite=args.overwrite, resume=args.resume,
+                         what="teacher run", finished=TEACHER_NAME, marker=CHECKPOINT_NAME)
+    check_clip_files(cfg.model, cfg.weights, "teacher")
+    path = train_teacher(cfg, claim.prepare(), resume=args.resume)
     print(path)
     return 0

@@ -3,9 +3,22 @@
 ``world``: a seeded, file-free image-caption world with a shifted 24-class domain.
 ``models``: ``build_toy_clip("toy-teacher" | "toy-student")`` -> standard open_clip models
 with the shipped weights. ``pretrain``: the script that made those weights.
+Names are resolved on first use, so that the CLI can list the toy commands without torch.
 """
 
-from promptkd.toy.models import build_toy_clip, toy_model_names
-from promptkd.toy.world import World
+from __future__ import annotations
+
+import importlib
+
+TOY_MODELS = ("toy-teacher", "toy-student")  # the shipped tiny CLIPs (assets/toy/NAME.json, .safetensors)
+
+_LAZY = {"World": "promptkd.toy.world", "build_toy_clip": "promptkd.toy.models",
+         "toy_model_names": "promptkd.toy.models"}
 
 __all__ = ["World", "build_toy_clip", "toy_model_names"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'promptkd.toy' has no attribute {name!r}")

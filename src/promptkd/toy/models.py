@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save
 
 from promptkd.artifacts import atomic_open
 from promptkd.errors import PromptKDError
+from promptkd.toy import TOY_MODELS
 from promptkd.toy.world import IMAGE_SIZE, vocabulary_words
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy"
@@ -49,7 +50,7 @@ _TOKEN_IDS = "token_embedding.ids"
 
 
 def toy_model_names() -> list[str]:
-    return ["toy-teacher", "toy-student"]
+    return list(TOY_MODELS)
 
 
 def _check_name(name: str) -> str:

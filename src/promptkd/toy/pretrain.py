@@ -17,7 +17,6 @@ steps (and logged), so it depends on the machine.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -236,63 +235,3 @@ def pretrain(which: str, out_dir: str | Path, seed: int = 0, minutes: float | No
     emit(summary)
     model.eval()
     return summary
-
-
-def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("which", choices=["teacher", "student", *toy_model_names()])
-    p.add_argument("--out", default="runs/toy-pretrain", help="output folder (weights, checkpoints, log)")
-    p.add_argument("--seed", type=int, default=0)
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--steps", type=int, help="optimiser steps (reproducible)")
-    g.add_argument("--minutes", type=float, help="wall-clock budget; steps set from measured speed")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup-steps", type=int, default=200)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--eval-every", type=float, default=300, help="seconds between zero-shot evaluations (0: none)")
-    p.add_argument("--checkpoint-every", type=float, default=600, help="seconds between checkpoints (0: none)")
-    p.add_argument("--deadline-minutes", type=float, default=None, help="stop early at this wall time")
-    p.add_argument("--stop-after-steps", type=int, default=None,
-                   help="stop at this step of the --steps schedule (a less trained model)")
-    p.add_argument("--eval-n-per-class", type=int, default=50, help="domain test images per class for evaluations")
-    p.add_argument("--ship", action="store_true", help="copy the final weights into the package assets")
-
-
-def _run(a) -> int:
-    from promptkd.errors import PromptKDError
-
-    for flag, value in (("--steps", a.steps), ("--minutes", a.minutes), ("--batch-size", a.batch_size),
-                        ("--stop-after-steps", a.stop_after_steps), ("--deadline-minutes", a.deadline_minutes)):
-        if value is not None and value <= 0:
-            raise PromptKDError(f"{flag} must be positive, got {value}")
-    if a.stop_after_steps is not None and (a.steps is None or a.stop_after_steps > a.steps):
-        raise PromptKDError("--stop-after-steps needs --steps and must not exceed it")
-    pretrain(a.which, a.out, seed=a.seed, minutes=a.minutes, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
-             weight_decay=a.weight_decay, warmup_steps=a.warmup_steps, threads=a.threads,
-             eval_every_s=a.eval_every, checkpoint_every_s=a.checkpoint_every,
-             deadline_minutes=a.deadline_minutes, eval_n_per_class=a.eval_n_per_class,
-             stop_after_steps=a.stop_after_steps, ship=a.ship)
-    return 0
-
-
-def register(sub) -> None:
-    """`promptkd toy pretrain ...` (the toy group has one command today)."""
-    toy = sub.add_parser("toy", help="the embedded toy world: pretrain its tiny CLIPs",
-                         description="Tools for the offline toy world (see docs/toy-world.md).")
-    toy.set_defaults(func=lambda _args: toy.print_help() or 2)
-    toy_sub = toy.add_subparsers(dest="toy_command", metavar="TOY_COMMAND", parser_class=type(toy))
-    p = toy_sub.add_parser("pretrain", help="contrastive pretraining of toy-teacher or toy-student",
-                           description=__doc__.split("\n\n")[0])
-    _add_arguments(p)
-    p.set_defaults(func=_run)
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="promptkd toy pretrain", description=__doc__.split("\n\n")[0])
-    _add_arguments(p)
-    return _run(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

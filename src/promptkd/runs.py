@@ -1,0 +1,269 @@
+"""Run folders: what a command's output records about what it was built from, and how a command
+claims its output.
+
+- `run.json` in a run folder lists every input by absolute path and sha256 (CLIP weights and
+  config files, teacher, class vectors, teacher cache) and the dataset (name, root, image-list
+  digest), so later commands can take the folder alone and a moved or changed file is named.
+- An output that already holds a result is refused, unless `--overwrite` (its promptkd files are
+  removed first, so an interrupted overwrite never leaves old and new files mixed) or `--resume`
+  (continue an unfinished run) applies; writability is checked before any work starts.
+
+No torch here: the CLI runs these checks before any heavy import.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fnmatch
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from promptkd.errors import PromptKDError
+
+RUN_FILE = "run.json"
+COMMAND_LINE: list[str] | None = None  # set by promptkd.cli.main, recorded in run.json
+_HASH_CACHE_MIN_BYTES = 16 << 20  # smaller files are hashed in a few milliseconds
+
+
+# ---------------------------------------------------------------------------------------------
+# Content hashes
+
+
+def _hash_cache_file() -> Path:
+    base = os.environ.get("PROMPTKD_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "promptkd")
+    return Path(base) / "sha256.json"
+
+
+def _read_hash_cache() -> dict:
+    try:
+        data = json.loads(_hash_cache_file().read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_hash_cache(cache: dict) -> None:
+    """Best effort: a read-only home only costs a second hashing later."""
+    from promptkd.artifacts import write_json
+
+    cache = {k: v for k, v in cache.items() if os.path.exists(k)}  # forget files that are gone
+    try:
+        write_json(_hash_cache_file(), dict(list(cache.items())[-500:]))
+    except OSError:
+        pass
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes. Big files (CLIP weights) are hashed once per (path, size, mtime)."""
+    path = os.path.abspath(path)
+    st = os.stat(path)
+    stamp = [st.st_size, st.st_mtime_ns]
+    cached = None
+    if st.st_size >= _HASH_CACHE_MIN_BYTES:
+        cache = _read_hash_cache()
+        entry = cache.get(path)
+        if isinstance(entry, list) and len(entry) == 3 and entry[:2] == stamp:
+            return entry[2]
+        cached = cache
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    digest = h.hexdigest()
+    if cached is not None:
+        cached.pop(path, None)
+        cached[path] = [*stamp, digest]
+        _write_hash_cache(cached)
+    return digest
+
+
+def file_record(path: str | os.PathLike) -> dict:
+    """How a run names an input file: absolute path, size and sha256."""
+    path = Path(path).resolve()
+    return {"path": str(path), "size": path.stat().st_size, "sha256": file_digest(path)}
+
+
+def is_file_record(value) -> bool:
+    return isinstance(value, dict) and isinstance(value.get("path"), str) and isinstance(value.get("sha256"), str)
+
+
+def check_file_record(record: dict, what: str, fix: str) -> Path:
+    """The recorded file, if it is still there with the same bytes; else one line naming the
+    expected path and hash and how to proceed (`fix`, e.g. 'pass it with --student-weights PATH')."""
+    path = Path(record["path"])
+    if not path.is_file():
+        raise PromptKDError(f"{what} {path} (sha256 {record['sha256']}) is not there any more; {fix}")
+    digest = file_digest(path)
+    if digest != record["sha256"]:
+        raise PromptKDError(f"{what} {path} has changed since it was recorded (sha256 {digest}, expected "
+                            f"{record['sha256']}); {fix}")
+    return path
+
+
+def items_digest(items) -> str:
+    """A short hash of an image list (paths in order): which images a run or a cache used."""
+    h = hashlib.sha256()
+    for path, _ in items:
+        h.update(str(path).encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def dataset_record(name: str, root, train_items, **settings) -> dict:
+    """How a run names its data: the dataset, its root (absolute), and the digest of the images it
+    trained on (hashing every image's bytes would cost as much as an epoch)."""
+    return {"name": name, "root": None if root is None else str(Path(root).resolve()),
+            "train_images": len(train_items), "train_digest": items_digest(train_items), **settings}
+
+
+# ---------------------------------------------------------------------------------------------
+# run.json
+
+
+def write_run_record(out_dir: str | os.PathLike, command: str, inputs: dict, *, status: str = "running",
+                     outputs: list[str] | None = None) -> Path:
+    """Write out_dir/run.json: the command, its inputs (paths and hashes) and its status."""
+    from promptkd import __version__
+    from promptkd.artifacts import write_json
+
+    record = {"kind": "promptkd_run", "command": command, "status": status, "promptkd": __version__,
+              "command_line": COMMAND_LINE,
+              "cwd": os.getcwd(), "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "inputs": inputs, "outputs": outputs or []}
+    path = Path(out_dir) / RUN_FILE
+    write_json(path, record)
+    return path
+
+
+def finish_run_record(out_dir: str | os.PathLike, outputs: list[str]) -> None:
+    """Mark run.json finished, listing the files written."""
+    from promptkd.artifacts import write_json
+
+    record = read_run_record(out_dir)
+    if record is not None:
+        write_json(Path(out_dir) / RUN_FILE, {**record, "status": "finished", "outputs": outputs})
+
+
+def read_run_record(folder: str | os.PathLike) -> dict | None:
+    """A run folder's run.json, or None when there is none (a plain folder)."""
+    path = Path(folder) / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise PromptKDError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(record, dict) or record.get("kind") != "promptkd_run":
+        raise PromptKDError(f"{path}: not a promptkd run record")
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# Claiming an output
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0  # torchrun: only rank 0 removes files
+
+
+def _check_writable(path: Path, option: str) -> None:
+    """The nearest existing folder at or above `path` must accept a new file."""
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise PromptKDError(f"{option} {path}: {probe} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=probe, prefix=".promptkd-write-test-"):
+            pass
+    except OSError as e:
+        raise PromptKDError(f"{option} {path}: cannot write in {probe} ({e.strerror or e})") from None
+
+
+def claim_file(path: str | os.PathLike, *, overwrite: bool, what: str, option: str = "--out",
+               in_place: bool = False) -> Path:
+    """An output file: not a folder, writable, and not already there unless --overwrite (or
+    `in_place`: the command updates that very file, as `class-vectors --append-to` does)."""
+    path = Path(path)
+    if path.is_dir():
+        raise PromptKDError(f"{option} {path} is a folder; give a file name")
+    _check_writable(path.parent, option)
+    if path.exists() and not (overwrite or in_place):
+        raise PromptKDError(f"{path} already holds a {what}; pass --overwrite to replace it (or choose another "
+                            f"{option})")
+    return path
+
+
+@dataclass
+class FolderClaim:
+    """An output folder a command may write: `prepare()` removes the stale files an --overwrite
+    replaces (call it once every check has passed) and creates the folder."""
+
+    path: Path
+    stale: list[Path] = field(default_factory=list)
+
+    def prepare(self) -> Path:
+        if is_main_process():
+            for p in self.stale:
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                elif p.exists() or p.is_symlink():
+                    p.unlink()
+            self.path.mkdir(parents=True, exist_ok=True)
+        return self.path
+
+
+def promptkd_files(folder: Path, outputs: tuple[str, ...]) -> list[Path]:
+    """The files in `folder` that a command writes (names or glob patterns), plus the hidden
+    temporary files an interrupted atomic write can leave behind."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for entry in sorted(folder.iterdir()):
+        name = entry.name
+        if any(fnmatch.fnmatchcase(name, pat) for pat in outputs) or (
+                name.startswith(".") and name.endswith(".tmp") and any(
+                    fnmatch.fnmatchcase(name[1:].rsplit(".", 2)[0], pat) for pat in outputs)):
+            found.append(entry)
+    return found
+
+
+def claim_folder(path: str | os.PathLike, outputs: tuple[str, ...], *, overwrite: bool, resume: bool = False,
+                 what: str, finished: str | Callable[[Path], bool] | None = None, marker: str | None = None,
+                 option: str = "--out") -> FolderClaim:
+    """An output folder: a folder (or nothing yet), writable, and holding no result of ours unless
+    --overwrite (remove them first) or --resume (continue from `marker`, e.g. the checkpoint).
+
+    `outputs`: the names (or glob patterns) the command writes; `finished`: the one whose presence
+    means the result is complete (or a test of the folder).
+    """
+    path = Path(path)
+    if overwrite and resume:
+        raise PromptKDError("--overwrite and --resume exclude each other: start again, or continue")
+    if path.exists() and not path.is_dir():
+        raise PromptKDError(f"{option} {path} is a file; give a folder")
+    _check_writable(path, option)
+    present = promptkd_files(path, outputs)
+    has_marker = marker is not None and (path / marker).exists()
+    if resume:
+        if marker is not None and not has_marker:
+            raise PromptKDError(f"--resume: {path} holds no {marker} to continue from")
+        return FolderClaim(path)
+    if present and not overwrite:
+        done = finished(path) if callable(finished) else finished is not None and (path / finished).exists()
+        names = ", ".join(p.name for p in present[:3]) + (", ..." if len(present) > 3 else "")
+        if done:
+            raise PromptKDError(f"{path} already holds a finished {what} ({names}); pass --overwrite to replace it, "
+                                f"or choose another {option}")
+        hint = "pass --resume to continue it or --overwrite to start again" if has_marker else \
+            "pass --overwrite to start again"
+        raise PromptKDError(f"{path} already holds an unfinished {what} ({names}); {hint}")
+    return FolderClaim(path, present if overwrite else [])
