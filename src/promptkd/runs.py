@@ -18,6 +18,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -99,10 +100,10 @@ def check_file_record(record: dict, what: str, fix: str) -> Path:
     expected path and hash and how to proceed (`fix`, e.g. 'pass it with --student-weights PATH')."""
     path = Path(record["path"])
     if not path.is_file():
-        raise PromptKDError(f"{what} {path} (sha256 {record['sha256']}) is not there any more; {fix}")
+        raise PromptKDError(f"{what}: {path} (sha256 {record['sha256']}) no longer exists; {fix}")
     digest = file_digest(path)
     if digest != record["sha256"]:
-        raise PromptKDError(f"{what} {path} has changed since it was recorded (sha256 {digest}, expected "
+        raise PromptKDError(f"{what}: {path} has changed since it was recorded (sha256 {digest}, expected "
                             f"{record['sha256']}); {fix}")
     return path
 
@@ -133,7 +134,7 @@ def write_run_record(out_dir: str | os.PathLike, command: str, inputs: dict, *, 
     from promptkd.artifacts import write_json
 
     record = {"kind": "promptkd_run", "command": command, "status": status, "promptkd": __version__,
-              "command_line": COMMAND_LINE,
+              "command_line": shlex.join(COMMAND_LINE) if COMMAND_LINE else None,
               "cwd": os.getcwd(), "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "inputs": inputs, "outputs": outputs or []}
     path = Path(out_dir) / RUN_FILE
@@ -188,6 +189,10 @@ def _check_writable(path: Path, option: str) -> None:
         raise PromptKDError(f"{option} {path}: cannot write in {probe} ({e.strerror or e})") from None
 
 
+def _a(what: str) -> str:
+    return f"{'an' if what[:1] in 'aeiou' else 'a'} {what}"
+
+
 def claim_file(path: str | os.PathLike, *, overwrite: bool, what: str, option: str = "--out",
                in_place: bool = False) -> Path:
     """An output file: not a folder, writable, and not already there unless --overwrite (or
@@ -197,8 +202,8 @@ def claim_file(path: str | os.PathLike, *, overwrite: bool, what: str, option: s
         raise PromptKDError(f"{option} {path} is a folder; give a file name")
     _check_writable(path.parent, option)
     if path.exists() and not (overwrite or in_place):
-        raise PromptKDError(f"{path} already holds a {what}; pass --overwrite to replace it (or choose another "
-                            f"{option})")
+        raise PromptKDError(f"{path} already holds {_a(what)}; pass --overwrite to replace it, or choose another "
+                            f"{option}")
     return path
 
 

@@ -65,8 +65,8 @@ def test_pretrain_is_reproducible_from_the_seed(tmp_path):
 
 
 def test_main_cli(tmp_path, capsys):
-    assert main(["student", "--out", str(tmp_path), "--steps", "2", "--batch-size", "8", "--eval-every", "0",
-                 "--checkpoint-every", "0", "--eval-n-per-class", "1"]) == 0
+    assert main(["student", "--out", str(tmp_path), "--steps", "2", "--batch-size", "8", "--eval-seconds", "0",
+                 "--checkpoint-seconds", "0", "--eval-n-per-class", "1"]) == 0
     assert (tmp_path / "toy-student.safetensors").is_file()
 
 
@@ -93,8 +93,8 @@ def test_promptkd_toy_pretrain_command(tmp_path, capsys):
     from promptkd.cli import main as cli_main
 
     out = tmp_path / "run"
-    common = ["toy", "pretrain", "student", "--out", str(out), "--batch-size", "8", "--eval-every", "0",
-              "--checkpoint-every", "0", "--eval-n-per-class", "1"]
+    common = ["toy", "pretrain", "student", "--out", str(out), "--batch-size", "8", "--eval-seconds", "0",
+              "--checkpoint-seconds", "0", "--eval-n-per-class", "1"]
     assert cli_main([*common, "--steps", "2"]) == 0
     assert json.loads(read_toy_metadata(out / "toy-student.safetensors")["steps"]) == 2
     assert cli_main([*common, "--steps", "2", "--stop-after-steps", "3"]) == 2

@@ -50,12 +50,16 @@ class ClipBundle:
     init_seed: int | None = None  # the seed of a random initialisation (pretrained None)
 
     def identity(self) -> dict:
-        """Which CLIP this is, for matching a teacher and its outputs: the model name, the weights tag or
-        file *name* (so moving the file keeps the identity), and the seed of random weights."""
+        """Which CLIP this is, for matching a teacher and its outputs (`same_clip`): the model name, the
+        weights tag or file name, the sha256 of a weights file, and the seed of random weights.
+        Nothing in it depends on where the weights file lies."""
         pre = self.pretrained
         if pre and Path(pre).exists():
             pre = Path(pre).name
         ident = {"model": self.name, "pretrained": pre}
+        weights = self.source.get("weights")
+        if is_file_record(weights):
+            ident["sha256"] = weights["sha256"]
         if pre is None and self.init_seed is not None:
             ident["init_seed"] = self.init_seed
         return ident
@@ -63,6 +67,19 @@ class ClipBundle:
     @property
     def embed_dim(self) -> int:
         return int(self.model.visual.output_dim)
+
+
+def same_clip(a: dict, b: dict) -> bool:
+    """Two CLIP identities name the same CLIP: the same model and the same weights (by sha256 when
+    both record it, so a renamed or moved weights file is still the same CLIP; else by tag or file
+    name), and the same seed for random weights."""
+    if not isinstance(a, dict) or not isinstance(b, dict) or a.get("model") != b.get("model"):
+        return False
+    if a.get("sha256") and b.get("sha256"):
+        return a["sha256"] == b["sha256"]
+    if (a.get("pretrained") or None) != (b.get("pretrained") or None):
+        return False
+    return a.get("init_seed") is None or b.get("init_seed") is None or a["init_seed"] == b["init_seed"]
 
 
 def _register_json_config(path: Path) -> str:

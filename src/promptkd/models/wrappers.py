@@ -21,20 +21,20 @@ from torch import nn
 from promptkd.artifacts import load_artifact, save_artifact, tensor_digest
 from promptkd.errors import PromptKDError
 from promptkd.models.encoders import PromptedImageEncoder, PromptedTextEncoder
-from promptkd.models.loading import ClipBundle, clip_from_source, freeze, load_clip
+from promptkd.models.loading import ClipBundle, clip_from_source, freeze, load_clip, same_clip
 from promptkd.models.projector import Projector
+
+
+def _describe(ident: dict) -> str:
+    extra = (f", sha256 {ident['sha256'][:16]}..." if ident.get("sha256") else
+             f", random seed {ident['init_seed']}" if ident.get("init_seed") is not None else "")
+    return f"{ident.get('model')} / {ident.get('pretrained')}{extra}"
 
 
 def _check_identity(expected: dict, bundle: ClipBundle, source: str) -> None:
     got = bundle.identity()
-    if expected.get("model") != got["model"] or (expected.get("pretrained") or None) != (got["pretrained"] or None):
-        raise PromptKDError(
-            f"{source}: made for CLIP {expected.get('model')} / {expected.get('pretrained')}, "
-            f"but the given CLIP is {got['model']} / {got['pretrained']}"
-        )
-    if "init_seed" in expected and "init_seed" in got and expected["init_seed"] != got["init_seed"]:
-        raise PromptKDError(f"{source}: made on random CLIP weights of seed {expected['init_seed']}, but the given "
-                            f"CLIP was initialised with seed {got['init_seed']}")
+    if not same_clip(expected, got):
+        raise PromptKDError(f"{source}: made for CLIP {_describe(expected)}, but the given CLIP is {_describe(got)}")
 
 
 def _meta_dict(meta: dict, key: str, source: str) -> dict:
@@ -139,9 +139,11 @@ class Teacher(nn.Module):
 def check_same_teacher(made_by: dict, teacher: dict, refusal: str, holder: str) -> None:
     """Refuse outputs of another teacher (another CLIP or other prompts): `refusal (key: holder has
     X, this teacher has Y)`. Shared by class vectors, their append, distillation and the cache."""
-    for key in ("clip", "prompts_hash"):
-        if made_by.get(key) != teacher.get(key):
-            raise PromptKDError(f"{refusal} ({key}: {holder} has {made_by.get(key)}, this teacher has {teacher.get(key)})")
+    if not same_clip(made_by.get("clip"), teacher.get("clip")):
+        raise PromptKDError(f"{refusal} (clip: {holder} has {made_by.get('clip')}, this teacher has {teacher.get('clip')})")
+    if made_by.get("prompts_hash") != teacher.get("prompts_hash"):
+        raise PromptKDError(f"{refusal} (prompts_hash: {holder} has {made_by.get('prompts_hash')}, this teacher has "
+                            f"{teacher.get('prompts_hash')})")
 
 
 class Student(nn.Module):

@@ -352,7 +352,7 @@ def register(sub) -> None:
                     "continues with --resume.")
     p.add_argument("--teacher", required=True, metavar="PATH|DIR", help="teacher file or run folder")
     add_clip_args(p, "teacher")
-    p.add_argument("--dataset", required=True)
+    p.add_argument("--dataset", required=True, metavar="NAME", help="benchmark name or folder:PATH / split:FILE.json")
     p.add_argument("--root", help="data root holding the CoOp dataset folders")
     p.add_argument("--protocol", default="base2novel", choices=PROTOCOLS)
     p.add_argument("--shots", type=non_negative_int, default=0, metavar="K",

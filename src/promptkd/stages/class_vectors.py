@@ -109,11 +109,11 @@ def register(subparsers) -> None:
     p.add_argument("teacher_run", nargs="?", metavar="TEACHER", help="teacher file or run folder (or --teacher)")
     p.add_argument("--teacher", metavar="PATH|DIR", help="teacher file or run folder")
     add_clip_args(p, "teacher")
-    p.add_argument("--dataset", help="take the class names of this dataset (benchmark name or folder:PATH)")
+    p.add_argument("--dataset", metavar="NAME", help="take the class names of this dataset (benchmark name or folder:PATH)")
     p.add_argument("--root", help="data root for --dataset")
     p.add_argument("--subset", choices=("all", "base", "novel"), default="all", help="with --dataset (default all)")
     p.add_argument("--classes-file", metavar="FILE", help="one class name per line")
-    p.add_argument("--classes", help="comma-separated class names, e.g. 'cat,dog,red fox'")
+    p.add_argument("--classes", metavar="A,B,C", help="comma-separated class names, e.g. 'cat,dog,red fox'")
     add_output_options(p, "file", required=False, what="class-vector file",
                        help="output file (default: the --append-to file, updated in place)")
     p.add_argument("--append-to", metavar="FILE", help="existing class-vector file of the same teacher to extend")

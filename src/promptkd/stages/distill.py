@@ -591,7 +591,7 @@ def register(sub) -> None:
     add_config_options(p, several=True, example="configs/distill/vit_b16_c2_ep20_batch8_4ctx.yaml")
     add_output_options(p, "dir", resume=True, what="distillation run",
                        help="run folder (student, class vectors, checkpoint, metrics, run.json)")
-    p.add_argument("--dataset")
+    p.add_argument("--dataset", metavar="NAME", help="benchmark name or folder:PATH / split:FILE.json")
     p.add_argument("--root", help="data root holding the CoOp dataset folders")
     p.add_argument("--protocol", choices=PROTOCOLS)
     p.add_argument("--shots", type=non_negative_int, metavar="K", help="K unlabelled images per class (0: all)")

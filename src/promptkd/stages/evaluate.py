@@ -132,7 +132,7 @@ def register(sub) -> None:
                                    "the stored class vectors. Given a run folder, the dataset, root, protocol and "
                                    "(for a student) the class vectors default to the run's.")
     p.add_argument("run", nargs="?", metavar="RUN", help="teacher or student: its file or run folder")
-    p.add_argument("--dataset", help="benchmark name (OxfordPets, ...) or folder:/split:/images:PATH "
+    p.add_argument("--dataset", metavar="NAME", help="benchmark name (OxfordPets, ...) or folder:/split:/images:PATH "
                                      "(default: the run's)")
     p.add_argument("--root", help="data root holding the CoOp dataset folders (default: the run's)")
     p.add_argument("--protocol", choices=PROTOCOLS, help="default: the run's, else base2novel")
@@ -154,7 +154,7 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=positive_int, default=100)
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
     p.add_argument("--num-workers", type=non_negative_int, default=0)
-    p.add_argument("--out", metavar="JSON", help="write the results here")
+    p.add_argument("--out", metavar="FILE", help="write the results here (JSON)")
     deprecated(p, "--clip", "--clip-model")
     deprecated(p, "--pretrained", "--clip-weights")
     deprecated(p, "--teacher-clip-model", "--teacher-model")

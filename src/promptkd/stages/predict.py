@@ -130,7 +130,7 @@ def register(subparsers) -> None:
     p.add_argument("--student", metavar="PATH|DIR", help="student file or run folder (runs on PyTorch)")
     p.add_argument("--class-vectors", metavar="FILE",
                    help="class-vector file for --student (default: the one in its run folder)")
-    p.add_argument("--classes", help="open vocabulary: comma-separated class names (needs --teacher)")
+    p.add_argument("--classes", metavar="A,B,C", help="open vocabulary: comma-separated class names (needs --teacher)")
     p.add_argument("--classes-file", metavar="FILE", help="open vocabulary: one class name per line (needs --teacher)")
     p.add_argument("--teacher", metavar="PATH|DIR", help="teacher whose text tower computes vectors for --classes")
     add_clip_args(p, "teacher")

@@ -445,7 +445,7 @@ def register(subparsers) -> None:
     add_config_options(p, example="configs/teacher/vit_l14.yaml")
     add_output_options(p, "dir", resume=True, what="teacher run",
                        help="run folder (teacher.safetensors, metrics.json, checkpoint, run.json)")
-    p.add_argument("--dataset", help="benchmark name (ImageNet, OxfordPets, ...) or folder:PATH / split:FILE.json")
+    p.add_argument("--dataset", metavar="NAME", help="benchmark name (ImageNet, OxfordPets, ...) or folder:PATH / split:FILE.json")
     p.add_argument("--root", help="data root holding the datasets")
     add_model_options(p, "teacher", default_note="default ViT-L-14 / openai")
     p.add_argument("--shots", type=non_negative_int, metavar="K", help="labelled images per base class (default 16)")

@@ -13,8 +13,10 @@ PRETRAIN_DESCRIPTION = "Contrastive pretraining of the toy CLIPs on the toy worl
 
 
 def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
+    from promptkd.options import deprecated
+
     p.add_argument("which", choices=["teacher", "student", *TOY_MODELS])
-    p.add_argument("--out", default="runs/toy-pretrain", help="output folder (weights, checkpoints, log)")
+    p.add_argument("--out", metavar="DIR", default="runs/toy-pretrain", help="output folder (weights, checkpoints, log)")
     p.add_argument("--seed", type=int, default=0)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--steps", type=int, help="optimiser steps (reproducible)")
@@ -24,13 +26,15 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup-steps", type=int, default=200)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--eval-every", type=float, default=300, help="seconds between zero-shot evaluations (0: none)")
-    p.add_argument("--checkpoint-every", type=float, default=600, help="seconds between checkpoints (0: none)")
+    p.add_argument("--eval-seconds", type=float, default=300, help="seconds between zero-shot evaluations (0: none)")
+    p.add_argument("--checkpoint-seconds", type=float, default=600, help="seconds between checkpoints (0: none)")
     p.add_argument("--deadline-minutes", type=float, default=None, help="stop early at this wall time")
     p.add_argument("--stop-after-steps", type=int, default=None,
                    help="stop at this step of the --steps schedule (a less trained model)")
     p.add_argument("--eval-n-per-class", type=int, default=50, help="domain test images per class for evaluations")
     p.add_argument("--ship", action="store_true", help="copy the final weights into the package assets")
+    deprecated(p, "--eval-every", "--eval-seconds", type=float)
+    deprecated(p, "--checkpoint-every", "--checkpoint-seconds", type=float)
 
 
 def run_pretrain(a) -> int:
@@ -46,7 +50,7 @@ def run_pretrain(a) -> int:
 
     pretrain(a.which, a.out, seed=a.seed, minutes=a.minutes, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
              weight_decay=a.weight_decay, warmup_steps=a.warmup_steps, threads=a.threads,
-             eval_every_s=a.eval_every, checkpoint_every_s=a.checkpoint_every,
+             eval_every_s=a.eval_seconds, checkpoint_every_s=a.checkpoint_seconds,
              deadline_minutes=a.deadline_minutes, eval_n_per_class=a.eval_n_per_class,
              stop_after_steps=a.stop_after_steps, ship=a.ship)
     return 0

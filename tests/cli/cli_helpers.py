@@ -1,0 +1,64 @@
+"""Helpers of the CLI tests: tiny CLIPs named by files (config JSONs and OpenAI-format weights, as a
+user with clip/ViT-L-14.pt has them) and the teacher and distill command lines of a tiny run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tinyclip import tiny_config
+
+TEACHER_SHAPE = dict(width=48, layers=3, embed=32, text_layers=3)
+STUDENT_SHAPE = dict(width=32, layers=2, embed=24)
+
+
+def openai_checkpoint(config: Path, out: Path, seed: int) -> Path:
+    """A state dict in the layout of OpenAI's CLIP files (with their three extra buffers)."""
+    from promptkd.models import load_clip
+
+    cfg = json.loads(config.read_text())
+    sd = {k: v.contiguous() for k, v in load_clip(str(config), init_seed=seed).model.state_dict().items()}
+    sd.update(input_resolution=torch.tensor(cfg["vision_cfg"]["image_size"]),
+              context_length=torch.tensor(cfg["text_cfg"]["context_length"]), vocab_size=torch.tensor(49408))
+    torch.save(sd, out)
+    return out
+
+
+@dataclass
+class Clips:
+    root: Path
+    teacher_cfg: Path
+    student_cfg: Path
+    teacher_weights: Path
+    student_weights: Path
+
+
+def make_clips(root: Path) -> Clips:
+    root.mkdir(parents=True, exist_ok=True)
+    t_cfg, s_cfg = root / "tiny-teacher.json", root / "tiny-student.json"
+    t_cfg.write_text(json.dumps(tiny_config(**TEACHER_SHAPE)))
+    s_cfg.write_text(json.dumps(tiny_config(**STUDENT_SHAPE)))
+    return Clips(root, t_cfg, s_cfg, openai_checkpoint(t_cfg, root / "teacher-clip.pt", 11),
+                 openai_checkpoint(s_cfg, root / "student-clip.pt", 12))
+
+
+def teacher_command(clips: Clips, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["-q", "teacher", "--teacher-model", str(clips.teacher_cfg), "--teacher-weights", str(clips.teacher_weights),
+            "--dataset", f"folder:{data}", "--vision-depth", "2", "--text-depth", "2", "--n-ctx-vision", "2",
+            "--n-ctx-text", "2", "--epochs", "1", "--batch-size", "4", "--shots", "2", "--device", "cpu",
+            "--no-progress", "--out", str(out), *extra]
+
+
+def distill_command(clips: Clips, data: Path, teacher: Path, out: Path, *extra: str) -> list[str]:
+    return ["-q", "distill", "--teacher", str(teacher), "--dataset", f"folder:{data}", "--protocol", "cross",
+            "--student-model", str(clips.student_cfg), "--student-weights", str(clips.student_weights),
+            "--vision-depth", "2", "--n-ctx-vision", "2", "--epochs", "1", "--batch-size", "4", "--device", "cpu",
+            "--no-progress", "--out", str(out), *extra]
+
+
+@dataclass
+class Runs:
+    teacher: Path  # a teacher run folder
+    student: Path  # a student run folder distilled from it
