@@ -117,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 2
         try:
+            if args.device not in (None, "auto", "cpu"):  # a device that is not here: one line, before any work
+                from promptkd.engine.loop import resolve_device
+
+                resolve_device(args.device)
             code = args.func(args)
         except (PromptKDError, OSError, MemoryError) as e:  # OSError: missing files, permissions, a full disk
             if debug:

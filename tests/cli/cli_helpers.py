@@ -62,3 +62,17 @@ def distill_command(clips: Clips, data: Path, teacher: Path, out: Path, *extra: 
 class Runs:
     teacher: Path  # a teacher run folder
     student: Path  # a student run folder distilled from it
+
+
+def dassl_teacher_checkpoint(clip_cfg: Path, out: Path, depth: int = 2, n_ctx: int = 2) -> Path:
+    """An official PromptSRC teacher checkpoint (Dassl's `model-best.pth.tar` key names) for a CLIP."""
+    cfg = json.loads(clip_cfg.read_text())
+    g = torch.Generator().manual_seed(5)
+    tw, vw = cfg["text_cfg"]["width"], cfg["vision_cfg"]["width"]
+    sd = {"prompt_learner.ctx": torch.randn(n_ctx, tw, generator=g), "image_encoder.VPT": torch.randn(n_ctx, vw, generator=g)}
+    for i in range(1, depth):
+        sd[f"text_encoder.transformer.resblocks.{i}.VPT_shallow"] = torch.randn(n_ctx, tw, generator=g)
+        sd[f"image_encoder.transformer.resblocks.{i}.VPT_shallow"] = torch.randn(n_ctx, vw, generator=g)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": sd, "epoch": 20}, out)
+    return out

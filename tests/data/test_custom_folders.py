@@ -39,6 +39,26 @@ def test_folder_dataset_with_split_subfolders(tmp_path, make_image):
     assert [it.label for it in ds.test] == [1, 2]
 
 
+@pytest.mark.parametrize("names", [("train", "valid", "test"), ("Train", "Validation", "Test"),
+                                   ("training", "val", "testing")])
+def test_folder_with_export_style_split_names(tmp_path, make_image, names):
+    """train/ valid/ test/ (Roboflow, Kaggle exports) is three splits of two classes, not three classes."""
+    for split in names:
+        for c in ("cat", "dog"):
+            make_image(tmp_path / split / c / f"{split}.png")
+    ds = folder_dataset(tmp_path)
+    assert ds.classnames == ["cat", "dog"]
+    assert [len(ds.train), len(ds.val), len(ds.test)] == [2, 2, 2]
+    assert ds.val[0].path.startswith(str(tmp_path / names[1]))
+
+
+def test_folder_mixing_split_and_class_folders_is_an_error(tmp_path, make_image):
+    for sub in ("train", "test", "zebra"):
+        make_image(tmp_path / sub / "a" / "x.png")
+    with pytest.raises(PromptKDError, match="mixes split folders"):
+        folder_dataset(tmp_path)
+
+
 def test_split_subfolder_with_unknown_class(tmp_path, make_image):
     make_image(tmp_path / "train" / "a" / "x.png")
     make_image(tmp_path / "test" / "b" / "x.png")

@@ -85,3 +85,26 @@ def test_dg_protocol_maps_variant_classes_into_the_reference_list(tmp_path):
     assert len(p.train) == len(p.test["accuracy"].items) == 2 and not p.val  # transductive, no val
     cv = ClassVectors(torch.eye(4), reference, {})
     assert torch.equal(align_class_vectors(cv, p), torch.eye(4)[[3, 1]])
+
+
+def test_eval_of_a_val_split_that_does_not_exist_is_one_line(tmp_path, tiny_configs, capsys):
+    """A plain folder (one sub-folder per class) has no val images: say so, instead of an empty table."""
+    write_images(tmp_path / "flat", per_class=2)
+    code = main(["eval", "--clip-model", str(tiny_configs[1]), "--dataset", f"folder:{tmp_path / 'flat'}",
+                 "--split", "val", "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    err = captured.err.strip()
+    assert err.count("\n") == 0 and "no labelled val images" in err and "--split test" in err, err
+
+
+def test_progress_bars_stay_off_when_stderr_is_not_a_terminal(split_file, tiny_configs, tmp_path):
+    """In a log file or a pipe, a progress bar's carriage-return redraws are noise: none are written."""
+    import subprocess
+    import sys
+
+    name, _ = split_file
+    done = subprocess.run([sys.executable, "-m", "promptkd.cli", "eval", "--clip-model", str(tiny_configs[1]),
+                           "--dataset", name, "--batch-size", "1"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "\r" not in done.stderr and "eval base" not in done.stderr

@@ -91,3 +91,43 @@ def test_reproduce_script_dry_run_lists_every_run(tmp_path):
     assert all("/teachers/ImageNet-xd/teacher.safetensors" in line and "cross_datasets.yaml" in line for line in cross)
     assert "/teachers/OxfordPets/teacher.safetensors" in next(line for line in b2n if "OxfordPets" in line)
     assert {line.split("--seed ")[1].split()[0] for line in distill} == {"1", "2", "3"}
+
+
+def test_report_takes_the_readme_layout_of_teacher_and_student_runs(tmp_path, capsys):
+    """runs/pets/{teacher,student}: below a folder, a teacher run's metrics.json is passed over."""
+    pets = tmp_path / "runs" / "pets"
+    (pets / "teacher").mkdir(parents=True)
+    (pets / "teacher" / "metrics.json").write_text(json.dumps({"val_acc": 91.0, "history": []}))
+    d = pets / "student"
+    d.mkdir()
+    (d / "metrics.json").write_text(json.dumps({"kind": "distill_metrics", "protocol": "base2novel", "dataset":
+                                                "OxfordPets", "seed": 1, "results": {"last": {"base": 90.0, "novel": 80.0}}}))
+    assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--no-plot"]) == 0
+    assert "| OxfordPets | 1 | 90.00 ± 0.00 | 80.00 ± 0.00 |" in capsys.readouterr().out
+    assert main(["report", str(pets / "teacher"), "--out", str(tmp_path / "out2")]) == 2  # named directly: refused
+    assert "not a distillation metrics file" in capsys.readouterr().err
+
+
+def test_report_plot_has_short_labels_a_free_legend_and_whole_error_bars(tmp_path):
+    from promptkd.stages.report import aggregate, figure
+
+    metrics = []
+    for seed, (base, novel) in enumerate([(100.0, 60.0), (100.0, 70.0), (85.0, 65.0)], start=1):  # 95 ± 7.1
+        metrics.append(("x", {"kind": "distill_metrics", "protocol": "base2novel", "seed": seed,
+                              "dataset": f"folder:{tmp_path}/some/very/long/path/to/my_pet_photos",
+                              "results": {"last": {"base": base, "novel": novel}}}))
+        metrics.append(("y", {"kind": "distill_metrics", "protocol": "base2novel", "seed": seed, "dataset": "EuroSAT",
+                              "results": {"last": {"base": 90.0 + seed, "novel": 50.0}}}))
+    table = aggregate(metrics)["base2novel"]
+    fig = figure("base2novel", table)
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert labels == ["EuroSAT", "my_pet_photos", "Average"]
+    top = max(r["base"] + r["base_std"] for r in table["rows"])
+    assert top > 100 and ax.get_ylim()[1] >= top  # the error bar is not clipped at 100
+    legend = ax.get_legend().get_window_extent(renderer)
+    assert not any(legend.overlaps(p.get_window_extent(renderer)) for p in ax.patches)  # Average bars included
+    assert not legend.overlaps(ax.title.get_window_extent(renderer))
+    assert fig.get_window_extent(renderer).contains(legend.x0, legend.y1)

@@ -63,8 +63,9 @@ def test_disk_full_mid_artifact_keeps_the_previous_file(tmp_path, monkeypatch):
     old = {"w": torch.arange(1000.0)}
     save_artifact(path, old, {"kind": "student", "version": "old"})
     disk_full_after(monkeypatch, budget=100)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match="No space left") as e:
         save_artifact(path, {"w": torch.zeros(5000)}, {"kind": "student", "version": "new"})
+    assert str(path) in str(e.value) and ".tmp" not in str(e.value)  # the file meant, not the temporary one
     tensors, meta = load_artifact(path, kind="student")
     assert torch.equal(tensors["w"], old["w"]) and meta["version"] == "old"
     assert no_temp_files(tmp_path)
@@ -129,6 +130,7 @@ def test_disk_full_at_a_checkpoint_keeps_the_last_one_and_resume_finishes(world,
     code = main(world.distill_args(run, "--checkpoint-every", "1"))
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "No space left on device" in err, err
+    assert "checkpoint.safetensors" in err and ".tmp" not in err, err  # no temporary file name
     _, meta = load_artifact(run / "checkpoint.safetensors", kind="checkpoint")
     assert meta["steps"] == 2  # the last checkpoint that was written whole
     assert no_temp_files(run)
@@ -165,3 +167,15 @@ def test_no_write_bypasses_the_atomic_helpers():
                         continue  # the model wrappers' save() is save_artifact
                     found.append(f"{rel}:{n}: {line.strip()}")
     assert not found, "non-atomic writes:\n" + "\n".join(found)
+
+
+def test_a_folder_that_cannot_be_written_is_named_not_a_temporary_file(tmp_path, monkeypatch):
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / ".report.md.x8f2k.tmp"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(PermissionError) as e:
+        write_json(tmp_path / "report.md", {})
+    assert str(tmp_path / "report.md") in str(e.value) and ".tmp" not in str(e.value)

@@ -72,3 +72,13 @@ def test_cli_class_vectors_and_append(make_teacher, tiny_clip, tmp_path, capsys)
     assert main([*base, "--classes", "kiwi", "--append-to", str(out)]) == 2
     assert "already in the file" in capsys.readouterr().err
     assert main([*base, "--out", str(out)]) == 2  # no class names given
+
+
+def test_class_names_differing_only_in_case_are_refused(make_teacher, tmp_path, capsys):
+    """'Cat' and 'cat' tokenise alike (the CLIP tokenizer lower-cases): two rows for one class."""
+    teacher = make_teacher()
+    with pytest.raises(PromptKDError, match="duplicate class name 'cat'.*differing only in case"):
+        compute_class_vectors(teacher, ["Cat", "dog", "cat"])
+    first = write_class_vectors(teacher, ["Cat", "dog"], tmp_path / "cv.safetensors")
+    with pytest.raises(PromptKDError, match="'CAT' .*already in the file as 'Cat'"):
+        write_class_vectors(teacher, ["fox", "CAT"], tmp_path / "cv2.safetensors", append_to=first)

@@ -159,7 +159,7 @@ def write_csv(path: Path, protocol: str, table: dict) -> None:
         w.writerow(["Average", ""] + [f"{a[h]:.4f}" if h in a else "" for h in header[2:]])
 
 
-def short_label(dataset: str, width: int = 18) -> str:
+def short_label(dataset: str, width: int = 20) -> str:
     """A dataset's name as a plot label: `folder:/long/path/pets` -> `pets`, `split:.../x.json` -> `x`."""
     prefix, sep, rest = dataset.partition(":")
     if sep and prefix in ("folder", "images", "split"):
@@ -183,16 +183,18 @@ def figure(protocol: str, table: dict):
     top = 100.0
     for i, name in enumerate(series):
         values = [r[name] for r in rows] + [table["average"][name]]
-        errs = [r.get(f"{name}_std", 0.0) for r in rows] + [0.0]
-        top = max(top, *(v + e for v, e in zip(values, errs)))
+        # no bar for what has no spread (HM of the means, the Average): NaN draws nothing
+        errs = [r.get(f"{name}_std", float("nan")) for r in rows] + [float("nan")]
+        top = max([top, *(v + e for v, e in zip(values, errs) if e == e)])
         xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(labels))]
         ax.bar(xs, values, width, yerr=errs, label="HM" if name == "hm" else name.capitalize(), capsize=2)
     ax.set_xticks(range(len(labels)), labels, rotation=35 if len(labels) > 4 else 0,
                   ha="right" if len(labels) > 4 else "center")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_ylim(0, top * 1.04)  # a mean near 100 keeps its whole error bar
-    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(series), frameon=False)
-    ax.set_title(TITLES.get(protocol, protocol), pad=24 if len(series) > 1 else 6)
+    if len(series) > 1:
+        ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(series), frameon=False)
+    ax.set_title(TITLES.get(protocol, protocol), pad=30 if len(series) > 1 else 6)
     fig.tight_layout()
     return fig
 
