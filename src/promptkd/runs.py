@@ -256,6 +256,8 @@ def claim_folder(path: str | os.PathLike, outputs: tuple[str, ...], *, overwrite
     if path.exists() and not path.is_dir():
         raise PromptKDError(f"{option} {path} is a file; give a folder")
     _check_writable(path, option)
+    if not is_main_process():  # torchrun: rank 0 decides (the others could see its new files)
+        return FolderClaim(path)
     present = promptkd_files(path, outputs)
     has_marker = marker is not None and (path / marker).exists()
     if resume:
