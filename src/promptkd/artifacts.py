@@ -94,8 +94,13 @@ def save_artifact(path: str | os.PathLike, tensors: dict[str, torch.Tensor], met
     return path
 
 
-def load_artifact(path: str | os.PathLike, kind: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Load a promptkd artifact; check its `kind` when given. Never unpickles."""
+def load_artifact(path: str | os.PathLike, kind: str | None = None,
+                  finite: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load a promptkd artifact; check its `kind` when given. Never unpickles.
+
+    With `finite` (the default), a NaN or infinite value in any floating-point tensor is refused,
+    naming the tensor: a damaged file must not turn into NaN scores later.
+    """
     path = Path(path)
     if not path.is_file():
         raise PromptKDError(f"{path}: file not found")
@@ -106,7 +111,33 @@ def load_artifact(path: str | os.PathLike, kind: str | None = None) -> tuple[dic
         header = json.loads(data[8 : 8 + header_len])
     except (SafetensorError, ValueError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PromptKDError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
-    raw = (header.get("__metadata__") or {}).get(_META_KEY)
+    meta = _promptkd_meta(header, path, kind)
+    if finite:
+        check_finite(tensors, str(path))
+    return tensors, meta
+
+
+def read_artifact_meta(path: str | os.PathLike, kind: str | None = None) -> dict[str, Any]:
+    """Only an artifact's metadata: reads the header, not the tensors (a teacher file with frozen
+    weights can be a gigabyte)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PromptKDError(f"{path}: file not found")
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        raw = f.read(n) if 0 < n <= 100_000_000 else b""  # safetensors' own header limit
+    try:
+        if len(raw) != n:
+            raise ValueError("header too short or too long")
+        header = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise PromptKDError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    return _promptkd_meta(header, path, kind)
+
+
+def _promptkd_meta(header: Any, path: Path, kind: str | None) -> dict[str, Any]:
+    raw = ((header.get("__metadata__") if isinstance(header, dict) else None) or {}).get(_META_KEY)
     if raw is None:
         raise PromptKDError(f"{path}: safetensors file without promptkd metadata (not a promptkd artifact)")
     try:
@@ -117,7 +148,7 @@ def load_artifact(path: str | os.PathLike, kind: str | None = None) -> tuple[dic
         raise PromptKDError(f"{path}: promptkd metadata must be a JSON object")
     if kind is not None and meta.get("kind") != kind:
         raise PromptKDError(f"{path}: expected a {kind} artifact, found kind={meta.get('kind')!r}")
-    return tensors, meta
+    return meta
 
 
 def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:

@@ -10,14 +10,14 @@ from promptkd.errors import PromptKDError
 
 def artifact_clip(path, kind: str, clip_model: str | None, clip_weights: str | None, device):
     """The artifact's CLIP, rebuilt from explicit model/weights when given; a missing file is one line."""
-    from promptkd.artifacts import load_artifact
+    from promptkd.artifacts import read_artifact_meta
     from promptkd.models import load_clip
 
     if not Path(path).is_file():
         raise PromptKDError(f"{kind} artifact not found: {path}")
     if clip_model is None and clip_weights is None:
         return None
-    _, meta = load_artifact(path, kind=kind)
+    meta = read_artifact_meta(path, kind=kind)
     ident = meta.get("clip") or {}
     return load_clip(clip_model or ident.get("model", "?"),
                      clip_weights if clip_weights is not None else ident.get("pretrained"), device=device)
