@@ -40,6 +40,7 @@ class _Predictor:
 
     classnames: list[str]
     transform: TestTransform
+    source: str = "model"  # how error messages name it (its file, when loaded from one)
 
     @property
     def image_size(self) -> int:
@@ -80,11 +81,21 @@ class _Predictor:
         k = max(1, min(int(topk), len(self.classnames)))
         out: list[Prediction] = []
         for i in range(0, len(items), batch_size):
-            probs = self.logits(self.preprocess(items[i : i + batch_size])).float().softmax(dim=-1)
+            logits = self.logits(self.preprocess(items[i : i + batch_size])).float()
+            check_scores(logits, self.source)
+            probs = logits.softmax(dim=-1)
             p, idx = probs.topk(k, dim=-1)
             out += [[(self.classnames[j], float(v)) for v, j in zip(pr.tolist(), ix.tolist())]
                     for pr, ix in zip(p, idx)]
         return out
+
+
+def check_scores(logits: torch.Tensor, source: str) -> None:
+    """Refuse NaN/inf logits: a probability printed as `nan` (or an argmax over NaN) is never an answer."""
+    bad = (~torch.isfinite(logits)).any(dim=-1)
+    if bad.any():
+        raise PromptKDError(f"{source}: non-finite scores (NaN or inf) for {int(bad.sum())} of {len(logits)} "
+                            "image(s); the model's weights are damaged or overflow at this precision")
 
 
 class StudentClassifier(nn.Module, _Predictor):
@@ -213,6 +224,7 @@ class OnnxClassifier(_Predictor):
         except Exception as e:
             raise PromptKDError(f"{path}: not a loadable ONNX model ({str(e).splitlines()[0][:200]})") from None
         self.meta = parse_onnx_metadata(self.session.get_modelmeta().custom_metadata_map, str(path))
+        self.source = str(path)
         self.classnames = list(self.meta["classnames"])
         self.transform = TestTransform(self.meta["image_size"], self.meta["mean"], self.meta["std"],
                                        self.meta.get("interpolation", "bicubic"),
