@@ -7,7 +7,13 @@ import open_clip
 import pytest
 import torch
 from safetensors.torch import save_file
-from tinyclip import openai_config, openai_state_dict, reference_image_features, reference_text_features, tiny_config
+from tinyclip import (
+    openai_config,
+    openai_state_dict,
+    reference_image_features,
+    reference_text_features,
+    tiny_config,
+)
 
 from promptkd.errors import PromptKDError
 from promptkd.models import PromptedImageEncoder, load_clip

@@ -277,3 +277,56 @@ def freeze(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         p.requires_grad_(False)
     return module
+
+
+class ImageTowerCLIP(nn.Module):
+    """A CLIP reduced to what a deployed student runs: its image tower and its logit scale."""
+
+    def __init__(self, visual: nn.Module, logit_scale: torch.Tensor):
+        super().__init__()
+        self.visual = visual
+        self.logit_scale = nn.Parameter(logit_scale.detach().clone().float(), requires_grad=False)
+
+
+def vision_tower_config(bundle: ClipBundle) -> dict:
+    """What rebuilds this CLIP's image tower with no weights file and no registered config: open_clip's
+    vision config with the head width and activation the tower really has, and its output dim."""
+    import open_clip
+
+    cfg = open_clip.get_model_config(bundle.name)
+    visual = bundle.model.visual
+    if cfg is None or not hasattr(visual, "conv1"):
+        raise PromptKDError(f"{bundle.name}: cannot describe its image tower (not an open_clip ViT with a known config)")
+    vision = dict(cfg["vision_cfg"])
+    vision["head_width"] = visual.conv1.out_channels // visual.transformer.resblocks[0].attn.num_heads
+    quick = any(type(m).__name__ == "QuickGELU" for m in visual.modules())
+    return {"embed_dim": int(visual.output_dim), "vision_cfg": vision, "quick_gelu": quick}
+
+
+def build_vision_tower(tower: Any, tensors: dict[str, torch.Tensor], source: str) -> nn.Module:
+    """An open_clip ViT image tower from `vision_tower_config`'s description, filled with `tensors`
+    (its state dict). The description is checked against the tensors before anything is built, so a
+    crafted file cannot ask for a huge model; the load itself is strict."""
+    from open_clip.model import _build_vision_tower  # open_clip's own builder, the one create_model uses
+
+    vision = tower.get("vision_cfg") if isinstance(tower, dict) else None
+    embed = tower.get("embed_dim") if isinstance(tower, dict) else None
+    if not isinstance(vision, dict) or type(embed) is not int or not isinstance(tower.get("quick_gelu"), bool):
+        raise PromptKDError(f"{source}: image tower description is missing or malformed")
+    if vision.get("timm_model_name") or not isinstance(vision.get("layers"), int):
+        raise PromptKDError(f"{source}: only open_clip ViT image towers can be deployed in one file")
+    width, size = vision.get("width", 768), vision.get("image_size", 224)
+    size = size[0] if isinstance(size, list) and size else size
+    want = {"vision width": width, "patch size": vision.get("patch_size", 16), "vision layers": vision["layers"],
+            "image size": size, "embed dim": embed, "vision mlp width": int(width * vision.get("mlp_ratio", 4.0))}
+    got = clip_geometry({f"visual.{k}": v for k, v in tensors.items()})
+    diff = [f"{k} {want[k]} in the description, {got.get(k)} in the tensors" for k in want if got.get(k) != want[k]]
+    if diff:
+        raise PromptKDError(f"{source}: image tower description does not fit its tensors: {'; '.join(diff)}")
+    try:
+        with quiet_open_clip():
+            visual = _build_vision_tower(embed, vision, quick_gelu=tower["quick_gelu"])
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+        raise PromptKDError(f"{source}: cannot build its image tower ({str(e).splitlines()[0][:200]})") from None
+    load_weights_into(visual, tensors, source)
+    return visual.eval()

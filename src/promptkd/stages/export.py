@@ -1,15 +1,27 @@
-"""`promptkd export`: the student classifier as one ONNX graph, normalised image -> logits.
+"""`promptkd export`: the student classifier as one file, ONNX or safetensors.
 
-The graph has a fixed image size and a dynamic batch axis; the class vectors and logit scale are
-constants inside it. Everything a runtime needs besides the graph (class names, image size,
-mean/std, which student and which teacher made it) goes into the model's `metadata_props`, so
-`promptkd predict --onnx` and `promptkd.deploy.OnnxClassifier` need no other file.
+ONNX: one graph, normalised image -> logits, with a fixed image size and a dynamic batch axis; the
+class vectors and logit scale are constants inside it. Everything a runtime needs besides the graph
+(class names, image size, mean/std, which student and which teacher made it) goes into the model's
+`metadata_props`, so `promptkd predict --model` and `promptkd.deploy.OnnxClassifier` need no other
+file.
+
+safetensors: the one-file student for PyTorch: the student CLIP's image tower, prompts, projector,
+class vectors and logit scale as tensors, and the same fields plus how to rebuild the tower as JSON
+metadata (no pickle); `StudentClassifier.load(file)` needs no CLIP file.
+
+Before anything is written the PyTorch logits of a probe batch must be finite; after writing, the
+file is run (onnxruntime, or reloaded) on that batch and must give finite logits within
+`parity_limit` of PyTorch's, else the new file is removed and the export fails. The check runs on a
+temporary file, so a failed export leaves an older file at `--out` untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -17,11 +29,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from promptkd.artifacts import atomic_open
-from promptkd.deploy import ONNX_INPUT, ONNX_OUTPUT, StudentClassifier, onnx_metadata_props
+from promptkd.artifacts import atomic_open, save_artifact
+from promptkd.deploy import ONNX_INPUT, ONNX_OUTPUT, StudentClassifier, check_scores, onnx_metadata_props
 from promptkd.errors import PromptKDError
 
 DEFAULT_OPSET = 17
+FORMATS = ("onnx", "safetensors")
 
 
 class _Fp16(nn.Module):
@@ -78,14 +91,42 @@ def export_onnx(classifier: StudentClassifier, out: str | Path, *, fp16: bool = 
     return Path(out)
 
 
+def export_safetensors(classifier: StudentClassifier, out: str | Path, *, fp16: bool = False) -> Path:
+    """Write the one-file student (see the module docstring), fp32 or fp16 tensors, atomically."""
+    tensors = classifier.standalone_tensors()
+    if fp16:
+        tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+        overflow = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if overflow:
+            raise PromptKDError(f"--fp16: tensor {overflow[0]!r} exceeds the fp16 range (|x| > 65504); export in fp32")
+    return save_artifact(out, tensors, classifier.standalone_metadata("fp16" if fp16 else "fp32"))
+
+
+def parity_limit(classifier: StudentClassifier, fp16: bool) -> float:
+    """Largest |logit difference| an export may show: 1e-4 (fp32) or 1e-2 (fp16) times the logit
+    scale, 10x to 100x what exports of a ViT-B/16 student measure (1e-5 and 8e-3 at scale 100)."""
+    return (1e-2 if fp16 else 1e-4) * max(1.0, float(classifier.logit_scale))
+
+
+def _probe(classifier: StudentClassifier, batch: int = 3, seed: int = 0) -> torch.Tensor:
+    s = classifier.image_size
+    return torch.randn(batch, 3, s, s, generator=torch.Generator().manual_seed(seed))
+
+
 @torch.no_grad()
-def parity(classifier: StudentClassifier, onnx_path: str | Path, batch: int = 3, seed: int = 0) -> float:
-    """Max |logit difference| between PyTorch and onnxruntime on a random normalised batch."""
+def parity(classifier: StudentClassifier, exported, batch: int = 3, seed: int = 0) -> float:
+    """Max |logit difference| between PyTorch and an exported file (a path: ONNX on onnxruntime, or any
+    loaded predictor) on a random normalised batch. Non-finite logits on either side are an error."""
     from promptkd.deploy import OnnxClassifier
 
-    s = classifier.image_size
-    x = torch.randn(batch, 3, s, s, generator=torch.Generator().manual_seed(seed))
-    return float((classifier.logits(x).cpu() - OnnxClassifier(onnx_path).logits(x)).abs().max())
+    if isinstance(exported, (str, os.PathLike)):
+        exported = OnnxClassifier(exported)
+    x = _probe(classifier, batch, seed)
+    ref = classifier.logits(x).cpu().float()
+    check_scores(ref, "PyTorch")
+    got = exported.logits(x).cpu().float()
+    check_scores(got, "the exported model")
+    return float((ref - got).abs().max())
 
 
 def load_classifier(student: str, class_vectors: str, *, student_model: str | None = None,
@@ -101,30 +142,67 @@ def register(subparsers) -> None:
     from promptkd.inputs import add_clip_args
 
     p = subparsers.add_parser(
-        "export", help="export a student classifier (student + class vectors) to ONNX",
+        "export", help="export a student classifier (student + class vectors) as one ONNX or safetensors file",
         description="Write one ONNX graph from normalised images (fixed size, dynamic batch) to logits, "
-                    "with class names, image size, mean/std and model identities in its metadata.")
+                    "with class names, image size, mean/std and model identities in its metadata; or, with "
+                    "--format safetensors, one file holding the student's image tower, prompts, projector and "
+                    "class vectors (PyTorch, no CLIP file needed).")
     p.add_argument("--student", required=True, help="student file (student.safetensors)")
     p.add_argument("--class-vectors", required=True, help="class-vector file")
-    p.add_argument("--format", choices=("onnx",), default="onnx", help="output format (default onnx)")
-    p.add_argument("--out", help="output file (default: the student file with .onnx)")
-    p.add_argument("--fp16", action="store_true", help="fp16 weights and compute (inputs/outputs stay fp32)")
+    p.add_argument("--format", choices=FORMATS, default="onnx", help="output format (default onnx)")
+    p.add_argument("--out", help="output file (default: the student file with .onnx, or STUDENT-model.safetensors)")
+    p.add_argument("--fp16", action="store_true", help="fp16 weights (ONNX: and compute; inputs/outputs stay fp32)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
-    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime parity check after export")
+    p.add_argument("--no-check", action="store_true", help="skip the parity check of the written file")
     add_clip_args(p, "student", "--student-model")
     p.set_defaults(func=_run)
 
 
+def default_out(student: str | Path, fmt: str) -> Path:
+    student = Path(student)
+    return student.with_suffix(".onnx") if fmt == "onnx" else student.with_name(f"{student.stem}-model.safetensors")
+
+
 def _run(args) -> int:
+    fmt = getattr(args, "format", "onnx")
+    out = Path(args.out or default_out(args.student, fmt))
+    if out.resolve() in (Path(args.student).resolve(), Path(args.class_vectors).resolve()):
+        raise PromptKDError(f"--out {out} would overwrite an input file; choose another path")
     clf = load_classifier(args.student, args.class_vectors, student_model=args.student_model,
                           student_clip=args.student_clip)
-    out = export_onnx(clf, args.out or Path(args.student).with_suffix(".onnx"), fp16=args.fp16, opset=args.opset)
-    if not args.no_check:
+    with torch.no_grad():
+        check_scores(clf.logits(_probe(clf)), f"{args.student}")  # nothing is written for a broken model
+    check = not args.no_check
+    if check and fmt == "onnx":
         try:
-            msg = f"max |logit diff| onnxruntime vs PyTorch fp32: {parity(clf, out):.2e}"
-        except PromptKDError as e:
-            msg = f"parity check skipped: {e}"
-        if not getattr(args, "quiet", False):
-            print(msg, file=sys.stderr)
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            check = False
+            print("parity check skipped: onnxruntime is not installed (pip install 'promptkd[onnx]')", file=sys.stderr)
+    target = out.with_name(f".{out.name}.unchecked") if check else out
+    try:
+        if fmt == "onnx":
+            export_onnx(clf, target, fp16=args.fp16, opset=args.opset)
+        else:
+            export_safetensors(clf, target, fp16=args.fp16)
+        if check:
+            from promptkd.deploy import OnnxClassifier
+
+            runtime = "onnxruntime" if fmt == "onnx" else "the reloaded file"
+            try:
+                diff = parity(clf, OnnxClassifier(target) if fmt == "onnx" else StudentClassifier.load(target))
+            except PromptKDError as e:
+                raise PromptKDError(f"{out}: parity check failed: {e}; nothing written") from None
+            limit = parity_limit(clf, args.fp16)
+            if not diff <= limit:
+                raise PromptKDError(f"{out}: parity check failed: max |logit diff| {runtime} vs PyTorch fp32 is "
+                                    f"{diff:.2e}, above the limit {limit:.1e}; nothing written")
+            os.replace(target, out)
+            if not getattr(args, "quiet", False):
+                print(f"max |logit diff| {runtime} vs PyTorch fp32: {diff:.2e} (limit {limit:.1e})", file=sys.stderr)
+    finally:
+        if target != out:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(target)
     print(out)
     return 0

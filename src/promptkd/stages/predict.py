@@ -1,4 +1,5 @@
-"""`promptkd predict`: classify images, folders or globs with a student (PyTorch) or an ONNX export.
+"""`promptkd predict`: classify images, folders or globs with a student (PyTorch) or an exported file
+(`--model`: ONNX on onnxruntime, or the one-file safetensors student on PyTorch).
 
 Unreadable files are reported one by one (stderr, or "errors" in --json) and the rest are still
 classified; the exit code is 1 when any file failed. With --classes/--classes-file the class
@@ -63,15 +64,15 @@ def predict_files(clf, paths: list[str], *, topk: int = 5, batch_size: int = 32,
 def build_classifier(args):
     """The classifier the flags describe: ONNX, student + class vectors, or student + teacher + names."""
     names = _classnames(args)
-    if args.onnx:
+    if args.model:
         if args.student or args.class_vectors or names:
-            raise PromptKDError("--onnx has its class vectors built in: do not combine it with --student, "
+            raise PromptKDError("--model has its class vectors built in: do not combine it with --student, "
                                 "--class-vectors or --classes (export another model for other classes)")
-        from promptkd.deploy import OnnxClassifier
+        from promptkd.deploy import load_model
 
-        return OnnxClassifier(args.onnx)
+        return load_model(args.model, device=args.device)
     if not args.student:
-        raise PromptKDError("give --onnx MODEL, or --student with --class-vectors (or --classes and --teacher)")
+        raise PromptKDError("give --model FILE, or --student with --class-vectors (or --classes and --teacher)")
     if names is None:
         if args.teacher:
             raise PromptKDError("--teacher is only used with --classes/--classes-file")
@@ -113,7 +114,8 @@ def register(subparsers) -> None:
         description="Print the top-k classes and probabilities of each image. Inputs are image files, "
                     "folders (searched recursively) or glob patterns (quote them).")
     p.add_argument("inputs", nargs="+", metavar="IMAGE|FOLDER|GLOB")
-    p.add_argument("--onnx", help="an ONNX file from `promptkd export` (runs on onnxruntime)")
+    p.add_argument("--model", "--onnx", dest="model", metavar="FILE",
+                   help="a file from `promptkd export`: ONNX (onnxruntime) or the one-file .safetensors (PyTorch)")
     p.add_argument("--student", help="student file (runs on PyTorch)")
     p.add_argument("--class-vectors", help="class-vector file for --student")
     p.add_argument("--classes", help="open vocabulary: comma-separated class names (needs --teacher)")
