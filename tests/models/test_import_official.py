@@ -268,6 +268,17 @@ def test_frozen_weights_apply_only_to_the_archive_they_were_taken_against(offici
     with pytest.raises(PromptKDError, match="replace tensors of other CLIP weights"):
         Teacher.load(ckpt_teacher, clip=load_clip(o.cfg, str(o.tmp / "other" / "tiny-L.pt")))
 
+    # An altered frozen tensor is caught before anything is written into the CLIP.
+    t, m = load_artifact(ckpt_teacher)
+    t["frozen.visual.proj"] = t["frozen.visual.proj"] * 1.01
+    from safetensors.torch import save_file
+
+    save_file(t, str(o.tmp / "altered.safetensors"), metadata={"promptkd": json.dumps(m)})
+    clean = load_clip(o.cfg, o.archive)
+    with pytest.raises(PromptKDError, match="altered.safetensors: its frozen tensors do not match the recorded"):
+        Teacher.load(o.tmp / "altered.safetensors", clip=clean)
+    Teacher.load(ckpt_teacher, clip=clean)  # the refused file left the CLIP untouched
+
     # A CLIP that carries one teacher's frozen weights is not silently reused for another teacher.
     archive_teacher = import_teacher(o.ckpt, load_clip(o.cfg, o.archive), o.tmp / "a.safetensors", "archive")
     carrying = load_clip(o.cfg, o.archive)

@@ -126,13 +126,14 @@ class Teacher(nn.Module):
 
     @torch.no_grad()
     def use_frozen_weights(self, tensors: dict[str, torch.Tensor], source: str, base_hash: str | None = None,
-                           **info) -> None:
+                           info: dict | None = None, expected_hash: str | None = None) -> None:
         """Run on these values of some frozen CLIP tensors (open_clip names) instead of the CLIP's.
 
         They are written into the CLIP model (so the given ClipBundle changes, and is marked: another
         teacher refuses it) and saved with the teacher in their own dtype. `base_hash`, when given,
         must be the hash of the CLIP's tensors they replace: a delta only applies to the weights it
-        was taken against.
+        was taken against. `expected_hash` (a file's record of the tensors' own hash) catches an
+        altered file before anything is written into the CLIP. `info` is kept in the metadata.
         """
         model = self.clip.model
         own = model.state_dict()
@@ -143,6 +144,8 @@ class Teacher(nn.Module):
                 raise PromptKDError(f"{source}: frozen tensor {k} has shape {tuple(v.shape)}, {self.clip.name} "
                                     f"has {tuple(own[k].shape)}")
         digest = tensor_digest(tensors)
+        if expected_hash is not None and digest != expected_hash:
+            raise PromptKDError(f"{source}: its frozen tensors do not match the recorded frozen_hash (the file was altered)")
         carried = getattr(model, _FROZEN_MARK, None)
         if carried is None:
             base = tensor_digest({k: own[k] for k in tensors})
@@ -159,7 +162,7 @@ class Teacher(nn.Module):
         else:
             base = base_hash  # already applied to this very model (the same file loaded twice)
         self.logit_scale.copy_(model.logit_scale.detach().exp())
-        self.frozen = {**info, "tensors": len(tensors), "hash": digest, "base_hash": base}
+        self.frozen = {**(info or {}), "tensors": len(tensors), "hash": digest, "base_hash": base}
         self._frozen_dtypes = {k: v.dtype for k, v in tensors.items()}
 
     def frozen_tensors(self) -> dict[str, torch.Tensor]:
@@ -180,10 +183,9 @@ class Teacher(nn.Module):
         frozen = {k.removeprefix(FROZEN_PREFIX): v for k, v in tensors.items() if k.startswith(FROZEN_PREFIX)}
         frozen_meta = _meta_dict(meta, "frozen_weights", str(path))
         want_hash = meta.get("frozen_hash")
-        if frozen and (not isinstance(want_hash, str) or tensor_digest(frozen) != want_hash
-                       or not isinstance(frozen_meta.get("base_hash"), str)):
-            raise PromptKDError(f"{path}: its frozen tensors do not match the recorded frozen_hash / base_hash "
-                                "(the file was altered)")
+        if frozen and (not isinstance(want_hash, str) or not isinstance(frozen_meta.get("base_hash"), str)):
+            raise PromptKDError(f"{path}: frozen tensors without a recorded frozen_hash and base_hash (the file "
+                                "was altered)")
         if want_hash is not None and not frozen:
             raise PromptKDError(f"{path}: metadata records frozen weights (frozen_hash) but the file holds none")
         bundle = _bundle_for(meta, clip, device, str(path), want_hash if frozen else None)
@@ -199,7 +201,7 @@ class Teacher(nn.Module):
         teacher.load_prompt_tensors(tensors, str(path))
         if frozen:
             info = {k: v for k, v in frozen_meta.items() if k not in ("tensors", "hash", "base_hash")}
-            teacher.use_frozen_weights(frozen, str(path), frozen_meta["base_hash"], **info)
+            teacher.use_frozen_weights(frozen, str(path), frozen_meta["base_hash"], info, expected_hash=want_hash)
         teacher.meta = meta
         return teacher.to(device).eval()
 

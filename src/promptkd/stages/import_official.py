@@ -208,7 +208,7 @@ def import_teacher(checkpoint: str | Path, clip: ClipBundle, out: str | Path,
     report = {"used": frozen_weights if differ else "archive", "checkpoint": Path(checkpoint).name, **report}
     _report_frozen(report)
     if report["used"] == "checkpoint":
-        teacher.use_frozen_weights(differ, src, **report)
+        teacher.use_frozen_weights(differ, src, info=report)
         return teacher.save(out, imported_from=Path(checkpoint).name)
     return teacher.save(out, imported_from=Path(checkpoint).name, frozen_weights=report)
 
