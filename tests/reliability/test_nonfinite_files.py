@@ -119,3 +119,19 @@ def test_eval_refuses_non_finite_features_naming_the_first_image(files):
     with pytest.raises(PromptKDError, match=rf"eval: the model gave non-finite features .* for 1 image\(s\) "
                                             rf"\(first: {items[3].path}\)"):
         encode_items(encode, items, TestTransform(32), batch_size=3, progress=False)
+
+
+def test_teacher_and_checkpoint_with_a_nan_tensor_are_refused_naming_it(world, files, tmp_path, capsys):
+    teacher = tmp_path / "teacher.safetensors"
+    shutil.copy(world.teacher, teacher)
+    overwrite_tensor(teacher, "vision.deep.1", float("inf"))
+    code = main(["class-vectors", "--teacher", str(teacher), "--teacher-model", str(world.teacher_cfg),
+                 "--teacher-clip", str(world.teacher_weights), "--classes", "a,b", "--out", str(tmp_path / "cv")])
+    err = _one_line_error(capsys, code)
+    assert "teacher.safetensors: tensor 'vision.deep.1' holds 96 non-finite value(s)" in err  # 2 tokens x 48
+
+    run = tmp_path / "run"
+    assert main(world.distill_args(run, "--epochs", "1", "--no-val")) == 0
+    overwrite_tensor(run / "checkpoint.safetensors", "model.projector.fc2.bias", float("nan"))
+    err = _one_line_error(capsys, main(world.distill_args(run, "--epochs", "1", "--no-val", "--resume")))
+    assert "checkpoint.safetensors: tensor 'model.projector.fc2.bias' holds" in err
