@@ -9,12 +9,11 @@ recomputed here with plain loops from the saved students, and the student each f
 ran is identified by its features of a fixed probe batch.
 """
 
-import json
 import math
 
 import pytest
 import torch
-from distill_helpers import text_class_vectors, tiny_teacher, write_images
+from distill_helpers import text_class_vectors, tiny_teacher, write_split_file
 from PIL import Image
 
 import promptkd.stages.distill as distill_mod
@@ -32,14 +31,7 @@ TEST = [(50.0, 70.0), (75.0, 20.0), (60.0, 95.0), (75.0, 90.0)]  # (base, novel)
 @pytest.fixture
 def split_file(tmp_path):
     """A split_zhou-style file over 4 colour classes: 4 train, 1 val and 3 test images per class."""
-    items, names = write_images(tmp_path / "img", per_class=8)
-    entry = [[str(p).split("img/")[1], y, names[y]] for p, y in items]
-    per = {y: [e for e in entry if e[1] == y] for y in range(4)}
-    split = {"train": [e for y in per for e in per[y][:4]], "val": [per[y][4] for y in per],
-             "test": [e for y in per for e in per[y][5:]]}
-    path = tmp_path / "img" / "split.json"
-    path.write_text(json.dumps(split))
-    return f"split:{path}", names
+    return write_split_file(tmp_path, per_class=8)
 
 
 def _clip(s_cfg):

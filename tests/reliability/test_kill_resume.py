@@ -48,14 +48,15 @@ def _last_checkpoint_before(global_step: int) -> int:
 # kill point -> global step of the checkpoint left on disk
 def _points(stage: str, low: int) -> list:
     k = seeded_point(stage, low, STEPS - 1)
-    kind = "torn" if stage == "distill" else "step"
-    return [
+    points = [
         pytest.param("checkpoint:3", 6, id="after-mid-epoch-checkpoint"),
         pytest.param("epoch:2" if stage == "teacher" else "epoch:1", 6 if stage == "teacher" else 2,
                      id="epoch-ended-checkpoint-not-written"),
-        pytest.param("checkpoint:4", 8, id="just-after-epoch-2-checkpoint"),
-        pytest.param(f"{kind}:{k}", _last_checkpoint_before(k), id=f"{kind}-{k}-seeded"),
     ]
+    if stage == "teacher":  # a resume at an epoch's start (distill's is the same loop code)
+        points.append(pytest.param("checkpoint:4", 8, id="just-after-epoch-2-checkpoint"))
+    kind = "torn" if stage == "distill" else "step"
+    return [*points, pytest.param(f"{kind}:{k}", _last_checkpoint_before(k), id=f"{kind}-{k}-seeded")]
 
 
 def _kill(args, run, stop, tmp_path) -> dict:
