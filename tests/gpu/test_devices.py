@@ -42,9 +42,9 @@ def kd(tiny_configs, tmp_path):
 
     def make(device):
         torch.manual_seed(0)  # the same models every call
-        teacher = Teacher(load_clip(str(tiny_configs[0])), 2, 2, 2, 2).eval().to(device)
+        teacher = Teacher(load_clip(str(tiny_configs[0]), device=device), 2, 2, 2, 2).eval().to(device)
         torch.manual_seed(1)
-        student = Student(load_clip(*student_clip), teacher.dim, 2, 2).to(device)
+        student = Student(load_clip(*student_clip, device=device), teacher.dim, 2, 2).to(device)
         with torch.no_grad():
             cv = ClassVectors(teacher.encode_classnames(names).detach(), names, teacher.identity())
         return teacher, student, cv
