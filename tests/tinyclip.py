@@ -4,9 +4,12 @@ and a simulated kill at a chosen step."""
 from __future__ import annotations
 
 import contextlib
+import math
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
@@ -64,3 +67,131 @@ def killed_at_call(owner, name: str, n: int, after: bool = False):
         mp.setattr(owner, name, dying)
         with pytest.raises(KeyboardInterrupt):
             yield
+
+
+# ------------------------------------------------------------------ OpenAI-format CLIPs, by hand
+
+
+def openai_config(width=128, layers=2, patch=8, image=32, embed=48, text_width=128, text_layers=2, ctx=16):
+    """An open_clip model config that, like most hand-written ones, sets no head counts."""
+    return {
+        "embed_dim": embed,
+        "vision_cfg": {"image_size": image, "layers": layers, "width": width, "patch_size": patch},
+        "text_cfg": {"context_length": ctx, "vocab_size": 49408, "width": text_width, "layers": text_layers},
+    }
+
+
+def openai_state_dict(width=128, layers=2, patch=8, image=32, embed=48, text_width=128, text_layers=2, ctx=16,
+                      seed=0, dtype=None):
+    """Random weights under the key names of OpenAI's CLIP archives, with their extra buffers
+    (`input_resolution`, `context_length`, `vocab_size`) that mark the OpenAI format. No open_clip
+    code makes them, so tests built on them check the loader against OpenAI's definition."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, std=1.0):
+        return torch.randn(*shape, generator=g) * std
+
+    sd = {}
+
+    def norm(name, w):
+        sd[f"{name}.weight"], sd[f"{name}.bias"] = 1 + r(w, std=0.1), r(w, std=0.1)
+
+    def blocks(prefix, w, n):
+        for i in range(n):
+            p = f"{prefix}transformer.resblocks.{i}."
+            sd[p + "attn.in_proj_weight"], sd[p + "attn.in_proj_bias"] = r(3 * w, w, std=w**-0.5), r(3 * w, std=0.1)
+            sd[p + "attn.out_proj.weight"], sd[p + "attn.out_proj.bias"] = r(w, w, std=w**-0.5), r(w, std=0.1)
+            norm(p + "ln_1", w)
+            sd[p + "mlp.c_fc.weight"], sd[p + "mlp.c_fc.bias"] = r(4 * w, w, std=w**-0.5), r(4 * w, std=0.1)
+            sd[p + "mlp.c_proj.weight"], sd[p + "mlp.c_proj.bias"] = r(w, 4 * w, std=(4 * w) ** -0.5), r(w, std=0.1)
+            norm(p + "ln_2", w)
+
+    grid = image // patch
+    sd["visual.conv1.weight"] = r(width, 3, patch, patch, std=(3 * patch * patch) ** -0.5)
+    sd["visual.class_embedding"] = r(width)
+    sd["visual.positional_embedding"] = r(grid * grid + 1, width, std=0.5)
+    norm("visual.ln_pre", width)
+    blocks("visual.", width, layers)
+    norm("visual.ln_post", width)
+    sd["visual.proj"] = r(width, embed, std=width**-0.5)
+    sd["token_embedding.weight"] = r(49408, text_width)
+    sd["positional_embedding"] = r(ctx, text_width, std=0.5)
+    blocks("", text_width, text_layers)
+    norm("ln_final", text_width)
+    sd["text_projection"] = r(text_width, embed, std=text_width**-0.5)
+    sd["logit_scale"] = torch.tensor(4.6052)
+    if dtype is not None:
+        sd = {k: v.to(dtype) for k, v in sd.items()}
+    sd.update(input_resolution=torch.tensor(image), context_length=torch.tensor(ctx), vocab_size=torch.tensor(49408))
+    return sd
+
+
+def _ref_block(sd, p, x, heads, mask=None):
+    """One residual attention block of OpenAI's CLIP: pre-LN, `heads`-head attention, QuickGELU MLP."""
+    b, t, w = x.shape
+
+    def ln(name, y):
+        return F.layer_norm(y, (w,), sd[f"{p}{name}.weight"].float(), sd[f"{p}{name}.bias"].float(), eps=1e-5)
+
+    def heads_of(y):
+        return y.reshape(b, t, heads, w // heads).transpose(1, 2)
+
+    q, k, v = (ln("ln_1", x) @ sd[p + "attn.in_proj_weight"].float().T + sd[p + "attn.in_proj_bias"].float()).split(w, -1)
+    a = heads_of(q) @ heads_of(k).transpose(-1, -2) / math.sqrt(w // heads)
+    if mask is not None:
+        a = a + mask
+    o = (a.softmax(-1) @ heads_of(v)).transpose(1, 2).reshape(b, t, w)
+    x = x + o @ sd[p + "attn.out_proj.weight"].float().T + sd[p + "attn.out_proj.bias"].float()
+    h = ln("ln_2", x) @ sd[p + "mlp.c_fc.weight"].float().T + sd[p + "mlp.c_fc.bias"].float()
+    h = h * torch.sigmoid(1.702 * h)
+    return x + h @ sd[p + "mlp.c_proj.weight"].float().T + sd[p + "mlp.c_proj.bias"].float()
+
+
+def reference_image_features(sd, images, heads, prompts=None):
+    """OpenAI's image tower written out from its definition (unnormalised features).
+
+    `prompts` ({0: input prompts, i: prompts of block i}) adds IVLP deep vision prompts by the
+    official rule: appended after CLS + patches and the positional embedding, before ln_pre, and
+    the last n tokens replaced at the entry of each block i >= 1 that has prompts.
+    """
+    conv = sd["visual.conv1.weight"].float()
+    w = conv.shape[0]
+    x = F.conv2d(images, conv, stride=conv.shape[-1]).flatten(2).transpose(1, 2)
+    cls = sd["visual.class_embedding"].float().expand(len(images), 1, w)
+    x = torch.cat([cls, x], 1) + sd["visual.positional_embedding"].float()
+    prompts = {i: p.float() for i, p in (prompts or {}).items()}
+    n = len(prompts[0]) if prompts else 0
+    if n:
+        x = torch.cat([x, prompts[0].expand(len(images), -1, -1)], 1)
+    x = F.layer_norm(x, (w,), sd["visual.ln_pre.weight"].float(), sd["visual.ln_pre.bias"].float(), eps=1e-5)
+    layers = len({k.split(".")[3] for k in sd if k.startswith("visual.transformer.resblocks.")})
+    for i in range(layers):
+        if i >= 1 and i in prompts:
+            x = torch.cat([x[:, :-n], prompts[i].expand(len(images), -1, -1)], 1)
+        x = _ref_block(sd, f"visual.transformer.resblocks.{i}.", x, heads)
+    x = F.layer_norm(x[:, 0], (w,), sd["visual.ln_post.weight"].float(), sd["visual.ln_post.bias"].float(), eps=1e-5)
+    return x @ sd["visual.proj"].float()
+
+
+def reference_text_features(sd, tokens, heads, prompts=None):
+    """OpenAI's text tower written out from its definition (unnormalised features); `prompts`
+    ({0: context, i: prompts of block i}) replace token positions 1..n, as IVLP does."""
+    x = sd["token_embedding.weight"].float()[tokens]
+    t, w = x.shape[1], x.shape[2]
+    prompts = {i: p.float() for i, p in (prompts or {}).items()}
+    n = len(prompts[0]) if prompts else 0
+
+    def put(y, ctx):
+        return torch.cat([y[:, :1], ctx.expand(len(y), -1, -1), y[:, 1 + n :]], 1)
+
+    if n:
+        x = put(x, prompts[0])
+    x = x + sd["positional_embedding"].float()[:t]
+    mask = torch.full((t, t), float("-inf")).triu(1)
+    layers = len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")})
+    for i in range(layers):
+        if i >= 1 and i in prompts:
+            x = put(x, prompts[i])
+        x = _ref_block(sd, f"transformer.resblocks.{i}.", x, heads, mask)
+    x = F.layer_norm(x, (w,), sd["ln_final.weight"].float(), sd["ln_final.bias"].float(), eps=1e-5)
+    return x[torch.arange(len(x)), tokens.argmax(-1)] @ sd["text_projection"].float()

@@ -108,23 +108,13 @@ def save_artifact(path: str | os.PathLike, tensors: dict[str, torch.Tensor], met
     return path
 
 
-def _promptkd_meta(header: dict, path: Path, kind: str | None) -> dict[str, Any]:
-    raw = (header.get("__metadata__") or {}).get(_META_KEY) if isinstance(header, dict) else None
-    if raw is None:
-        raise PromptKDError(f"{path}: safetensors file without promptkd metadata (not a promptkd artifact)")
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise PromptKDError(f"{path}: corrupt promptkd metadata ({e})") from None
-    if not isinstance(meta, dict):
-        raise PromptKDError(f"{path}: promptkd metadata must be a JSON object")
-    if kind is not None and meta.get("kind") != kind:
-        raise PromptKDError(f"{path}: expected a {kind} artifact, found kind={meta.get('kind')!r}")
-    return meta
+def load_artifact(path: str | os.PathLike, kind: str | None = None,
+                  finite: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load a promptkd artifact; check its `kind` when given. Never unpickles.
 
-
-def load_artifact(path: str | os.PathLike, kind: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Load a promptkd artifact; check its `kind` when given. Never unpickles."""
+    With `finite` (the default), a NaN or infinite value in any floating-point tensor is refused,
+    naming the tensor: a damaged file must not turn into NaN scores later.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load as st_load_bytes
 
@@ -138,24 +128,44 @@ def load_artifact(path: str | os.PathLike, kind: str | None = None) -> tuple[dic
         header = json.loads(data[8 : 8 + header_len])
     except (SafetensorError, ValueError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PromptKDError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
-    return tensors, _promptkd_meta(header, path, kind)
+    meta = _promptkd_meta(header, path, kind)
+    if finite:
+        check_finite(tensors, str(path))
+    return tensors, meta
 
 
-def read_metadata(path: str | os.PathLike, kind: str | None = None) -> dict[str, Any]:
-    """An artifact's promptkd metadata from its header alone (no tensors read, no torch): how a
-    command checks its inputs' kinds before any heavy work."""
+def read_artifact_meta(path: str | os.PathLike, kind: str | None = None) -> dict[str, Any]:
+    """Only an artifact's metadata: reads the header, not the tensors (a teacher file with frozen
+    weights can be a gigabyte)."""
     path = Path(path)
     if not path.is_file():
         raise PromptKDError(f"{path}: file not found")
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        raw = f.read(n) if 0 < n <= 100_000_000 else b""  # safetensors' own header limit
     try:
-        with open(path, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            if not 0 < header_len <= min(100_000_000, path.stat().st_size - 8):
-                raise ValueError("bad header length")
-            header = json.loads(f.read(header_len))
+        if len(raw) != n:
+            raise ValueError("header too short or too long")
+        header = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise PromptKDError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
     return _promptkd_meta(header, path, kind)
+
+
+def _promptkd_meta(header: Any, path: Path, kind: str | None) -> dict[str, Any]:
+    raw = ((header.get("__metadata__") if isinstance(header, dict) else None) or {}).get(_META_KEY)
+    if raw is None:
+        raise PromptKDError(f"{path}: safetensors file without promptkd metadata (not a promptkd artifact)")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise PromptKDError(f"{path}: corrupt promptkd metadata ({e})") from None
+    if not isinstance(meta, dict):
+        raise PromptKDError(f"{path}: promptkd metadata must be a JSON object")
+    if kind is not None and meta.get("kind") != kind:
+        raise PromptKDError(f"{path}: expected a {kind} artifact, found kind={meta.get('kind')!r}")
+    return meta
 
 
 def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
@@ -185,5 +195,5 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
         h.update(name.encode())
         h.update(str(t.dtype).encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]

@@ -100,10 +100,66 @@ def _interrupted(args) -> str:
     return "promptkd: interrupted"
 
 
+class _SigintWatch:
+    """Ctrl-C, made to end in one line whatever it interrupts.
+
+    SIGINT still raises KeyboardInterrupt, so the command unwinds (temporary files removed, the
+    checkpoint kept). But a Ctrl-C can land where Python cannot raise it: inside a C extension's import
+    (numpy's, under torch), where it surfaces as an ImportError, or inside a callback, where it is
+    printed as "Exception ignored" and lost. The watch notes every SIGINT, delivers a lost one again,
+    and a second Ctrl-C stops the program at once. As the program (not called from Python code), an
+    interrupted run exits with 130 directly, and a late Ctrl-C while the interpreter shuts down is
+    ignored, so neither becomes a traceback or a death by signal.
+    """
+
+    def __init__(self, program: bool):
+        import signal
+
+        self.program, self.seen, self.redeliver = program, 0, False
+        self.previous = self.unraisable = None
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not under a caller's handler
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+            self.unraisable, sys.unraisablehook = sys.unraisablehook, self._unraisable
+
+    def _handle(self, signum, frame):
+        import os
+
+        self.seen += 1
+        if self.seen > 1 and self.program and not self.redeliver:
+            print("promptkd: interrupted", file=sys.stderr, flush=True)
+            os._exit(130)
+        self.redeliver = False
+        raise KeyboardInterrupt
+
+    def _unraisable(self, info) -> None:
+        if issubclass(info.exc_type, KeyboardInterrupt):  # raised inside a callback: deliver it again
+            import _thread
+
+            self.redeliver = True
+            _thread.interrupt_main()
+            return
+        self.unraisable(info)
+
+    def close(self, interrupted: bool) -> None:
+        import os
+        import signal
+
+        if self.previous is None:
+            return
+        sys.unraisablehook = self.unraisable
+        signal.signal(signal.SIGINT, signal.SIG_IGN if self.program else self.previous)
+        if interrupted and self.program:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The `promptkd` command (argv None: sys.argv, as the program; a list: called from Python)."""
+    program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # known before parsing, for an interrupt while the parser is built
-    args = None
+    args, watch, interrupted = None, _SigintWatch(program), False
     try:
         from promptkd import runs
         from promptkd.errors import PromptKDError
@@ -123,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                 resolve_device(args.device)
             code = args.func(args)
         except (PromptKDError, OSError, MemoryError) as e:  # OSError: missing files, permissions, a full disk
-            if debug:
+            if debug or watch.seen:
                 raise
             print(f"promptkd: error: {_one_line(e)}", file=sys.stderr)  # always one line
             return 2
@@ -134,11 +190,15 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         return int(code or 0)
-    except KeyboardInterrupt:
-        if debug:
+    except BaseException as e:
+        # Ctrl-C, also when it surfaced as another error (an import it cut short)
+        interrupted = isinstance(e, KeyboardInterrupt) or (watch.seen and not isinstance(e, SystemExit))
+        if debug or not interrupted:
             raise
         print(_interrupted(args), file=sys.stderr)
         return 130
+    finally:
+        watch.close(interrupted)
 
 
 if __name__ == "__main__":

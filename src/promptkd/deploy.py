@@ -5,8 +5,11 @@
     clf.predict([img1, img2], topk=5)   # [[(classname, prob), ...], ...]
 
 The student's test transform, feature normalisation and logit scale are part of the object, so a
-caller cannot get them wrong. `OnnxClassifier` offers the same `predict` over an exported ONNX file
-(see `promptkd.stages.export`), reading everything it needs from the file's metadata.
+caller cannot get them wrong. `StudentClassifier.load("model.safetensors")` reads the one-file
+student of `promptkd export --format safetensors` (image tower, prompts, projector, class vectors,
+class names, preprocessing; no CLIP file needed). `OnnxClassifier` offers the same `predict` over an
+exported ONNX file (see `promptkd.stages.export`), reading everything it needs from the file's
+metadata; `load_model` opens either kind of file.
 """
 
 from __future__ import annotations
@@ -29,6 +32,10 @@ from promptkd.models.wrappers import ClassVectors, Student, Teacher
 log = logging.getLogger(__name__)
 
 ONNX_FORMAT = "promptkd-onnx/1"
+STANDALONE_KIND, STANDALONE_FORMAT = "student_classifier", "promptkd-student/1"
+# The tensors of a one-file student (each other name is refused).
+_STANDALONE_PREFIXES = ("visual.", "vision.", "projector.")
+_STANDALONE_NAMES = ("class_vectors", "logit_scale")
 ONNX_INPUT, ONNX_OUTPUT = "image", "logits"
 
 ImageLike = Image.Image | torch.Tensor | str | os.PathLike
@@ -40,6 +47,7 @@ class _Predictor:
 
     classnames: list[str]
     transform: TestTransform
+    source: str = "model"  # how error messages name it (its file, when loaded from one)
 
     @property
     def image_size(self) -> int:
@@ -80,11 +88,21 @@ class _Predictor:
         k = max(1, min(int(topk), len(self.classnames)))
         out: list[Prediction] = []
         for i in range(0, len(items), batch_size):
-            probs = self.logits(self.preprocess(items[i : i + batch_size])).float().softmax(dim=-1)
+            logits = self.logits(self.preprocess(items[i : i + batch_size])).float()
+            check_scores(logits, self.source)
+            probs = logits.softmax(dim=-1)
             p, idx = probs.topk(k, dim=-1)
             out += [[(self.classnames[j], float(v)) for v, j in zip(pr.tolist(), ix.tolist())]
                     for pr, ix in zip(p, idx)]
         return out
+
+
+def check_scores(logits: torch.Tensor, source: str) -> None:
+    """Refuse NaN/inf logits: a probability printed as `nan` (or an argmax over NaN) is never an answer."""
+    bad = (~torch.isfinite(logits)).any(dim=-1)
+    if bad.any():
+        raise PromptKDError(f"{source}: non-finite scores (NaN or inf) for {int(bad.sum())} of {len(logits)} "
+                            "image(s); the model's weights are damaged or overflow at this precision")
 
 
 class StudentClassifier(nn.Module, _Predictor):
@@ -118,15 +136,20 @@ class StudentClassifier(nn.Module, _Predictor):
         self.transform = transforms_for(student.clip.preprocess_cfg)[1]
 
     @classmethod
-    def load(cls, student: str | Path, class_vectors: str | Path, *, device: str | torch.device = "cpu",
-             clip=None) -> StudentClassifier:
-        """From a student file and a class-vector file; `clip` overrides the student's CLIP (local weights)."""
+    def load(cls, student: str | Path, class_vectors: str | Path | None = None, *,
+             device: str | torch.device = "cpu", clip=None) -> StudentClassifier:
+        """From a one-file student (`promptkd export --format safetensors`) alone, or from a student
+        file and a class-vector file; `clip` overrides the student's CLIP (local weights)."""
+        if class_vectors is None:
+            return _load_standalone(Path(student), device)
         s = Student.load(student, clip=clip, device=device)
         cv = ClassVectors.load(class_vectors)
         try:
-            return cls(s, cv)
+            clf = cls(s, cv)
         except PromptKDError as e:  # say which files do not belong together
             raise PromptKDError(f"{class_vectors} vs {student}: {e}") from None
+        clf.source = str(student)
+        return clf
 
     @property
     def logit_scale(self) -> torch.Tensor:
@@ -154,9 +177,30 @@ class StudentClassifier(nn.Module, _Predictor):
         return {"format": ONNX_FORMAT, "promptkd_version": __version__, "classnames": self.classnames,
                 "student": {"clip": self.student.clip.identity(), "prompts": self.student.prompt_config,
                             "teacher_dim": self.student.projector.out_dim},
+                "teacher": (getattr(self.student, "meta", None) or {}).get("teacher"),
                 "class_vectors_teacher": self.teacher_identity, "image_size": t.size, "mean": t.mean,
                 "std": t.std, "interpolation": t.interpolation.value, "resize_mode": t.resize_mode,
                 "logit_scale": float(self.logit_scale)}
+
+    def standalone_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor the classifier runs on: the student CLIP's image tower (`visual.*`; not its
+        text tower), prompts (`vision.*`), projector, class vectors and the CLIP's logit scale."""
+        from promptkd.models.loading import freeze
+
+        s = self.student
+        out = {f"visual.{k}": v for k, v in freeze(s.clip.model.visual).state_dict().items()}
+        out.update({k: v.detach() for k, v in s.trainable_tensors().items()})
+        out["class_vectors"] = self.class_vectors
+        out["logit_scale"] = s.clip.model.logit_scale.detach()
+        return out
+
+    def standalone_metadata(self, precision: str = "fp32") -> dict:
+        """metadata() plus how to rebuild the image tower: the one-file student's JSON."""
+        from promptkd.models.loading import vision_tower_config
+
+        meta = {**self.metadata(), "kind": STANDALONE_KIND, "format": STANDALONE_FORMAT, "precision": precision}
+        meta["student"] = {**meta["student"], "tower": vision_tower_config(self.student.clip)}
+        return meta
 
 
 def onnx_metadata_props(meta: dict) -> dict[str, str]:
@@ -174,9 +218,15 @@ def parse_onnx_metadata(props: dict[str, str], source: str) -> dict:
                 meta[key.removeprefix("promptkd.")] = json.loads(raw)
             except json.JSONDecodeError:
                 meta[key.removeprefix("promptkd.")] = raw
+    return check_runtime_metadata(meta, source, "promptkd ONNX metadata")
+
+
+def check_runtime_metadata(meta: dict, source: str, what: str) -> dict:
+    """The fields a runtime reads from a deployed file (class names, input size and normalisation),
+    each type-checked, so a hand-edited or crafted file says which field is wrong."""
     missing = [k for k in ("classnames", "image_size", "mean", "std") if k not in meta]
     if missing:
-        raise PromptKDError(f"{source}: promptkd ONNX metadata lacks {missing}")
+        raise PromptKDError(f"{source}: {what} lacks {missing}")
 
     def number(x):
         return isinstance(x, (int, float)) and not isinstance(x, bool)
@@ -191,8 +241,66 @@ def parse_onnx_metadata(props: dict[str, str], source: str) -> dict:
     }
     for key, ok in checks.items():
         if key in meta and not ok(meta[key]):
-            raise PromptKDError(f"{source}: promptkd ONNX metadata '{key}' is malformed ({str(meta[key])[:80]!r})")
+            raise PromptKDError(f"{source}: {what} '{key}' is malformed ({str(meta[key])[:80]!r})")
     return meta
+
+
+def _load_standalone(path: Path, device) -> StudentClassifier:
+    """The one-file student: every tensor and field checked (kind, format, names, shapes, finiteness)."""
+    from promptkd.artifacts import load_artifact, read_artifact_meta
+    from promptkd.models.loading import ClipBundle, ImageTowerCLIP, build_vision_tower
+
+    source = str(path)
+    kind = read_artifact_meta(path).get("kind")
+    if kind == "student":
+        raise PromptKDError(f"{source}: a student file holds only prompts and projector; give its class vectors "
+                            "too, or make one file with `promptkd export --format safetensors`")
+    tensors, meta = load_artifact(path, kind=STANDALONE_KIND)  # refuses NaN/inf, naming the tensor
+    if meta.get("format") != STANDALONE_FORMAT:
+        raise PromptKDError(f"{source}: unknown one-file student format {meta.get('format')!r} "
+                            f"(this promptkd reads {STANDALONE_FORMAT})")
+    check_runtime_metadata(meta, source, "one-file student metadata")
+    stray = [k for k in tensors if not k.startswith(_STANDALONE_PREFIXES) and k not in _STANDALONE_NAMES]
+    if stray or any(k not in tensors for k in _STANDALONE_NAMES):
+        raise PromptKDError(f"{source}: one-file student tensors: "
+                            + (f"unexpected {stray[:3]}" if stray else f"missing {[k for k in _STANDALONE_NAMES if k not in tensors]}"))
+    tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}  # --fp16 files run in fp32
+    student_meta = meta.get("student")
+    if not isinstance(student_meta, dict) or not isinstance(student_meta.get("clip"), dict):
+        raise PromptKDError(f"{source}: one-file student metadata 'student' must be a JSON object with 'clip'")
+    if tensors["logit_scale"].ndim != 0:
+        raise PromptKDError(f"{source}: logit_scale must be a scalar, got shape {tuple(tensors['logit_scale'].shape)}")
+    visual = build_vision_tower(student_meta.get("tower"), {k.removeprefix("visual."): v for k, v in tensors.items()
+                                                            if k.startswith("visual.")}, source)
+    ident = student_meta["clip"]
+    t = meta
+    preprocess = {"size": t["image_size"], "mean": t["mean"], "std": t["std"],
+                  "interpolation": t.get("interpolation", "bicubic"), "resize_mode": t.get("resize_mode", "shortest")}
+    bundle = ClipBundle(ImageTowerCLIP(visual, tensors["logit_scale"]), str(ident.get("model")), ident.get("pretrained"),
+                        None, preprocess)
+    student = Student.from_tensors(bundle, tensors, {**student_meta, "teacher": meta.get("teacher")}, source)
+    teacher = meta.get("class_vectors_teacher")
+    try:
+        cv = ClassVectors(tensors["class_vectors"], meta["classnames"], teacher if isinstance(teacher, dict) else {})
+        clf = StudentClassifier(student, cv)
+    except PromptKDError as e:
+        raise PromptKDError(f"{source}: {e}") from None
+    if len(set(cv.classnames)) != len(cv.classnames):
+        raise PromptKDError(f"{source}: duplicate class names")
+    clf.source = source
+    return clf.to(device).eval()
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> _Predictor:
+    """A deployed model file: ONNX (onnxruntime) or the one-file safetensors student (PyTorch)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PromptKDError(f"{path}: model file not found")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if path.suffix != ".onnx" and len(head) == 9 and head[8:9] == b"{":  # safetensors: header length, then JSON
+        return StudentClassifier.load(path, device=device)
+    return OnnxClassifier(path)
 
 
 class OnnxClassifier(_Predictor):
@@ -213,6 +321,7 @@ class OnnxClassifier(_Predictor):
         except Exception as e:
             raise PromptKDError(f"{path}: not a loadable ONNX model ({str(e).splitlines()[0][:200]})") from None
         self.meta = parse_onnx_metadata(self.session.get_modelmeta().custom_metadata_map, str(path))
+        self.source = str(path)
         self.classnames = list(self.meta["classnames"])
         self.transform = TestTransform(self.meta["image_size"], self.meta["mean"], self.meta["std"],
                                        self.meta.get("interpolation", "bicubic"),

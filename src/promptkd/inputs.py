@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from promptkd.artifacts import read_metadata
+from promptkd.artifacts import read_artifact_meta
 from promptkd.errors import PromptKDError
 from promptkd.runs import read_run_record
 
@@ -33,7 +33,7 @@ def artifact_path(given: str | Path, kind: str, option: str | None = None) -> Pa
         path = inside
     elif not path.is_file():
         raise PromptKDError(f"{option} {path}: {kind} file or run folder not found")
-    meta = read_metadata(path)
+    meta = read_artifact_meta(path)
     if meta.get("kind") != kind:
         raise PromptKDError(f"{option} {path}: expected a {kind} artifact, found kind={meta.get('kind')!r}")
     return path
@@ -49,7 +49,7 @@ def artifact_kind(given: str | Path, option: str) -> tuple[str, Path]:
         raise PromptKDError(f"{option} {path}: a folder without teacher.safetensors or student.safetensors")
     if not path.is_file():
         raise PromptKDError(f"{option} {path}: file or run folder not found")
-    kind = read_metadata(path).get("kind")
+    kind = read_artifact_meta(path).get("kind")
     if kind not in ARTIFACT_FILES:
         raise PromptKDError(f"{option} {path}: expected a teacher or student artifact, found kind={kind!r}")
     return kind, path
@@ -72,7 +72,7 @@ def class_vectors_path(given: str | Path, option: str = "--class-vectors") -> Pa
         path = path / CLASS_VECTORS_FILE
     if not path.is_file():
         raise PromptKDError(f"{option} {path}: class-vector file not found")
-    read_metadata(path, "class_vectors")
+    read_artifact_meta(path, "class_vectors")
     return path
 
 
@@ -101,7 +101,7 @@ def artifact_clip(path, kind: str, clip_model: str | None, clip_weights: str | N
 
     if clip_model is None and clip_weights is None:
         return None
-    meta = read_metadata(path, kind)
+    meta = read_artifact_meta(path, kind)
     source = meta.get("clip_source")
     if isinstance(source, dict) and source:
         return clip_from_source(source, where=str(path), role=kind, device=device, model=clip_model,

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from promptkd.data.dataset import ImageDataset, Item
 from promptkd.data.protocols import EvalSplit
+from promptkd.errors import PromptKDError
 
 # Plain zero-shot template (what the official IVLP/PromptSRC prompt reads at initialisation).
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
@@ -36,11 +37,18 @@ def encode_items(
     """L2-normalised features and labels for every item, in order (test transform, no augmentation)."""
     from promptkd.logs import progress_bar
 
-    ds = ImageDataset(list(items), transform, train=False)
+    items = list(items)
+    ds = ImageDataset(items, transform, train=False)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     feats, labels = [], []
     for images, y, _ in progress_bar(loader, desc=desc, enabled=progress, leave=False):
-        feats.append(F.normalize(encode(images.to(device)).float(), dim=-1).cpu())
+        f = encode(images.to(device)).float()
+        bad = (~torch.isfinite(f)).any(dim=-1).cpu()
+        if bad.any():  # an argmax over NaN would still "classify" and report a plausible accuracy
+            first = items[sum(len(b) for b in labels) + int(bad.nonzero()[0])].path
+            raise PromptKDError(f"{desc}: the model gave non-finite features (NaN or inf) for {int(bad.sum())} "
+                                f"image(s) (first: {first}); its weights are damaged or overflow at this precision")
+        feats.append(F.normalize(f, dim=-1).cpu())
         labels.append(y)
     if not feats:
         return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
@@ -77,6 +85,8 @@ def evaluate_splits(encode: Callable[[torch.Tensor], torch.Tensor], classifier: 
                     splits: dict[str, EvalSplit], transform, *, batch_size: int = 100,
                     device: str | torch.device = "cpu", num_workers: int = 0, progress: bool = True) -> dict:
     """Accuracy per split (unlabelled items skipped), plus HM when there are base and novel splits."""
+    if not torch.isfinite(classifier).all():
+        raise PromptKDError("the class vectors (classifier) hold non-finite values (NaN or inf)")
     out: dict[str, float] = {}
     for name, split in splits.items():
         items = [it for it in split.items if it.label >= 0]

@@ -1,10 +1,11 @@
 """Teacher-output cache: replayed views give the teacher's features; builds resume; misuse is refused."""
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from promptkd.data.dataset import Item, load_rgb
+from promptkd.data.dataset import Item
 from promptkd.data.transforms import TrainTransform
 from promptkd.errors import PromptKDError
 from promptkd.models import load_clip
@@ -78,8 +79,35 @@ def test_cache_from_other_teacher_or_images_is_refused(setup, tiny_configs, tmp_
 
 
 def test_views_replay_the_recorded_crop(setup, tmp_path):
-    teacher, items, tf = setup
+    """Each replayed view is the recorded box cut out of the image, resized and maybe mirrored
+    (checked with PIL and numpy here), and it is the view whose features the teacher stored."""
+    teacher, _, tf = setup
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(5):  # noise: no crop of it looks the same mirrored, flipped upside down or shifted
+        path = tmp_path / f"noise{i}.png"
+        Image.fromarray(rng.integers(0, 256, (36, 40 + 4 * i, 3), dtype=np.uint8)).save(path)
+        items.append(Item(str(path), -1))
     cache = TeacherCache(build_teacher_cache(teacher, items, tf, tmp_path / "c", CacheSpec(views=2), progress=False))
-    v = cache.view(3, 1)
-    img = load_rgb(items[3][0])
-    assert 0 <= v.top and v.top + v.h <= img.height and 0 <= v.left and v.left + v.w <= img.width
+    ds = CachedViewDataset(items, tf, cache, seed=4)
+    mean, std = torch.tensor(tf.mean)[:, None, None], torch.tensor(tf.std)[:, None, None]
+    flips, boxes = set(), set()
+    for epoch in range(2):
+        ds.set_epoch(epoch)
+        for i in range(len(items)):
+            x, feature, _ = ds[i]
+            top, left, h, w, flip = (int(v) for v in cache.boxes[i, ds.view_index(i)])
+            img = Image.open(items[i].path).convert("RGB")
+            assert 0 <= top and top + h <= img.height and 0 <= left and left + w <= img.width
+            a = np.asarray(img.crop((left, top, left + w, top + h)).resize((32, 32), Image.BICUBIC), np.float32) / 255
+            if flip:
+                a = a[:, ::-1]
+            want = (torch.from_numpy(a.copy()).permute(2, 0, 1) - mean) / std
+            torch.testing.assert_close(x, want, atol=1e-6, rtol=0)
+            with torch.no_grad():
+                direct = teacher.encode_images(want[None])[0]
+            torch.testing.assert_close(feature, direct, atol=2e-3, rtol=1e-2)  # stored in fp16
+            flips.add(bool(flip))
+            boxes.add((i, top, left, h, w))
+    assert flips == {True, False}  # both branches of the replay were checked
+    assert len(boxes) > len(items)  # the two epochs replayed different crops

@@ -13,7 +13,7 @@ import torch
 from cli_helpers import distill_command, teacher_command
 from safetensors.torch import load_file
 
-from promptkd.artifacts import read_metadata
+from promptkd.artifacts import read_artifact_meta
 from promptkd.cli import main
 
 
@@ -43,7 +43,7 @@ def test_run_json_records_every_input_by_absolute_path_and_sha256(runs, clips, d
     assert student["inputs"]["student_clip"]["weights"]["sha256"] == sha256(clips.student_weights)
     assert student["inputs"]["dataset"]["protocol"] == "cross"
     # the artifacts carry the same record of their CLIP, so a lone file works too
-    assert read_metadata(runs.teacher / "teacher.safetensors")["clip_source"] == clip
+    assert read_artifact_meta(runs.teacher / "teacher.safetensors")["clip_source"] == clip
 
 
 def test_later_commands_take_the_run_folder_alone(runs, clips, data, tmp_path, capsys):
@@ -112,7 +112,7 @@ def test_random_weights_are_seeded_recorded_and_rebuilt(clips, data, tmp_path, c
     with caplog.at_level(logging.WARNING, logger="promptkd"):
         assert main(teacher_command(clips, data, tmp_path / "t", "--teacher-weights", "none", "--seed", "3")) == 0
     assert "random weights (seed 3)" in caplog.text
-    meta = read_metadata(tmp_path / "t" / "teacher.safetensors")
+    meta = read_artifact_meta(tmp_path / "t" / "teacher.safetensors")
     assert meta["clip_source"]["weights"] == "none" and meta["clip_source"]["init_seed"] == 3
     assert meta["clip"]["init_seed"] == 3
     for name in ("a", "b"):

@@ -1,6 +1,9 @@
+import contextlib
 import json
 import os
 import stat
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -66,13 +69,60 @@ def test_root_may_be_the_dataset_folder_itself(pets_root):
     assert len(ds.train) == 9
 
 
-def test_read_only_dataset_root(pets_root):
-    d = pets_root / "oxford_pets"
-    os.chmod(d, stat.S_IRUSR | stat.S_IXUSR)
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+_WRITE_EVENTS = {"os.mkdir", "os.rename", "os.remove", "os.rmdir", "os.truncate", "os.chmod", "os.utime",
+                 "os.symlink", "os.link", "os.chown"}
+_read_only: list[str] = []  # folders a test has made read-only for this process (see read_only)
+_hooks: list = []
+
+
+def _refuse_writes(event, args):
+    if not _read_only or (event != "open" and event not in _WRITE_EVENTS):
+        return
+    if event == "open" and not (isinstance(args[2], int) and args[2] & _WRITE_FLAGS):
+        return
+    paths = [a for a in (args[:2] if event in ("os.rename", "os.link", "os.symlink") else args[:1])
+             if isinstance(a, (str, bytes, os.PathLike))]
+    for p in paths:
+        p = os.path.abspath(os.fsdecode(p))
+        if any(p == d or p.startswith(d + os.sep) for d in _read_only):
+            raise PermissionError(13, "Permission denied (read-only folder, simulated by the test)", p)
+
+
+@contextlib.contextmanager
+def read_only(folder):
+    """The folder and everything in it refuse to be written by this process, root included (an audit
+    hook: chmod does not stop root, and CI often runs as root); on other users chmod is applied too."""
+    if _refuse_writes not in _hooks:
+        sys.addaudithook(_refuse_writes)  # cannot be removed; inert while _read_only is empty
+        _hooks.append(_refuse_writes)
+    folder = os.path.abspath(folder)
+    modes = {}
+    if os.geteuid() != 0:
+        for d in [folder, *(str(p) for p in Path(folder).rglob("*") if p.is_dir())]:
+            modes[d] = os.stat(d).st_mode
+            os.chmod(d, stat.S_IRUSR | stat.S_IXUSR)
+    _read_only.append(folder)
     try:
-        assert len(build_dataset("OxfordPets", pets_root).test) == 6
+        yield
     finally:
-        os.chmod(d, stat.S_IRWXU)
+        _read_only.remove(folder)
+        for d, mode in modes.items():
+            os.chmod(d, mode)
+
+
+def _tree(root):
+    return sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in [root, *root.rglob("*")])
+
+
+def test_read_only_dataset_root(pets_root):
+    before = _tree(pets_root)
+    with read_only(pets_root):
+        with pytest.raises(PermissionError):  # the simulation holds for this user, root or not
+            (pets_root / "oxford_pets" / "probe.json").write_text("{}")
+        assert len(build_dataset("OxfordPets", pets_root).test) == 6
+    assert _tree(pets_root) == before  # nothing written, renamed or touched
+    (pets_root / "oxford_pets" / "probe.json").write_text("{}")  # and writable again afterwards
 
 
 def test_missing_split_file_names_expected_path(data_root):

@@ -27,6 +27,19 @@ def text_class_vectors(teacher: Teacher, names: list[str]) -> ClassVectors:
         return ClassVectors(teacher.encode_classnames(names).detach(), names, teacher.identity())
 
 
+def write_split_file(tmp_path, per_class: int) -> tuple[str, list[str]]:
+    """A split_zhou-style file over the 4 colour classes: 4 train, 1 val and the rest test images per
+    class; returns ("split:FILE", class names)."""
+    items, names = write_images(tmp_path / "img", per_class=per_class)
+    entry = [[str(p).split("img/")[1], y, names[y]] for p, y in items]
+    per = {y: [e for e in entry if e[1] == y] for y in range(4)}
+    split = {"train": [e for y in per for e in per[y][:4]], "val": [per[y][4] for y in per],
+             "test": [e for y in per for e in per[y][5:]]}
+    path = tmp_path / "img" / "split.json"
+    path.write_text(json.dumps(split))
+    return f"split:{path}", names
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

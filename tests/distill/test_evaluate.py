@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from distill_helpers import make_models, text_class_vectors, write_images
+from distill_helpers import make_models, text_class_vectors, write_images, write_split_file
 
 from promptkd.cli import main
 from promptkd.data.protocols import align_class_vectors, build_protocol
@@ -16,14 +16,7 @@ from promptkd.stages.distill import distill_models
 @pytest.fixture
 def split_file(tmp_path):
     """A split_zhou-style file over 4 colour classes: 4 train, 1 val and 2 test images per class."""
-    items, names = write_images(tmp_path / "img", per_class=7)
-    entry = [[str(p).split("img/")[1], y, names[y]] for p, y in items]
-    per = {y: [e for e in entry if e[1] == y] for y in range(4)}
-    split = {"train": [e for y in per for e in per[y][:4]], "val": [per[y][4] for y in per],
-             "test": [e for y in per for e in per[y][5:]]}
-    path = tmp_path / "img" / "split.json"
-    path.write_text(json.dumps(split))
-    return f"split:{path}", names
+    return write_split_file(tmp_path, per_class=7)
 
 
 def test_base2novel_protocol_scores_base_and_novel_apart(split_file):

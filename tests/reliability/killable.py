@@ -1,10 +1,19 @@
 """The promptkd CLI, for tests that SIGKILL it: `python killable.py <promptkd arguments>`.
 
-Numerics are untouched; with RELIABILITY_DELAY=s the run sleeps s seconds after each progress
-event (a training step logged to metrics.jsonl, a cache shard listed in manifest.json), so the
-test can kill it at a chosen step, anywhere inside the next one.
+Numerics are untouched. With RELIABILITY_STOP=EVENT:N the run stops at the N-th EVENT, creates the
+file named by RELIABILITY_READY and blocks until it is killed, so the test's SIGKILL lands exactly
+there on any machine, fast or slow. EVENT is one of:
+
+- step: the N-th training step's record has reached metrics.jsonl (a checkpoint due after that
+  step is not written yet)
+- torn: half of the N-th step's record is in metrics.jsonl (a kill in the middle of an append)
+- epoch: the N-th epoch's record has reached metrics.jsonl (its end-of-epoch work, e.g. the GPA
+  update, is done in memory; its checkpoint is not written yet)
+- checkpoint: the N-th checkpoint (mid-epoch or end of epoch) has been written
+- shard: the teacher-cache manifest has been rewritten for the N-th time (one more shard listed)
 """
 
+import json
 import os
 import sys
 import time
@@ -12,33 +21,60 @@ import time
 import torch
 
 torch.set_num_threads(1)
-delay = float(os.environ.get("RELIABILITY_DELAY", "0"))
+EVENT, _, N = os.environ.get("RELIABILITY_STOP", "").partition(":")
+READY = os.environ.get("RELIABILITY_READY", "")
+seen: dict[str, int] = {}
 
-if delay:
+
+def reached(event: str) -> bool:
+    """Count one `event`; True when it is the chosen kill point."""
+    seen[event] = seen.get(event, 0) + 1
+    return event == EVENT and seen[event] == int(N)
+
+
+def stop_here() -> None:
+    with open(READY, "w") as f:
+        f.write(f"{EVENT}:{N}\n")
+    while True:  # until SIGKILL
+        time.sleep(60)
+
+
+if EVENT:
     from promptkd.engine import loop
 
-    real_write = loop.MetricsLog.write
+    real_write, real_save = loop.MetricsLog.write, loop.save_checkpoint
 
-    def slow_write(self, record):
+    def write(self, record):
+        kind = record.get("event")
+        if EVENT == "torn" and kind == "step" and reached("torn"):
+            line = json.dumps(record) + "\n"
+            self.file.write(line[: len(line) // 2])
+            self.file.flush()
+            stop_here()
         real_write(self, record)
-        if record.get("event") == "step":
-            time.sleep(delay)
+        if kind == EVENT and reached(kind):
+            stop_here()
 
-    loop.MetricsLog.write = slow_write
+    def save_checkpoint(*args, **kwargs):
+        real_save(*args, **kwargs)
+        if EVENT == "checkpoint" and reached("checkpoint"):
+            stop_here()
 
-    try:
+    loop.MetricsLog.write = write
+    loop.save_checkpoint = save_checkpoint
+
+    if EVENT == "shard":
         from promptkd.stages import cache
-    except ImportError:
-        cache = None
-    if cache is not None:
+
         real_json = cache.write_json
 
-        def slow_json(path, obj):
+        def write_json(path, obj):
             real_json(path, obj)
-            time.sleep(delay)
+            if reached("shard"):
+                stop_here()
 
-        cache.write_json = slow_json
+        cache.write_json = write_json
 
 from promptkd.cli import main  # noqa: E402
 
-sys.exit(main(sys.argv[1:]))
+sys.exit(main())  # as the installed command runs it (argv from sys.argv)

@@ -1,5 +1,5 @@
 """Helpers for the reliability tests: a tiny on-disk world (CLIP configs and weights, a teacher
-artifact, a labelled image folder) and a way to SIGKILL a CLI run at a chosen point."""
+artifact, a labelled image folder) and a way to SIGKILL a CLI run at a chosen point (killable.py)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from tinyclip import write_images as shared_write_images
 
 HERE = Path(__file__).resolve().parent
 KILLABLE = HERE / "killable.py"
-# The kill points come from this seed; set RELIABILITY_SEED to try others.
+# One kill point per stage comes from this seed; set RELIABILITY_SEED to try others.
 KILL_SEED = int(os.environ.get("RELIABILITY_SEED", "20240601"))
 
 
@@ -93,40 +93,32 @@ def assert_same_tensors(a: Path, b: Path) -> None:
         assert torch.equal(ta[k], tb[k]), f"{k} differs between {a} and {b}"
 
 
-def step_lines(metrics: Path) -> int:
-    """Training steps logged so far (metrics.jsonl may be mid-append)."""
-    try:
-        return metrics.read_text().count('"event": "step"')
-    except FileNotFoundError:
-        return 0
-
-
-def start_killable(args: list[str], delay: float, env: dict | None = None) -> subprocess.Popen:
-    """Run `killable.py ARGS` (the promptkd CLI, slowed by `delay` seconds per progress event)."""
-    env = {**os.environ, "RELIABILITY_DELAY": str(delay), "OMP_NUM_THREADS": "1", **(env or {})}
+def start_killable(args: list[str], stop: str, ready: Path, env: dict | None = None) -> subprocess.Popen:
+    """Run `killable.py ARGS` (the promptkd CLI) so that it blocks at kill point `stop` (EVENT:N, see
+    killable.py) after creating the file `ready`."""
+    env = {**os.environ, "RELIABILITY_STOP": stop, "RELIABILITY_READY": str(ready), "OMP_NUM_THREADS": "1",
+           **(env or {})}
     return subprocess.Popen([sys.executable, str(KILLABLE), *args], env=env, cwd=HERE,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def kill_when(proc: subprocess.Popen, progress, at: int, extra_s: float, timeout: float = 120) -> None:
-    """SIGKILL `proc` `extra_s` seconds after progress() first reaches `at`."""
+def kill_when_ready(proc: subprocess.Popen, ready: Path, timeout: float = 180) -> None:
+    """SIGKILL `proc` once it has reached its kill point (created `ready`; it is blocked there)."""
     t0 = time.monotonic()
-    while progress() < at:
+    while not ready.exists():
         if proc.poll() is not None:
             out = proc.stdout.read()
-            raise AssertionError(f"run ended (code {proc.returncode}) before the kill point {at}:\n{out[-3000:]}")
+            raise AssertionError(f"run ended (code {proc.returncode}) before its kill point:\n{out[-3000:]}")
         if time.monotonic() - t0 > timeout:
             proc.kill()
-            raise AssertionError(f"no progress to {at} within {timeout}s")
-        time.sleep(0.005)
-    time.sleep(extra_s)
+            raise AssertionError(f"the kill point was not reached within {timeout}s")
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL, proc.returncode
 
 
-def kill_point(name: str, low: int, high: int, delay: float) -> tuple[int, float]:
-    """A seeded random (progress count in [low, high], extra seconds in [0, delay)) for `name`."""
-    rng = random.Random(f"{KILL_SEED}:{name}")
-    return rng.randint(low, high), rng.uniform(0, delay)
+def seeded_point(name: str, low: int, high: int) -> int:
+    """A kill point in [low, high] drawn from RELIABILITY_SEED for `name` (set the seed to try others)."""
+    return random.Random(f"{KILL_SEED}:{name}").randint(low, high)

@@ -158,10 +158,24 @@ def test_image_broken_after_listing_does_not_end_the_epoch(tmp_path):
         _train(items, tmp_path / "strict", on_bad_image="error")
 
 
-def test_substitute_is_the_next_readable_item():
-    ds = ImageDataset([Item("/nonexistent/a.png", 0), Item("/nonexistent/b.png", 1)], TrainTransform(size=16))
+def test_substitute_is_the_next_readable_item(tmp_path):
+    items = _images(tmp_path / "img", n=7)
+    bad = {1, 2, 5, 6}
+    for i in bad:
+        Path(items[i].path).write_bytes(b"")
+    pixels = lambda img: torch.from_numpy(np.asarray(img).copy())  # noqa: E731
+    ds = ImageDataset(items, pixels, train=False, on_bad_image="substitute")
+    for i in range(7):
+        j = next((i + k) % 7 for k in range(7) if (i + k) % 7 not in bad)  # i, i+1, i+2, ... wrapping
+        image, label, used = ds[i]
+        assert used == j and label == items[j].label, (i, used)
+        assert torch.equal(image, torch.from_numpy(np.asarray(Image.open(items[j].path).convert("RGB")).copy()))
+    assert [ds[i][2] for i in range(7)] == [0, 3, 3, 3, 4, 0, 0]
+    assert ds.unreadable_count() == 4
+
+    none = ImageDataset([Item("/nonexistent/a.png", 0), Item("/nonexistent/b.png", 1)], TrainTransform(size=16))
     with pytest.raises(PromptKDError, match="none of the 2 images"):
-        ds[0]
+        none[0]
 
 
 def test_unreadable_images_met_by_workers_are_counted(tmp_path):

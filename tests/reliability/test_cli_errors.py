@@ -8,13 +8,14 @@ so a sub-command that disappears from the parser fails instead of being skipped.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
-from reliability_helpers import KILLABLE
+from reliability_helpers import KILL_SEED, KILLABLE
 
 from promptkd.cli import build_parser, main
 
@@ -214,6 +215,24 @@ def test_ctrl_c_is_one_line_with_exit_130(command, world, student_run, tmp_path,
                        "--resume to continue"), err
 
 
+def test_ctrl_c_that_surfaces_as_another_error_is_still_one_line(tmp_path, capsys, monkeypatch):
+    """A Ctrl-C inside a C extension's import can come out as an ImportError (numpy's "cannot load
+    module more than once"): it is reported as the interruption it was, not as a traceback."""
+    import promptkd.stages.report as report
+
+    def cut_short(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the SIGINT handler raises in here
+        except KeyboardInterrupt:
+            raise ImportError("cannot load module more than once per process") from None
+
+    monkeypatch.setattr(report, "report", cut_short)
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "o")]) == 130
+    assert capsys.readouterr().err.strip() == "promptkd: interrupted"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # called from Python: handler restored
+
+
 def _interrupt_after(argv: list[str], seconds: float, env=None) -> subprocess.CompletedProcess:
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **(env or {})})
@@ -223,9 +242,11 @@ def _interrupt_after(argv: list[str], seconds: float, env=None) -> subprocess.Co
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
-@pytest.mark.parametrize("seconds", [0.3, 0.8])
+@pytest.mark.parametrize("seconds", [0.3, 0.8, *(round(random.Random(KILL_SEED + i).uniform(0.1, 2.5), 2)
+                                                 for i in range(3))])
 def test_ctrl_c_while_starting_is_one_line(seconds, tmp_path):
-    """Ctrl-C in the first moments (imports, building the parser, loading torch): one line, 130."""
+    """Ctrl-C in the first moments (imports, building the parser, loading torch, numpy's C extension):
+    one line, 130. Besides two fixed moments, three seeded ones (RELIABILITY_SEED tries others)."""
     done = _interrupt_after([sys.executable, "-m", "promptkd.cli", "eval", "--clip-model", "ViT-B-16", "--dataset",
                              f"folder:{tmp_path}", "--device", "cpu"], seconds)
     if done.returncode == 2:  # the machine was fast: the command had already failed (an empty folder)

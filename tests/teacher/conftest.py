@@ -50,10 +50,10 @@ def fruit(image_folder):
 
 @pytest.fixture
 def make_config(tiny_clip):
-    """TeacherConfig factory for the tiny CLIP: 2 epochs of batch 4, depth 2, 2 prompt tokens."""
+    """TeacherConfig factory for the tiny CLIP: 2 epochs of batch 4, depth 2, 2 prompt tokens, on the CPU."""
 
     def make(**kw) -> TeacherConfig:
-        train = dict(epochs=2, batch_size=4, lr=0.01, warmup_epochs=0, progress=False)
+        train = dict(epochs=2, batch_size=4, lr=0.01, warmup_epochs=0, progress=False, device="cpu")
         train.update(kw.pop("train", {}))
         base = dict(model=tiny_clip[0], weights=tiny_clip[1], vision_depth=2, text_depth=2, n_ctx_vision=2,
                     n_ctx_text=2, gpa_mean=2, gpa_std=1, eval_batch_size=4, train=TrainConfig(**train))

@@ -153,13 +153,21 @@ def test_artifact_has_val_accuracy_loss_curves_and_reloads(make_teacher, make_co
     assert again.identity()["prompts_hash"] == meta["prompts_hash"]
 
 
-def test_resume_gives_identical_prompts(make_teacher, make_config, fruit, tmp_path):
-    cfg = make_config(train={"checkpoint_every": 1})
+@pytest.mark.parametrize("kill_call, at", [
+    (7, (1, 2)),  # epoch 2, step 3: resumes from the mid-epoch checkpoint of step 2, after the epoch-1 GPA update
+    (9, (2, 0)),  # epoch 3, step 1: resumes from the end-of-epoch-2 checkpoint, two epochs in the GPA sum
+])
+def test_resume_after_a_gpa_update_gives_identical_prompts(make_teacher, make_config, fruit, tmp_path, kill_call, at):
+    cfg = make_config(train={"epochs": 3, "checkpoint_every": 1})  # 16 images, batch 4: 4 steps per epoch
     full = train_teacher_on(make_teacher(), fruit.train, fruit.val, fruit.classnames, cfg, tmp_path / "full")
 
-    # epoch 2, second step: after the epoch-1 GPA update and a mid-epoch checkpoint
-    with killed_at_call(TeacherObjective, "__call__", 4):
+    with killed_at_call(TeacherObjective, "__call__", kill_call):
         train_teacher_on(make_teacher(), fruit.train, fruit.val, fruit.classnames, cfg, tmp_path / "cut")
+    tensors, meta = load_artifact(tmp_path / "cut" / "checkpoint.safetensors", kind="checkpoint")
+    assert (meta["epoch"], meta["step"]) == at
+    gpa_sum = {k: v for k, v in tensors.items() if k.startswith("extra0.")}
+    assert gpa_sum and all(v.abs().min() > 0 for v in gpa_sum.values())  # the aggregate holds a non-zero sum
+
     resumed = train_teacher_on(make_teacher(seed=99), fruit.train, fruit.val, fruit.classnames, cfg,
                                tmp_path / "cut", resume=True)
     a, meta_a = load_artifact(full, kind="teacher")
@@ -167,6 +175,9 @@ def test_resume_gives_identical_prompts(make_teacher, make_config, fruit, tmp_pa
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     for k, curve in meta_a["loss_curves"].items():
         assert curve == pytest.approx(meta_b["loss_curves"][k])
+    ca = load_artifact(tmp_path / "full" / "checkpoint.safetensors", kind="checkpoint")[0]
+    cb = load_artifact(tmp_path / "cut" / "checkpoint.safetensors", kind="checkpoint")[0]
+    assert set(ca) == set(cb) and all(torch.equal(ca[k], cb[k]) for k in ca)  # the final GPA sum too
 
     with pytest.raises(PromptKDError, match="mode"):
         train_teacher_on(make_teacher(), fruit.train, fruit.val, fruit.classnames, make_config(mode="ce"),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import pickle
 import re
 import zipfile
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from promptkd.artifacts import check_finite
 from promptkd.errors import PromptKDError
 from promptkd.logs import quiet_open_clip
 from promptkd.models.torchscript import read_torchscript_state_dict
@@ -143,8 +145,91 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], bool]:
     return sd, bool(openai)
 
 
+def _block_count(sd: dict[str, torch.Tensor], prefix: str) -> int:
+    pat = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return len({m.group(1) for k in sd if (m := pat.match(k))})
+
+
+def clip_geometry(sd: dict[str, torch.Tensor]) -> dict[str, int]:
+    """The architecture numbers a CLIP state dict determines (OpenAI / open_clip key names), by name.
+
+    Head counts are not among them: no tensor's shape depends on the number of heads.
+    """
+    def shape(key):
+        return tuple(sd[key].shape) if key in sd else ()
+
+    g: dict[str, int] = {}
+    conv = shape("visual.conv1.weight")
+    if len(conv) == 4:
+        g["vision width"], g["patch size"] = conv[0], conv[-1]
+        pos = shape("visual.positional_embedding")
+        grid = math.isqrt(pos[0] - 1) if pos and pos[0] > 1 else 0
+        if grid and grid * grid == pos[0] - 1:
+            g["image size"] = grid * conv[-1]
+    for tower, prefix in (("vision", "visual."), ("text", "")):
+        if n := _block_count(sd, f"{prefix}transformer.resblocks."):
+            g[f"{tower} layers"] = n
+        if fc := shape(f"{prefix}transformer.resblocks.0.mlp.c_fc.weight"):
+            g[f"{tower} mlp width"] = fc[0]
+    if len(proj := shape("visual.proj")) == 2:
+        g["embed dim"] = proj[1]
+    if len(emb := shape("token_embedding.weight")) == 2:
+        g["vocab size"], g["text width"] = emb
+    if pos := shape("positional_embedding"):
+        g["context length"] = pos[0]
+    return g
+
+
+def check_geometry(model: nn.Module, sd: dict[str, torch.Tensor], source: str, name: str) -> None:
+    """Refuse weights whose widths, layer counts, patch/image size or vocabulary differ from the
+    architecture's, naming each difference (before any tensor is copied)."""
+    want, got = clip_geometry(model.state_dict()), clip_geometry(sd)
+    diff = [f"{k} {got[k]} in the checkpoint, {want[k]} in {name}" for k in got if k in want and got[k] != want[k]]
+    if diff:
+        raise PromptKDError(f"{source}: checkpoint does not fit {name}: {'; '.join(diff)}")
+
+
+def openai_head_overrides(cfg: dict, sd: dict[str, torch.Tensor], source: str, name: str) -> dict:
+    """open_clip config overrides that give OpenAI-format weights OpenAI's head counts.
+
+    OpenAI's `build_model` sets heads = width // 64 in both towers; state dicts carry no head
+    count. A config that does not set them gets it here (open_clip's default of 8 text heads would
+    run silently with wrong features); a config that sets other heads is refused. Widths under 64
+    have no OpenAI rule: the config must set them.
+    """
+    g = clip_geometry(sd)
+    out = {}
+    text, vision = dict(cfg.get("text_cfg") or {}), dict(cfg.get("vision_cfg") or {})
+    if width := g.get("text width"):
+        rule = width // 64
+        if "heads" not in text:
+            if not rule:
+                raise PromptKDError(f"{source}: cannot infer the text heads of width {width} (OpenAI's rule is "
+                                    f"width // 64); set text_cfg.heads in {name}'s config")
+            text["heads"] = rule
+            out["text_cfg"] = text
+        elif rule and text["heads"] != rule:
+            raise PromptKDError(f"{source}: OpenAI-format weights have text heads = width // 64 = {rule}, "
+                                f"but {name} sets {text['heads']}")
+    if (width := g.get("vision width")) and isinstance(vision.get("layers", 12), int):
+        rule = width // 64
+        if "head_width" not in vision:
+            if not rule:
+                raise PromptKDError(f"{source}: cannot infer the vision heads of width {width} (OpenAI's rule is "
+                                    f"width // 64); set vision_cfg.head_width in {name}'s config")
+            vision["head_width"] = width // rule
+            out["vision_cfg"] = vision
+        elif rule and width // vision["head_width"] != rule:
+            raise PromptKDError(f"{source}: OpenAI-format weights have vision heads = width // 64 = {rule}, "
+                                f"but {name} gives {width // vision['head_width']} (head_width {vision['head_width']})")
+    return out
+
+
 def load_weights_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
-    """Strict load with an error that names what differs (never a silent strict=False)."""
+    """Strict load with an error that names what differs (never a silent strict=False).
+
+    NaN or infinite weights are refused too, naming the tensor.
+    """
     own = model.state_dict()
     # Non-persistent buffers (the text causal mask) appear in TorchScript state dicts: ignore them.
     transient = {n for n, _ in model.named_buffers()} - set(own)
@@ -161,6 +246,7 @@ def load_weights_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str
         if extra:
             parts.append(f"{len(extra)} unexpected keys (first: {extra[0]})")
         raise PromptKDError(f"{source}: checkpoint does not fit this architecture: {'; '.join(parts)}")
+    check_finite(sd, source)
     model.load_state_dict(sd, strict=True)
 
 
@@ -239,9 +325,12 @@ def load_clip(model: str, pretrained: str | None = None, *, device: str | torch.
     try:
         if random or local:
             sd, openai = read_state_dict(pretrained) if local else ({}, False)
+            overrides = openai_head_overrides(open_clip.get_model_config(name), sd, str(pretrained), name) \
+                if openai else {}
             with quiet_open_clip(), _seeded(init_seed):
-                clip = open_clip.create_model(name, pretrained=None, force_quick_gelu=openai)
+                clip = open_clip.create_model(name, pretrained=None, force_quick_gelu=openai, **overrides)
             if local:
+                check_geometry(clip, sd, str(pretrained), name)
                 load_weights_into(clip, sd, str(pretrained))
                 source["weights"] = file_record(pretrained)
             else:
@@ -300,3 +389,56 @@ def freeze(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         p.requires_grad_(False)
     return module
+
+
+class ImageTowerCLIP(nn.Module):
+    """A CLIP reduced to what a deployed student runs: its image tower and its logit scale."""
+
+    def __init__(self, visual: nn.Module, logit_scale: torch.Tensor):
+        super().__init__()
+        self.visual = visual
+        self.logit_scale = nn.Parameter(logit_scale.detach().clone().float(), requires_grad=False)
+
+
+def vision_tower_config(bundle: ClipBundle) -> dict:
+    """What rebuilds this CLIP's image tower with no weights file and no registered config: open_clip's
+    vision config with the head width and activation the tower really has, and its output dim."""
+    import open_clip
+
+    cfg = open_clip.get_model_config(bundle.name)
+    visual = bundle.model.visual
+    if cfg is None or not hasattr(visual, "conv1"):
+        raise PromptKDError(f"{bundle.name}: cannot describe its image tower (not an open_clip ViT with a known config)")
+    vision = dict(cfg["vision_cfg"])
+    vision["head_width"] = visual.conv1.out_channels // visual.transformer.resblocks[0].attn.num_heads
+    quick = any(type(m).__name__ == "QuickGELU" for m in visual.modules())
+    return {"embed_dim": int(visual.output_dim), "vision_cfg": vision, "quick_gelu": quick}
+
+
+def build_vision_tower(tower: Any, tensors: dict[str, torch.Tensor], source: str) -> nn.Module:
+    """An open_clip ViT image tower from `vision_tower_config`'s description, filled with `tensors`
+    (its state dict). The description is checked against the tensors before anything is built, so a
+    crafted file cannot ask for a huge model; the load itself is strict."""
+    from open_clip.model import _build_vision_tower  # open_clip's own builder, the one create_model uses
+
+    vision = tower.get("vision_cfg") if isinstance(tower, dict) else None
+    embed = tower.get("embed_dim") if isinstance(tower, dict) else None
+    if not isinstance(vision, dict) or type(embed) is not int or not isinstance(tower.get("quick_gelu"), bool):
+        raise PromptKDError(f"{source}: image tower description is missing or malformed")
+    if vision.get("timm_model_name") or not isinstance(vision.get("layers"), int):
+        raise PromptKDError(f"{source}: only open_clip ViT image towers can be deployed in one file")
+    width, size = vision.get("width", 768), vision.get("image_size", 224)
+    size = size[0] if isinstance(size, list) and size else size
+    want = {"vision width": width, "patch size": vision.get("patch_size", 16), "vision layers": vision["layers"],
+            "image size": size, "embed dim": embed, "vision mlp width": int(width * vision.get("mlp_ratio", 4.0))}
+    got = clip_geometry({f"visual.{k}": v for k, v in tensors.items()})
+    diff = [f"{k} {want[k]} in the description, {got.get(k)} in the tensors" for k in want if got.get(k) != want[k]]
+    if diff:
+        raise PromptKDError(f"{source}: image tower description does not fit its tensors: {'; '.join(diff)}")
+    try:
+        with quiet_open_clip():
+            visual = _build_vision_tower(embed, vision, quick_gelu=tower["quick_gelu"])
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+        raise PromptKDError(f"{source}: cannot build its image tower ({str(e).splitlines()[0][:200]})") from None
+    load_weights_into(visual, tensors, source)
+    return visual.eval()

@@ -3,7 +3,10 @@
 Artifact kinds (safetensors + JSON metadata, see promptkd.artifacts):
 - "teacher": the teacher's prompt tensors (`vision.*`, `text.*`) plus which CLIP they belong to
   (`clip`: its identity; `clip_source`: the files it was built from, by absolute path and sha256,
-  or the seed of random weights) and the prompt shapes. The CLIP weights themselves are not copied.
+  or the seed of random weights) and the prompt shapes. The CLIP weights themselves are not copied,
+  except frozen tensors that differ from that CLIP's (`frozen.<open_clip name>`, e.g. the
+  fp16-resummed weights of an official PromptSRC checkpoint): they replace the CLIP's on load, after
+  a hash check that the CLIP is the one they were taken against (`frozen_weights.base_hash`).
 - "student": the student's vision prompts (`vision.*`) and projector (`projector.*`).
 - "class_vectors": `vectors` (n_classes x teacher dim, L2-normalised) plus the class names, the
   teacher identity and a hash of its prompts, so a file from another teacher is refused.
@@ -54,7 +57,11 @@ def _meta_int(d: dict, key: str, source: str, default: int | None = None) -> int
     return value
 
 
-def _bundle_for(meta: dict, clip: ClipBundle | None, device, source: str) -> ClipBundle:
+FROZEN_PREFIX = "frozen."
+_FROZEN_MARK = "_promptkd_frozen_hash"  # set on a CLIP model whose frozen tensors a teacher replaced
+
+
+def _bundle_for(meta: dict, clip: ClipBundle | None, device, source: str, frozen_hash: str | None = None) -> ClipBundle:
     """The artifact's CLIP: `clip` when given, else rebuilt from what the artifact recorded."""
     ident = _meta_dict(meta, "clip", source)
     role = meta.get("kind") if meta.get("kind") in ("teacher", "student") else "teacher"
@@ -71,6 +78,10 @@ def _bundle_for(meta: dict, clip: ClipBundle | None, device, source: str) -> Cli
             )
         clip = load_clip(ident.get("model", "?"), pre, device=device)
     _check_identity(ident, clip, source)
+    carried = getattr(clip.model, _FROZEN_MARK, None)
+    if carried is not None and carried != frozen_hash:
+        raise PromptKDError(f"{source}: the given CLIP already carries the frozen weights of an imported teacher "
+                            f"(hash {carried}); load the CLIP afresh for this file")
     return clip
 
 
@@ -90,6 +101,8 @@ class Teacher(nn.Module):
             "n_ctx_vision": n_ctx_vision if vision_depth else 0, "n_ctx_text": n_ctx_text if text_depth else 0,
             "ctx_init": ctx_init,
         }
+        self.frozen: dict | None = None  # frozen CLIP tensors replaced from the CLIP's (use_frozen_weights)
+        self._frozen_dtypes: dict[str, torch.dtype] = {}
 
     @property
     def dim(self) -> int:
@@ -110,18 +123,80 @@ class Teacher(nn.Module):
         self.text.prompts.load_tensors(tensors, "text", source)
 
     def identity(self) -> dict:
-        """Which teacher this is: the CLIP, the prompt shapes and a hash of the prompt values."""
-        return {"clip": self.clip.identity(), "prompts": self.prompt_config,
-                "prompts_hash": tensor_digest(self.prompt_tensors())}
+        """Which teacher this is: the CLIP, the prompt shapes and a hash of the prompt values (and of
+        its own frozen weights, when it has some)."""
+        ident = {"clip": self.clip.identity(), "prompts": self.prompt_config,
+                 "prompts_hash": tensor_digest(self.prompt_tensors())}
+        if self.frozen:
+            ident["frozen_hash"] = self.frozen["hash"]
+        return ident
+
+    @torch.no_grad()
+    def use_frozen_weights(self, tensors: dict[str, torch.Tensor], source: str, base_hash: str | None = None,
+                           info: dict | None = None, expected_hash: str | None = None) -> None:
+        """Run on these values of some frozen CLIP tensors (open_clip names) instead of the CLIP's.
+
+        They are written into the CLIP model (so the given ClipBundle changes, and is marked: another
+        teacher refuses it) and saved with the teacher in their own dtype. `base_hash`, when given,
+        must be the hash of the CLIP's tensors they replace: a delta only applies to the weights it
+        was taken against. `expected_hash` (a file's record of the tensors' own hash) catches an
+        altered file before anything is written into the CLIP. `info` is kept in the metadata.
+        """
+        model = self.clip.model
+        own = model.state_dict()
+        for k, v in tensors.items():
+            if k not in own:
+                raise PromptKDError(f"{source}: frozen tensor {k} is not a tensor of CLIP {self.clip.name}")
+            if tuple(v.shape) != tuple(own[k].shape):
+                raise PromptKDError(f"{source}: frozen tensor {k} has shape {tuple(v.shape)}, {self.clip.name} "
+                                    f"has {tuple(own[k].shape)}")
+        digest = tensor_digest(tensors)
+        if expected_hash is not None and digest != expected_hash:
+            raise PromptKDError(f"{source}: its frozen tensors do not match the recorded frozen_hash (the file was altered)")
+        carried = getattr(model, _FROZEN_MARK, None)
+        if carried is None:
+            base = tensor_digest({k: own[k] for k in tensors})
+            if base_hash is not None and base != base_hash:
+                raise PromptKDError(f"{source}: its frozen weights replace tensors of other CLIP weights than the "
+                                    f"given {self.clip.name} / {self.clip.pretrained} (hash {base}, the file "
+                                    f"expects {base_hash})")
+            for k, v in tensors.items():
+                own[k].copy_(v.to(own[k].dtype))
+            setattr(model, _FROZEN_MARK, digest)
+        elif carried != digest:
+            raise PromptKDError(f"{source}: the given CLIP already carries other frozen weights (hash {carried}); "
+                                "load the CLIP afresh")
+        else:
+            base = base_hash  # already applied to this very model (the same file loaded twice)
+        self.logit_scale.copy_(model.logit_scale.detach().exp())
+        self.frozen = {**(info or {}), "tensors": len(tensors), "hash": digest, "base_hash": base}
+        self._frozen_dtypes = {k: v.dtype for k, v in tensors.items()}
+
+    def frozen_tensors(self) -> dict[str, torch.Tensor]:
+        """The replaced frozen tensors, in the dtype they came in (exact: they were upcast from it)."""
+        own = self.clip.model.state_dict()
+        return {k: own[k].to(dtype) for k, dtype in self._frozen_dtypes.items()}
 
     def save(self, path: str | Path, **meta) -> Path:
-        return save_artifact(path, self.prompt_tensors(), {"kind": "teacher", **self.identity(),
-                                                           "clip_source": self.clip.source, **meta})
+        tensors = self.prompt_tensors()
+        if self.frozen:
+            tensors.update({FROZEN_PREFIX + k: v for k, v in self.frozen_tensors().items()})
+            meta = {"frozen_weights": self.frozen, **meta}
+        return save_artifact(path, tensors, {"kind": "teacher", **self.identity(), "clip_source": self.clip.source,
+                                             **meta})
 
     @classmethod
     def load(cls, path: str | Path, clip: ClipBundle | None = None, device="cpu") -> Teacher:
         tensors, meta = load_artifact(path, kind="teacher")
-        bundle = _bundle_for(meta, clip, device, str(path))
+        frozen = {k.removeprefix(FROZEN_PREFIX): v for k, v in tensors.items() if k.startswith(FROZEN_PREFIX)}
+        frozen_meta = _meta_dict(meta, "frozen_weights", str(path))
+        want_hash = meta.get("frozen_hash")
+        if frozen and (not isinstance(want_hash, str) or not isinstance(frozen_meta.get("base_hash"), str)):
+            raise PromptKDError(f"{path}: frozen tensors without a recorded frozen_hash and base_hash (the file "
+                                "was altered)")
+        if want_hash is not None and not frozen:
+            raise PromptKDError(f"{path}: metadata records frozen weights (frozen_hash) but the file holds none")
+        bundle = _bundle_for(meta, clip, device, str(path), want_hash if frozen else None)
         pc = _meta_dict(meta, "prompts", str(path))
         depths = [_meta_int(pc, k, str(path)) for k in ("vision_depth", "text_depth")]
         n_ctx = [_meta_int(pc, k, str(path), default=4) or 4 for k in ("n_ctx_vision", "n_ctx_text")]
@@ -132,6 +207,9 @@ class Teacher(nn.Module):
         except (KeyError, TypeError, ValueError) as e:
             raise PromptKDError(f"{path}: teacher metadata has a missing or malformed prompt config ({e})") from None
         teacher.load_prompt_tensors(tensors, str(path))
+        if frozen:
+            info = {k: v for k, v in frozen_meta.items() if k not in ("tensors", "hash", "base_hash")}
+            teacher.use_frozen_weights(frozen, str(path), frozen_meta["base_hash"], info, expected_hash=want_hash)
         teacher.meta = meta
         return teacher.to(device).eval()
 
@@ -141,9 +219,9 @@ def check_same_teacher(made_by: dict, teacher: dict, refusal: str, holder: str) 
     X, this teacher has Y)`. Shared by class vectors, their append, distillation and the cache."""
     if not same_clip(made_by.get("clip"), teacher.get("clip")):
         raise PromptKDError(f"{refusal} (clip: {holder} has {made_by.get('clip')}, this teacher has {teacher.get('clip')})")
-    if made_by.get("prompts_hash") != teacher.get("prompts_hash"):
-        raise PromptKDError(f"{refusal} (prompts_hash: {holder} has {made_by.get('prompts_hash')}, this teacher has "
-                            f"{teacher.get('prompts_hash')})")
+    for key in ("prompts_hash", "frozen_hash"):
+        if made_by.get(key) != teacher.get(key):
+            raise PromptKDError(f"{refusal} ({key}: {holder} has {made_by.get(key)}, this teacher has {teacher.get(key)})")
 
 
 class Student(nn.Module):
@@ -179,22 +257,28 @@ class Student(nn.Module):
     def load(cls, path: str | Path, clip: ClipBundle | None = None, device="cpu") -> Student:
         tensors, meta = load_artifact(path, kind="student")
         bundle = _bundle_for(meta, clip, device, str(path))
-        pc = _meta_dict(meta, "prompts", str(path))
-        teacher_dim = _meta_int(meta, "teacher_dim", str(path))
-        depth, n_ctx = _meta_int(pc, "vision_depth", str(path)), _meta_int(pc, "n_ctx_vision", str(path), default=4) or 4
+        return cls.from_tensors(bundle, tensors, meta, str(path)).to(device).eval()
+
+    @classmethod
+    def from_tensors(cls, bundle: ClipBundle, tensors: dict[str, torch.Tensor], meta: dict, source: str) -> Student:
+        """A student on `bundle` from its prompt and projector tensors and its metadata (prompts,
+        teacher_dim), each checked: shared by the student file and the one-file deployable student."""
+        pc = _meta_dict(meta, "prompts", source)
+        teacher_dim = _meta_int(meta, "teacher_dim", source)
+        depth, n_ctx = _meta_int(pc, "vision_depth", source), _meta_int(pc, "n_ctx_vision", source, default=4) or 4
         try:
             student = cls(bundle, teacher_dim, depth, n_ctx)
         except (KeyError, TypeError, ValueError) as e:
-            raise PromptKDError(f"{path}: student metadata is missing or malformed ({e})") from None
-        student.image.prompts.load_tensors(tensors, "vision", str(path))
+            raise PromptKDError(f"{source}: student metadata is missing or malformed ({e})") from None
+        student.image.prompts.load_tensors(tensors, "vision", source)
         proj = {k.removeprefix("projector."): v for k, v in tensors.items() if k.startswith("projector.")}
         own = student.projector.state_dict()
         if set(proj) != set(own) or any(proj[k].shape != own[k].shape for k in own):
-            raise PromptKDError(f"{path}: projector tensors do not match a {student.projector.in_dim}->"
+            raise PromptKDError(f"{source}: projector tensors do not match a {student.projector.in_dim}->"
                                 f"{student.projector.out_dim} projector")
         student.projector.load_state_dict(proj)
         student.meta = meta
-        return student.to(device).eval()
+        return student.eval()
 
 
 class ClassVectors:

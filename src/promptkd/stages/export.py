@@ -1,30 +1,44 @@
-"""`promptkd export`: the student classifier as one ONNX graph, normalised image -> logits.
+"""`promptkd export`: the student classifier as one file, ONNX or safetensors.
 
-The graph has a fixed image size and a dynamic batch axis; the class vectors and logit scale are
-constants inside it. Everything a runtime needs besides the graph (class names, image size,
-mean/std, which student and which teacher made it) goes into the model's `metadata_props`, so
-`promptkd predict --onnx` and `promptkd.deploy.OnnxClassifier` need no other file.
+ONNX: one graph, normalised image -> logits, with a fixed image size and a dynamic batch axis; the
+class vectors and logit scale are constants inside it. Everything a runtime needs besides the graph
+(class names, image size, mean/std, which student and which teacher made it) goes into the model's
+`metadata_props`, so `promptkd predict --model` and `promptkd.deploy.OnnxClassifier` need no other
+file.
+
+safetensors: the one-file student for PyTorch: the student CLIP's image tower, prompts, projector,
+class vectors and logit scale as tensors, and the same fields plus how to rebuild the tower as JSON
+metadata (no pickle); `StudentClassifier.load(file)` needs no CLIP file.
+
+Before anything is written the PyTorch logits of a probe batch must be finite; after writing, the
+file is run (onnxruntime, or reloaded) on that batch and must give finite logits within
+`parity_limit` of PyTorch's, else the new file is removed and the export fails. The check runs on a
+temporary file, so a failed export leaves an older file at `--out` untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
+import os
 import sys
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from promptkd.artifacts import atomic_open
+from promptkd.artifacts import atomic_open, save_artifact
 from promptkd.errors import PromptKDError
 
 if TYPE_CHECKING:  # torch and the models are imported where they run: `promptkd export --help` stays fast
+    import torch
     from torch import nn
 
     from promptkd.deploy import StudentClassifier
 
 DEFAULT_OPSET = 17
 MAX_OPSET = 20  # the newest opset torch.onnx's TorchScript exporter writes (older torch: fewer, see _max_opset)
+FORMATS = ("onnx", "safetensors")
 
 
 def _max_opset() -> int:
@@ -97,16 +111,49 @@ def export_onnx(classifier: StudentClassifier, out: str | Path, *, fp16: bool = 
     return Path(out)
 
 
-def parity(classifier: StudentClassifier, onnx_path: str | Path, batch: int = 3, seed: int = 0) -> float:
-    """Max |logit difference| between PyTorch and onnxruntime on a random normalised batch."""
+def export_safetensors(classifier: StudentClassifier, out: str | Path, *, fp16: bool = False) -> Path:
+    """Write the one-file student (see the module docstring), fp32 or fp16 tensors, atomically."""
     import torch
 
-    from promptkd.deploy import OnnxClassifier
+    tensors = classifier.standalone_tensors()
+    if fp16:
+        tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+        overflow = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if overflow:
+            raise PromptKDError(f"--fp16: tensor {overflow[0]!r} exceeds the fp16 range (|x| > 65504); export in fp32")
+    return save_artifact(out, tensors, classifier.standalone_metadata("fp16" if fp16 else "fp32"))
+
+
+def parity_limit(classifier: StudentClassifier, fp16: bool) -> float:
+    """Largest |logit difference| an export may show: 1e-4 (fp32) or 1e-2 (fp16) times the logit
+    scale, 10x to 100x what exports of a ViT-B/16 student measure (1e-5 and 8e-3 at scale 100)."""
+    return (1e-2 if fp16 else 1e-4) * max(1.0, float(classifier.logit_scale))
+
+
+def _probe(classifier: StudentClassifier, batch: int = 3, seed: int = 0) -> torch.Tensor:
+    import torch
 
     s = classifier.image_size
-    x = torch.randn(batch, 3, s, s, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(batch, 3, s, s, generator=torch.Generator().manual_seed(seed))
+
+
+def parity(classifier: StudentClassifier, exported, batch: int = 3, seed: int = 0) -> float:
+    """Max |logit difference| between PyTorch and an exported file (a path: ONNX on onnxruntime, or any
+    loaded predictor) on a random normalised batch. Non-finite logits on either side are an error."""
+    import torch
+
+    from promptkd.deploy import OnnxClassifier, check_scores
+
+    if isinstance(exported, (str, os.PathLike)):
+        exported = OnnxClassifier(exported)
+    x = _probe(classifier, batch, seed)
     with torch.no_grad():
-        return float((classifier.logits(x).cpu() - OnnxClassifier(onnx_path).logits(x)).abs().max())
+        ref = classifier.logits(x).cpu().float()
+    check_scores(ref, "PyTorch")
+    with torch.no_grad():
+        got = exported.logits(x).cpu().float()
+    check_scores(got, "the exported model")
+    return float((ref - got).abs().max())
 
 
 def load_classifier(student: str, class_vectors: str, *, student_model: str | None = None,
@@ -124,26 +171,36 @@ def register(subparsers) -> None:
     from promptkd.options import add_output_options, deprecated, int_range
 
     p = subparsers.add_parser(
-        "export", help="export a student classifier (student + class vectors) to ONNX",
+        "export", help="export a student classifier (student + class vectors) as one ONNX or safetensors file",
         description="Write one ONNX graph from normalised images (fixed size, dynamic batch) to logits, "
-                    "with class names, image size, mean/std and model identities in its metadata. Given a "
-                    "student run folder, the class vectors default to the ones distillation wrote there.")
+                    "with class names, image size, mean/std and model identities in its metadata; or, with "
+                    "--format safetensors, one file holding the student's image tower, prompts, projector and "
+                    "class vectors (PyTorch, no CLIP file needed). Given a student run folder, the class "
+                    "vectors default to the ones distillation wrote there.")
     p.add_argument("student_run", nargs="?", metavar="STUDENT", help="student file or run folder (or --student)")
     p.add_argument("--student", metavar="PATH|DIR", help="student file or run folder")
     p.add_argument("--class-vectors", metavar="FILE", help="class-vector file (default: the one in the run folder)")
-    p.add_argument("--format", choices=("onnx",), default="onnx", help="output format (default onnx)")
+    p.add_argument("--format", choices=FORMATS, default="onnx", help="output format (default onnx)")
     add_output_options(p, "file", required=False, what="exported model",
-                       help="output file (default: student.onnx beside the student file)")
-    p.add_argument("--fp16", action="store_true", help="fp16 weights and compute (inputs/outputs stay fp32)")
+                       help="output file (default: beside the student file, student.onnx or student-model.safetensors)")
+    p.add_argument("--fp16", action="store_true", help="fp16 weights (ONNX: and compute; inputs/outputs stay fp32)")
     p.add_argument("--opset", type=int_range(DEFAULT_OPSET, MAX_OPSET), default=DEFAULT_OPSET,
                    help=f"ONNX opset, {DEFAULT_OPSET} to {MAX_OPSET} (default {DEFAULT_OPSET})")
-    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime parity check after export")
+    p.add_argument("--no-check", action="store_true", help="skip the parity check of the written file")
     add_clip_args(p, "student")
     deprecated(p, "--student-clip", "--student-weights")
     p.set_defaults(func=_run)
 
 
+def default_out(student: str | Path, fmt: str) -> Path:
+    student = Path(student)
+    return student.with_suffix(".onnx") if fmt == "onnx" else student.with_name(f"{student.stem}-model.safetensors")
+
+
 def _run(args) -> int:
+    import torch
+
+    from promptkd.deploy import StudentClassifier, check_scores
     from promptkd.inputs import (
         artifact_path,
         check_clip_files,
@@ -153,6 +210,7 @@ def _run(args) -> int:
     )
     from promptkd.runs import claim_file
 
+    fmt = getattr(args, "format", "onnx")
     given = one_of(args.student_run, args.student, "--student")
     if not given:
         raise PromptKDError("no student: give its file or run folder (promptkd export runs/NAME/student ...)")
@@ -160,22 +218,54 @@ def _run(args) -> int:
     cv = class_vectors_path(args.class_vectors) if args.class_vectors else class_vectors_beside(student)
     if cv is None:
         raise PromptKDError(f"{student}: no class vectors beside it; give --class-vectors FILE")
-    out = claim_file(args.out or student.with_suffix(".onnx"), overwrite=args.overwrite, what="exported model")
+    out = Path(args.out or default_out(student, fmt))
+    if out.resolve() in (student.resolve(), cv.resolve()):
+        raise PromptKDError(f"--out {out} would overwrite an input file; choose another path")
+    claim_file(out, overwrite=args.overwrite, what="exported model")
     check_clip_files(args.student_model, args.student_weights, "student")
-    try:
-        import onnx  # noqa: F401
-    except ImportError:
-        raise PromptKDError("exporting needs the onnx package (pip install 'promptkd[onnx]')") from None
-    if args.opset > _max_opset():
-        raise PromptKDError(f"--opset {args.opset}: this torch exports opsets {DEFAULT_OPSET} to {_max_opset()}")
-    clf = load_classifier(str(student), str(cv), student_model=args.student_model, student_weights=args.student_weights)
-    out = export_onnx(clf, out, fp16=args.fp16, opset=args.opset)
-    if not args.no_check:
+    if fmt == "onnx":
         try:
-            msg = f"max |logit diff| onnxruntime vs PyTorch fp32: {parity(clf, out):.2e}"
-        except PromptKDError as e:
-            msg = f"parity check skipped: {e}"
-        if not getattr(args, "quiet", False):
-            print(msg, file=sys.stderr)
+            import onnx  # noqa: F401
+        except ImportError:
+            raise PromptKDError("exporting needs the onnx package (pip install 'promptkd[onnx]')") from None
+        if args.opset > _max_opset():
+            raise PromptKDError(f"--opset {args.opset}: this torch exports opsets {DEFAULT_OPSET} to {_max_opset()}")
+    clf = load_classifier(str(student), str(cv), student_model=args.student_model, student_weights=args.student_weights)
+    with torch.no_grad():
+        check_scores(clf.logits(_probe(clf)), f"{student}")  # nothing is written for a broken model
+    check = not args.no_check
+    if check and fmt == "onnx":
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            check = False
+            print("parity check skipped: onnxruntime is not installed (pip install 'promptkd[onnx]')", file=sys.stderr)
+    target = out.with_name(f".{out.name}.unchecked") if check else out
+    try:
+        if fmt == "onnx":
+            export_onnx(clf, target, fp16=args.fp16, opset=args.opset)
+        else:
+            export_safetensors(clf, target, fp16=args.fp16)
+        if check:
+            from promptkd.deploy import OnnxClassifier
+
+            runtime = "onnxruntime" if fmt == "onnx" else "the reloaded file"
+            try:
+                diff = parity(clf, OnnxClassifier(target) if fmt == "onnx" else StudentClassifier.load(target))
+            except PromptKDError as e:
+                raise PromptKDError(f"{out}: parity check failed: {e}; nothing written") from None
+            limit = parity_limit(clf, args.fp16)
+            if not diff <= limit:
+                raise PromptKDError(f"{out}: parity check failed: max |logit diff| {runtime} vs PyTorch fp32 is "
+                                    f"{diff:.2e}, above the limit {limit:.1e}; nothing written")
+            os.replace(target, out)
+            if not getattr(args, "quiet", False):
+                print(f"max |logit diff| {runtime} vs PyTorch fp32: {diff:.2e} (limit {limit:.1e})", file=sys.stderr)
+    except OSError as e:  # name the file asked for, not the temporary one checked first
+        raise OSError(e.errno, f"{e.strerror} (writing {out})") if e.errno else e from None
+    finally:
+        if target != out:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(target)
     print(out)
     return 0

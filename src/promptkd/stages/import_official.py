@@ -6,25 +6,38 @@ Key names (official-promptkd.md sections 1.1 and 2.1):
   `image_encoder.VPT`, `image_encoder.transformer.resblocks.{i}.VPT_shallow`;
 - student: `image_encoder.VPT`, `image_encoder.transformer.resblocks.{i}.VPT_shallow` and the projector
   `VPT_image_trans.conv1.{0,1,3}.*` (1x1 conv, BatchNorm2d, 1x1 conv).
-The frozen CLIP weights stored beside the prompts are not used: the CLIP comes from the matching
-OpenAI archive (the official GPA checkpoints hold fp16-resummed copies, section 1.2). Every
-prompt tensor must be accounted for: a missing or extra one is an error that names it.
+Every prompt tensor must be accounted for: a missing or extra one is an error that names it.
+
+Frozen weights: PromptSRC's GPA re-sums the whole state dict in fp16, so a teacher checkpoint's
+copies of the frozen CLIP tensors (`image_encoder.*`, `text_encoder.*`, `logit_scale`) differ
+from the OpenAI archive by fp16 rounding (section 1.2), and the official PromptKD teacher loads them
+(`strict=False`, section 2.2): the paper's students learned from *those* weights. By default a
+teacher import therefore runs on the checkpoint's tensors wherever it has them, and stores the ones
+that differ from the archive in the teacher file; `frozen_weights="archive"` keeps the archive's.
+The token embedding always comes from the archive, as in the official teacher (its prompt
+prefix/suffix buffers are rebuilt from the archive).
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 import pickle
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from promptkd.artifacts import check_finite
 from promptkd.errors import PromptKDError
 
 if TYPE_CHECKING:  # torch and the models are imported where they run (fast `--help`)
     import torch
 
     from promptkd.models.loading import ClipBundle
+
+log = logging.getLogger(__name__)
+
+FROZEN_SOURCES = ("checkpoint", "archive")
 
 # Dassl checkpoints pickle the LR scheduler, whose state holds scheduler and optimiser *objects*.
 # Those (and only those) module prefixes are replaced by inert placeholders; anything else
@@ -110,10 +123,70 @@ def _check_arch(sd: dict[str, torch.Tensor], clip: ClipBundle, prefix: str, sour
                             f"{clip.name} has {tuple(clip.model.visual.conv1.weight.shape)})")
 
 
-def import_teacher(checkpoint: str | Path, clip: ClipBundle, out: str | Path) -> Path:
-    """Official PromptSRC/IVLP teacher checkpoint + matching CLIP -> our teacher artifact."""
+def _official_frozen_key(key: str) -> str | None:
+    """Where a PromptSRC checkpoint keeps its copy of an open_clip CLIP tensor (None: nowhere)."""
+    if key.startswith("visual."):
+        return "image_encoder." + key.removeprefix("visual.")
+    if key == "logit_scale":
+        return key
+    if key == "token_embedding.weight":
+        return None  # the prompt learner keeps only prefix/suffix embeddings, rebuilt from the archive
+    return "text_encoder." + key
+
+
+def checkpoint_frozen_weights(sd: dict[str, torch.Tensor], clip: ClipBundle,
+                              source: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """The checkpoint's frozen CLIP tensors that differ from `clip`'s (open_clip names, their own
+    dtype), and a report: how many were compared, how many differ, the largest |difference|."""
+    import torch
+
+    own = clip.model.state_dict()
+    theirs = {k: sd[o] for k in own if (o := _official_frozen_key(k)) is not None and o in sd}
+    check_finite({_official_frozen_key(k): v for k, v in theirs.items()}, source)
+    differ: dict[str, torch.Tensor] = {}
+    worst, worst_name = 0.0, None
+    for k, v in theirs.items():
+        mine = own[k]
+        if tuple(v.shape) != tuple(mine.shape):
+            raise PromptKDError(f"{source}: frozen tensor {_official_frozen_key(k)} has shape {tuple(v.shape)}, "
+                                f"{clip.name} has {tuple(mine.shape)} (a checkpoint of another architecture?)")
+        v_here = v.to(mine.device, mine.dtype)
+        if not torch.equal(v_here, mine):
+            differ[k] = v
+            dev = float((v_here - mine).abs().max())
+            if dev > worst:
+                worst, worst_name = dev, k
+    return differ, {"compared": len(theirs), "differ": len(differ), "max_abs_deviation": worst,
+                    "max_deviation_tensor": worst_name}
+
+
+def _report_frozen(report: dict) -> None:
+    n, d = report["compared"], report["differ"]
+    worst = f"largest deviation {report['max_abs_deviation']:.2e} in {report['max_deviation_tensor']}"
+    if not n:
+        log.info("frozen CLIP weights: the archive's (the checkpoint holds no copies of them)")
+    elif not d:
+        log.info("frozen CLIP weights: the checkpoint's %d tensors equal the archive's", n)
+    elif report["used"] == "checkpoint":
+        log.info("frozen CLIP weights: the checkpoint's (%d of %d tensors differ from the archive and are "
+                 "stored in the teacher file; %s)", d, n, worst)
+    else:
+        log.info("frozen CLIP weights: the archive's (the checkpoint's differ in %d of %d tensors; %s)", d, n, worst)
+
+
+def import_teacher(checkpoint: str | Path, clip: ClipBundle, out: str | Path,
+                   frozen_weights: str = "checkpoint") -> Path:
+    """Official PromptSRC/IVLP teacher checkpoint + matching CLIP -> our teacher artifact.
+
+    frozen_weights="checkpoint" (default): the teacher runs on the checkpoint's own copies of the
+    frozen CLIP tensors, as the official PromptKD teacher does; those that differ from `clip`'s are
+    written into `clip`'s model and stored in the artifact. "archive": `clip`'s weights as they are.
+    The artifact's `frozen_weights` metadata reports the largest deviation either way.
+    """
     from promptkd.models.wrappers import Teacher
 
+    if frozen_weights not in FROZEN_SOURCES:
+        raise PromptKDError(f"frozen_weights must be one of {', '.join(FROZEN_SOURCES)}, got {frozen_weights!r}")
     src = str(checkpoint)
     sd = load_dassl_checkpoint(checkpoint)
     _check_arch(sd, clip, "image_encoder", src)
@@ -139,7 +212,13 @@ def import_teacher(checkpoint: str | Path, clip: ClipBundle, out: str | Path) ->
         used |= {"image_encoder.VPT"} | {f"image_encoder.transformer.resblocks.{i}.VPT_shallow" for i in vdeep}
     _check_unknown_prompts(sd, used, src)
     teacher.load_prompt_tensors(tensors, src)
-    return teacher.save(out, imported_from=Path(checkpoint).name)
+    differ, report = checkpoint_frozen_weights(sd, clip, src)
+    report = {"used": frozen_weights if differ else "archive", "checkpoint": Path(checkpoint).name, **report}
+    _report_frozen(report)
+    if report["used"] == "checkpoint":
+        teacher.use_frozen_weights(differ, src, info=report)
+        return teacher.save(out, imported_from=Path(checkpoint).name)
+    return teacher.save(out, imported_from=Path(checkpoint).name, frozen_weights=report)
 
 
 def import_student(checkpoint: str | Path, clip: ClipBundle, out: str | Path) -> Path:
@@ -202,6 +281,10 @@ def register(sub) -> None:
                        help="a run folder (gets KIND.safetensors and run.json) or a .safetensors file")
     deprecated(p, "--clip", "--teacher-model or --student-model", dest="old_model")
     deprecated(p, "--pretrained", "--teacher-weights or --student-weights", dest="old_weights")
+    p.add_argument("--frozen-weights", choices=FROZEN_SOURCES, default="checkpoint",
+                   help="teacher only: run on the checkpoint's own frozen CLIP tensors where it has them, as the "
+                        "official PromptKD teacher does (default; those differing from the archive are stored in "
+                        "the teacher file), or on the archive's")
     p.set_defaults(func=_run)
 
 
@@ -230,12 +313,14 @@ def _run(args) -> None:
     else:
         out = claim_file(args.out, overwrite=args.overwrite, what=f"{role} artifact")
     clip = load_clip(model, weights)
-    fn = import_teacher if role == "teacher" else import_student
     if folder:
         claim.prepare()
         write_run_record(claim.path, "import-official", {"checkpoint": file_record(args.checkpoint),
                                                           f"{role}_clip": clip.source})
-    path = fn(args.checkpoint, clip, out)
+    if role == "teacher":
+        path = import_teacher(args.checkpoint, clip, out, frozen_weights=args.frozen_weights)
+    else:
+        path = import_student(args.checkpoint, clip, out)
     if folder:
         finish_run_record(claim.path, [ARTIFACT_FILES[role], "run.json"])
     print(f"wrote {path}")

@@ -1,4 +1,5 @@
-"""`promptkd predict`: classify images, folders or globs with a student (PyTorch) or an ONNX export.
+"""`promptkd predict`: classify images, folders or globs with a student (PyTorch) or an exported file
+(`--model`: ONNX on onnxruntime, or the one-file safetensors student on PyTorch).
 
 Unreadable files are reported one by one (stderr, or "errors" in --json) and the rest are still
 classified; the exit code is 1 when any file failed. With --classes/--classes-file the class
@@ -70,9 +71,9 @@ def build_classifier(args):
         if args.student or args.class_vectors or names:
             raise PromptKDError("--model has its class vectors built in: do not combine it with --student, "
                                 "--class-vectors or --classes (export another model for other classes)")
-        from promptkd.deploy import OnnxClassifier
+        from promptkd.deploy import load_model
 
-        return OnnxClassifier(args.model)
+        return load_model(args.model, device=args.device or "cpu")
     if not args.student:
         raise PromptKDError("give --model FILE, or --student with --class-vectors (or --classes and --teacher)")
     student = artifact_path(args.student, "student")
@@ -126,7 +127,8 @@ def register(subparsers) -> None:
         description="Print the top-k classes and probabilities of each image. Inputs are image files, "
                     "folders (searched recursively) or glob patterns (quote them).")
     p.add_argument("inputs", nargs="+", metavar="IMAGE|FOLDER|GLOB")
-    p.add_argument("--model", metavar="FILE", help="a model file from `promptkd export` (ONNX; runs on onnxruntime)")
+    p.add_argument("--model", metavar="FILE",
+                   help="a file from `promptkd export`: ONNX (onnxruntime) or the one-file .safetensors (PyTorch)")
     p.add_argument("--student", metavar="PATH|DIR", help="student file or run folder (runs on PyTorch)")
     p.add_argument("--class-vectors", metavar="FILE",
                    help="class-vector file for --student (default: the one in its run folder)")
@@ -147,7 +149,7 @@ def register(subparsers) -> None:
 
 
 def _run(args) -> int:
-    if args.device:  # --model runs on onnxruntime's CPU provider; a student on this device
+    if args.device:  # an ONNX --model runs on onnxruntime (CPU); a student or one-file model on this device
         from promptkd.engine.loop import resolve_device
 
         resolve_device(args.device)
