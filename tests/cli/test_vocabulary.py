@@ -155,3 +155,31 @@ def test_set_is_accepted_wherever_a_preset_is():
     for command, parser in COMMANDS.items():
         shown = _visible(parser)
         assert ("--config" in shown) == ("--set" in shown), command
+
+
+def test_old_setting_names_in_presets_still_read_with_a_warning(caplog):
+    import logging
+
+    from promptkd.stages.distill import DistillConfig
+    from promptkd.stages.teacher import TeacherConfig
+
+    with caplog.at_level(logging.WARNING, logger="promptkd"):
+        teacher = TeacherConfig.from_dict({"pretrained": "clip/ViT-L-14.pt"}, "old.yaml")
+        distill = DistillConfig.from_dict({"num_shots": 4, "student_pretrained": "none", "teacher_clip": "t.pt",
+                                           "teacher_clip_model": "t.json"})
+    assert teacher.weights == "clip/ViT-L-14.pt"
+    assert (distill.shots, distill.student_weights, distill.teacher_weights, distill.teacher_model) == (4, None, "t.pt",
+                                                                                                       "t.json")
+    assert "setting 'pretrained' is deprecated; use 'weights'" in caplog.text
+    assert "setting 'num_shots' is deprecated; use 'shots'" in caplog.text
+
+
+def test_set_overrides_the_preset_and_options_override_set(tmp_path):
+    from promptkd.stages.distill import config_from_args
+
+    (tmp_path / "p.yaml").write_text("kd_weight: 7\ntemperature: 2.0\ntrain:\n  lr: 0.5\n  epochs: 3\n")
+    parser = build_parser()
+    args = parser.parse_args(["distill", "--config", str(tmp_path / "p.yaml"), "--set", "kd_weight=9", "--set",
+                              "train.lr=0.25", "--set", "train.epochs=4", "--epochs", "5", "--out", "o"])
+    cfg = config_from_args(args)
+    assert (cfg.kd_weight, cfg.temperature, cfg.train.lr, cfg.train.epochs) == (9.0, 2.0, 0.25, 5)
