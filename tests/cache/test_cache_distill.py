@@ -112,7 +112,8 @@ def test_one_cache_gives_the_teacher_logits_for_any_class_list(world, tiny_confi
         sampler = EpochBatchSampler(len(items), 8, cfg.seed)
         first = next(iter(sampler))
         ds = CachedViewDataset(items, tf, cache, cfg.seed)
-        views = torch.stack([tf.apply_view(load_rgb(items[i].path), cache.view(i, ds.view_index(i))) for i in first])
+        views = tf.normalize(torch.stack([tf.apply_view(load_rgb(items[i].path), cache.view(i, ds.view_index(i)))
+                                          for i in first]))  # uint8 renderer: normalised on the device
         with torch.no_grad():
             want = class_logits(teacher.encode_images(views), cv.vectors, teacher.logit_scale)
         assert seen[0].shape == (8, len(subset))

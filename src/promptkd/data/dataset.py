@@ -18,9 +18,10 @@ import hashlib
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -149,31 +150,76 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 def load_rgb(path: str) -> Image.Image:
     """Read an image as RGB; a bad file is a PromptKDError naming it."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return to_rgb(im)
-    except Exception as e:
-        raise PromptKDError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+    return ImageSource(path).image()
+
+
+def _unreadable(path: str, e: Exception) -> PromptKDError:
+    return PromptKDError(f"{path}: cannot read image ({type(e).__name__}: {e})")
+
+
+class ImageSource:
+    """An image file opened for rendering: the size comes from its header, the pixels are decoded on
+    demand, once per reduction, as RGB (load_rgb's conversions, no EXIF rotation).
+
+    A JPEG can be decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling (PIL's draft mode),
+    which costs a fraction of a full decode; a crop rendered at a much smaller output size loses
+    nothing by it. Other formats ignore the reduction. A bad file is a PromptKDError naming it,
+    when opened or when decoded.
+    """
+
+    def __init__(self, path: str):
+        self.path = str(path)
+        self._decoded: dict[int, tuple[Image.Image, float]] = {}
+        self._im = self._open()
+        self.width, self.height = self._im.size
+        self.is_jpeg = self._im.format == "JPEG"
+
+    def _open(self) -> Image.Image:
+        try:
+            return Image.open(self.path)
+        except Exception as e:  # PIL raises many types on bad files
+            raise _unreadable(self.path, e) from None
+
+    def image(self, reduce: int = 1) -> Image.Image:
+        return self.decoded(reduce)[0]
+
+    def decoded(self, reduce: int = 1) -> tuple[Image.Image, float]:
+        """(RGB image, factor it is smaller than the file by): `reduce` for a JPEG, else 1."""
+        reduce = reduce if self.is_jpeg else 1
+        if reduce not in self._decoded:
+            im, self._im = (self._im or self._open()), None
+            try:
+                with im:
+                    factor = 1.0
+                    if reduce > 1:  # PIL picks the largest of 8, 4, 2 that keeps the size asked for
+                        drafted = im.draft(im.mode, (max(self.width // reduce, 1), max(self.height // reduce, 1)))
+                        factor = self.width / drafted[1][2] if drafted else 1.0
+                    im.load()
+                    self._decoded[reduce] = (to_rgb(im), factor)
+            except Exception as e:
+                raise _unreadable(self.path, e) from None
+        return self._decoded[reduce]
 
 
 BAD_IMAGE_POLICIES = ("substitute", "error")
 
 
 def read_item(items, index: int, on_bad_image: str = "substitute",
-              unreadable: torch.Tensor | None = None) -> tuple[Image.Image, int, int]:
+              unreadable: torch.Tensor | None = None, load: Callable[[int], Any] | None = None) -> tuple[Any, int, int]:
     """(RGB image, label, item index) of `items[index]`, or of the next readable item.
 
     With on_bad_image="error" an unreadable image raises PromptKDError naming the file. With
     "substitute" it is marked in `unreadable` (a bool tensor, one flag per item, logged once)
-    and items index+1, index+2, ... (wrapping) are tried in turn.
+    and items index+1, index+2, ... (wrapping) are tried in turn. `load(j)`, when given, reads
+    item j instead of load_rgb (e.g. renders a view from the file); it raises PromptKDError for
+    an unreadable file.
     """
     n = len(items)
     for k in range(n):
         j = (index + k) % n
         path, label = items[j]
         try:
-            return load_rgb(path), label, j
+            return (load(j) if load is not None else load_rgb(path)), label, j
         except PromptKDError as e:
             if on_bad_image == "error":
                 raise
@@ -235,8 +281,14 @@ class ImageDataset(torch.utils.data.Dataset):
         return torch.Generator().manual_seed(augmentation_seed(self.seed, self.epoch, index))
 
     def __getitem__(self, index: int):
+        if self.train and hasattr(self.transform, "draw"):  # renders from the file (see transforms.TrainTransform)
+            # A substitute is augmented with this position's generator (no duplicate view), a fresh one per try.
+            (tensor, _view), label, used = read_item(
+                self.items, index, self.on_bad_image, self.unreadable,
+                load=lambda j: self.transform.draw(ImageSource(self.items[j][0]), self.generator_for(index)))
+            return tensor, label, used
         img, label, used = self.read(index)
-        if self.train:  # a substitute is augmented with this position's generator (no duplicate view)
+        if self.train:
             tensor, _view = self.transform(img, self.generator_for(index))
         else:
             tensor = self.transform(img)

@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from promptkd.artifacts import load_artifact, read_json, save_artifact, write_json
-from promptkd.data.dataset import Item, augmentation_seed, load_rgb, read_item
+from promptkd.data.dataset import ImageSource, Item, augmentation_seed, read_item
 from promptkd.data.transforms import TrainTransform, View, sample_view
 from promptkd.errors import PromptKDError
 from promptkd.models.wrappers import check_same_teacher
@@ -49,7 +49,7 @@ def items_digest(items: Sequence[Item]) -> str:
 def transform_spec(tf: TrainTransform) -> dict:
     """What decides the pixels the teacher saw for a recorded view (stored in the manifest)."""
     return {"size": tf.size, "scale": list(tf.scale), "ratio": list(tf.ratio), "mean": list(tf.mean),
-            "std": list(tf.std), "interpolation": tf.interpolation.value}
+            "std": list(tf.std), "interpolation": tf.interpolation.value, "renderer": tf.renderer}
 
 
 def view_generator(seed: int, view: int, index: int) -> torch.Generator:
@@ -68,11 +68,12 @@ class _ViewRenderer(Dataset):
 
     def __getitem__(self, j):
         i = self.indices[j]
-        img = load_rgb(self.items[i][0])
+        source = ImageSource(self.items[i][0])  # decoded once per JPEG reduction the K views need
         tensors, boxes = [], []
         for k in range(self.views):
-            v = sample_view(img.width, img.height, view_generator(self.seed, k, i), self.transform.scale, self.transform.ratio)
-            tensors.append(self.transform.apply_view(img, v))
+            v = sample_view(source.width, source.height, view_generator(self.seed, k, i), self.transform.scale,
+                            self.transform.ratio)
+            tensors.append(self.transform.render(source, v))
             boxes.append([v.top, v.left, v.h, v.w, int(v.flip)])
         return torch.stack(tensors), torch.tensor(boxes, dtype=torch.int32)
 
@@ -87,10 +88,10 @@ class CacheSpec:
 
 
 def teacher_train_transform(teacher) -> TrainTransform:
-    """The teacher's own train transform: the one distillation checks a cache against."""
+    """The teacher's own train transform with the fast renderer: the one distillation checks a cache against."""
     from promptkd.data.transforms import transforms_for
 
-    return transforms_for(teacher.clip.preprocess_cfg)[0]
+    return transforms_for(teacher.clip.preprocess_cfg, renderer="uint8")[0]
 
 
 @torch.no_grad()
@@ -137,12 +138,14 @@ def build_teacher_cache(teacher, items: Sequence[Item], transform: TrainTransfor
         if start in done:
             continue
         loader = DataLoader(_ViewRenderer(items, list(range(start, end)), transform, spec.views, spec.seed),
-                            batch_size=max(1, spec.batch_size // spec.views), num_workers=spec.num_workers)
+                            batch_size=max(1, spec.batch_size // spec.views), num_workers=spec.num_workers,
+                            pin_memory=device.type == "cuda")
         feats, boxes = [], []
         for images, b in loader:
             n = images.shape[0]
+            x = transform.normalize(images.flatten(0, 1).to(device, non_blocking=True))
             with autocast(device, precision):
-                f = teacher.encode_images(images.flatten(0, 1).to(device))
+                f = teacher.encode_images(x)
             feats.append(f.float().view(n, spec.views, -1).half().cpu())
             boxes.append(b)
             bar.update(n * spec.views)
@@ -262,11 +265,13 @@ class CachedViewDataset(Dataset):
     def view_index(self, index: int) -> int:
         return (augmentation_seed(self.seed, -1, index) + self.epoch) % self.cache.views
 
+    def _render(self, index: int) -> torch.Tensor:
+        return self.transform.render(ImageSource(self.items[index][0]), self.cache.view(index, self.view_index(index)))
+
     def __getitem__(self, index: int):
         # An image unreadable since the cache was built: the next readable one, with its own features.
-        img, _, index = read_item(self.items, index, self.on_bad_image, self.unreadable)
-        k = self.view_index(index)
-        return self.transform.apply_view(img, self.cache.view(index, k)), self.cache.features[index, k].float(), index
+        x, _, index = read_item(self.items, index, self.on_bad_image, self.unreadable, load=self._render)
+        return x, self.cache.features[index, self.view_index(index)].float(), index
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from promptkd.artifacts import load_artifact, read_json, write_json
-from promptkd.data.dataset import ImageDataset, Item
+from promptkd.data.dataset import ImageDataset, ImageSource, Item, read_item
 from promptkd.data.protocols import PROTOCOLS, EvalSplit, Protocol, align_class_vectors, build_protocol
 from promptkd.data.transforms import transforms_for
 from promptkd.engine import distributed
@@ -121,14 +121,19 @@ class PairedViews(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, index: int):
-        img, label, used = self.base.read(index)  # an unreadable image: see ImageDataset
-        x_s, view = self.base.transform(img, self.base.generator_for(index))
-        return x_s, self.teacher_tf.apply_view(img, view), label, used
+    def _draw(self, index: int, j: int):
+        source = ImageSource(self.base.items[j][0])
+        x_s, view = self.base.transform.draw(source, self.base.generator_for(index))
+        return x_s, self.teacher_tf.render(source, view)
+
+    def __getitem__(self, index: int):  # an unreadable image: see ImageDataset
+        (x_s, x_t), label, used = read_item(self.base.items, index, self.base.on_bad_image, self.base.unreadable,
+                                            load=lambda j: self._draw(index, j))
+        return x_s, x_t, label, used
 
 
 def _same_input(a, b) -> bool:
-    keys = ("size", "mean", "std", "interpolation", "scale", "ratio")
+    keys = ("size", "mean", "std", "interpolation", "scale", "ratio", "renderer")
     return all(getattr(a, k) == getattr(b, k) for k in keys)
 
 
@@ -222,8 +227,9 @@ def distill_models(
     dist_info = distributed.current()
     main = dist_info.is_main
 
-    student_tf, student_test_tf = transforms_for(student.clip.preprocess_cfg)
-    teacher_tf = transforms_for(teacher.clip.preprocess_cfg)[0]
+    # Training views: the fast uint8 renderer (normalised on the device in loss_fn); evaluation: the official one.
+    student_tf, student_test_tf = transforms_for(student.clip.preprocess_cfg, renderer="uint8")
+    teacher_tf = transforms_for(teacher.clip.preprocess_cfg, renderer="uint8")[0]
     paired = not _same_input(student_tf, teacher_tf)
     cache = _open_cache(teacher_cache, teacher, train_items, teacher_tf)
     if cache is not None:  # the student renders the recorded crop with its own transform
@@ -235,15 +241,15 @@ def distill_models(
     teacher.eval()
     t_scale = teacher.logit_scale.to(device)
 
-    def teacher_features(batch):
+    def teacher_features(batch, x_s):
         if cache is not None:  # stored in fp16: renormalise
             return F.normalize(batch[1].float(), dim=-1)
-        return teacher.encode_images(batch[1] if paired else batch[0])
+        return teacher.encode_images(teacher_tf.normalize(batch[1]) if paired else x_s)
 
     def loss_fn(batch):
-        x_s = batch[0]
+        x_s = student_tf.normalize(batch[0])  # uint8 from the loader -> normalised, on the device
         with torch.no_grad():
-            t_logits = class_logits(teacher_features(batch), W, t_scale)
+            t_logits = class_logits(teacher_features(batch, x_s), W, t_scale)
         s_logits = class_logits(student(x_s), W, student.logit_scale)
         loss = kd_loss(s_logits, t_logits, temperature, kd_weight, kd_reduction)
         agreement = (s_logits.argmax(-1) == t_logits.argmax(-1)).float().mean()
