@@ -89,8 +89,8 @@ def test_large_jpeg_crop_is_decoded_reduced(tmp_path, monkeypatch):
     path.write_bytes(photos.photo_jpeg(1, 1000, 800))
     fast = Uint8TrainTransform(100)
     asked = []
-    real = ImageSource.decoded
-    monkeypatch.setattr(ImageSource, "decoded", lambda self, r=1: asked.append(r) or real(self, r))
+    real = ImageSource.pixels
+    monkeypatch.setattr(ImageSource, "pixels", lambda self, r=1: asked.append(r) or real(self, r))
     view = View(50, 70, 700, 820, True)  # both sides >= 4 x 100 px, < 8 x
     x = fast.render(ImageSource(str(path)), view)
     assert asked == [4]

@@ -155,20 +155,21 @@ class Uint8TrainTransform(TrainTransform):
         return next((r for r in (8, 4, 2) if min(view.h, view.w) >= r * self.size), 1)
 
     def render(self, source: ImageSource, view: View) -> torch.Tensor:
-        img, factor = source.decoded(self.reduction(source, view))
-        if factor == 1:
-            return self.apply_view(img, view)
-        # The crop box in the reduced image (rounded to whole pixels: at most half a reduced pixel off).
-        top, left = round(view.top / factor), round(view.left / factor)
-        bottom = min(max(round((view.top + view.h) / factor), top + 1), img.height)
-        right = min(max(round((view.left + view.w) / factor), left + 1), img.width)
-        return self.apply_view(img, View(top, left, bottom - top, right - left, view.flip))
+        pixels, factor = source.pixels(self.reduction(source, view))
+        if factor != 1:  # the crop box in the reduced image, rounded to whole pixels (at most half one off)
+            top, left = round(view.top / factor), round(view.left / factor)
+            bottom = min(max(round((view.top + view.h) / factor), top + 1), pixels.shape[0])
+            right = min(max(round((view.left + view.w) / factor), left + 1), pixels.shape[1])
+            view = View(top, left, bottom - top, right - left, view.flip)
+        return self._resized_crop(pixels, view)
 
     def apply_view(self, img: Image.Image, view: View) -> torch.Tensor:
-        """(3, size, size) uint8: the view cropped from `img` and resized with antialiasing."""
+        """(3, size, size) uint8: the view cropped from a PIL image and resized with antialiasing."""
         with warnings.catch_warnings():  # read-only array: never written, the crop is a view of it
             warnings.simplefilter("ignore", UserWarning)
-            hwc = torch.from_numpy(np.asarray(img))
+            return self._resized_crop(torch.from_numpy(np.asarray(img)), view)
+
+    def _resized_crop(self, hwc: torch.Tensor, view: View) -> torch.Tensor:
         crop = hwc[view.top:view.top + view.h, view.left:view.left + view.w].permute(2, 0, 1)[None]
         mode = self._MODES[self.interpolation.value]
         out = nnf.interpolate(crop, size=(self.size, self.size), mode=mode, antialias=mode != "nearest-exact")[0]
