@@ -185,8 +185,9 @@ def test_bf16_build_and_cached_distillation(world, tiny_configs, tmp_path):
     ref = TeacherCache(build_teacher_cache(teacher, items, None, tmp_path / "r", CacheSpec(views=2), progress=False))
     cache = TeacherCache(build_teacher_cache(teacher, items, None, tmp_path / "c", CacheSpec(views=2),
                                              precision="bf16", progress=False))
-    assert torch.equal(cache.boxes, ref.boxes) and cache.manifest["precision"] == "bf16"
-    torch.testing.assert_close(cache.features.float(), ref.features.float(), atol=0.05, rtol=0)
+    (feats, boxes), (ref_feats, ref_boxes) = cache.read_all(), ref.read_all()
+    assert torch.equal(boxes, ref_boxes) and cache.manifest["precision"] == "bf16"
+    torch.testing.assert_close(feats.float(), ref_feats.float(), atol=0.05, rtol=0)
     cfg = TrainConfig(epochs=1, precision="bf16", **CFG)
     res = distill_models(teacher, tiny_student(tiny_configs[1], teacher.dim), cv, items, tmp_path / "run", train=cfg,
                          teacher_cache=cache)
