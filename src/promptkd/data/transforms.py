@@ -122,6 +122,10 @@ class TrainTransform:
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         return batch
 
+    def normalizer(self, device: torch.device):
+        """normalize() as a function with its constants already on `device` (for a compiled step)."""
+        return self.normalize
+
 
 class Uint8TrainTransform(TrainTransform):
     """The same views rendered fast: uint8 crop and antialiased resize in torch (PIL's bicubic
@@ -179,11 +183,14 @@ class Uint8TrainTransform(TrainTransform):
         """uint8 (..., 3, H, W) -> fp32 (x / 255 - mean) / std: to_tensor + normalise, bit for bit."""
         if batch.dtype != torch.uint8:
             raise PromptKDError(f"expected a uint8 image batch from the uint8 renderer, got {batch.dtype}")
-        if batch.device not in self._stats:
-            self._stats[batch.device] = tuple(torch.tensor(v, device=batch.device).view(3, 1, 1)
-                                              for v in (self.mean, self.std))
-        mean, std = self._stats[batch.device]
-        return batch.float().div(255).sub(mean).div(std)
+        return self.normalizer(batch.device)(batch)
+
+    def normalizer(self, device: torch.device):
+        device = torch.device(device)
+        if device not in self._stats:  # made once per device: no host-to-device copy per batch
+            self._stats[device] = tuple(torch.tensor(v, device=device).view(3, 1, 1) for v in (self.mean, self.std))
+        mean, std = self._stats[device]
+        return lambda batch: batch.float().div(255).sub(mean).div(std)
 
 
 class TestTransform:

@@ -241,13 +241,15 @@ def distill_models(
     teacher.eval()
     t_scale = teacher.logit_scale.to(device)
 
+    normalize_s, normalize_t = student_tf.normalizer(device), teacher_tf.normalizer(device)
+
     def teacher_features(batch, x_s):
         if cache is not None:  # stored in fp16: renormalise
             return F.normalize(batch[1].float(), dim=-1)
-        return teacher.encode_images(teacher_tf.normalize(batch[1]) if paired else x_s)
+        return teacher.encode_images(normalize_t(batch[1]) if paired else x_s)
 
-    def loss_fn(batch):
-        x_s = student_tf.normalize(batch[0])  # uint8 from the loader -> normalised, on the device
+    def loss_fn(batch):  # the whole step's forward; train_loop may compile it (cfg.compile)
+        x_s = normalize_s(batch[0])  # uint8 from the loader -> normalised, on the device
         with torch.no_grad():
             t_logits = class_logits(teacher_features(batch, x_s), W, t_scale)
         s_logits = class_logits(student(x_s), W, student.logit_scale)
@@ -298,7 +300,8 @@ def distill_models(
         out_dir.mkdir(parents=True, exist_ok=True)
         ClassVectors(classifier.cpu(), protocol.classnames, class_vectors.teacher).save(out_dir / CLASS_VECTORS_FILE)
     result = train_loop(student, loss_fn, dataset, cfg, out_dir, resume=resume, on_epoch_end=on_epoch_end,
-                        desc="distill", checkpoint_meta={"distill": settings})
+                        desc="distill", checkpoint_meta={"distill": settings},
+                        compile_default=cache is not None)  # auto: the cached step compiles on CUDA
 
     student_path = out_dir / STUDENT_FILE
     metrics: dict = {}
@@ -472,7 +475,7 @@ def distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = False) -> Pa
 # `promptkd distill`
 
 _TRAIN_FLAGS = ("epochs", "batch_size", "lr", "seed", "num_workers", "device", "max_steps_per_epoch",
-                "checkpoint_every", "on_nonfinite", "on_bad_image")
+                "checkpoint_every", "on_nonfinite", "on_bad_image", "compile")
 
 
 def config_from_args(args) -> DistillConfig:
@@ -535,6 +538,9 @@ def register(sub) -> None:
     p.add_argument("--on-nonfinite", choices=("stop", "skip"), help="NaN/inf loss or gradients: stop (default) or skip the batch")
     p.add_argument("--on-bad-image", choices=("substitute", "error"),
                    help="unreadable training image: use the next readable one (default, counted) or stop")
+    p.add_argument("--compile", choices=("auto", "on", "off"),
+                   help="torch.compile the training step (CUDA graphs on CUDA); auto (default): on for "
+                        "--teacher-cache runs on one CUDA GPU")
     p.add_argument("--eval-batch-size", type=int)
     p.add_argument("--no-val", dest="select_on_val", action="store_const", const=False,
                    help="skip the per-epoch validation (and best-on-val selection)")
