@@ -87,17 +87,3 @@ def test_cuda_meter_branch(bench, monkeypatch):
     cpu.sync()
     assert log == ["reset", "sync"] and cpu.peak_mib() > 10  # max RSS of this process, in MiB
 
-
-@pytest.mark.slow
-def test_compiled_mode_compiles_the_cached_step(bench, tiny_configs, tmp_path, monkeypatch, capsys):
-    import promptkd.engine.loop as loop
-
-    compiled = []
-    real = loop.compile_loss
-    monkeypatch.setattr(loop, "compile_loss", lambda fn, device: compiled.append(device) or real(fn, device))
-    out = tmp_path / "rows.json"
-    assert bench.main(_args(tiny_configs, "--in-process", "--modes", "cached,compiled,bound", "--json", str(out))) == 0
-    rows = {r["mode"]: r for r in json.loads(out.read_text())}
-    assert compiled == [torch.device("cpu")] and rows["compiled"]["s_per_step"] > 0
-    assert rows["compiled"]["gflops_per_step"] != rows["compiled"]["gflops_per_step"]  # not counted: NaN
-    assert "compiled / FLOP bound" in capsys.readouterr().out

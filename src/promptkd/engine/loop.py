@@ -562,7 +562,9 @@ def train_loop(
             n_logged = log_.n
             bar.close()
             model.eval()
-            record = {"epoch": epoch + 1, "lr": lr, **{k: v / max(n_logged, 1) for k, v in sums.items()}}
+            seconds = time.perf_counter() - log_.t0  # the epoch's steps, data loading included
+            record = {"epoch": epoch + 1, "lr": lr, **{k: v / max(n_logged, 1) for k, v in sums.items()},
+                      "seconds": seconds, "images_per_s": log_.images / max(seconds, 1e-9)}
             if result.skipped_steps:
                 record["skipped_steps"] = result.skipped_steps
             unreadable = getattr(dataset, "unreadable_count", None)
