@@ -15,6 +15,7 @@ accuracy must be over the images it names.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import warnings
@@ -185,8 +186,8 @@ class ImageSource:
             self.is_jpeg = self._im.format == "JPEG"
 
     def _open(self) -> Image.Image:
-        try:
-            return Image.open(self.path)
+        try:  # bytes already read for the header are not read again
+            return Image.open(io.BytesIO(self._data) if self._data is not None else self.path)
         except Exception as e:  # PIL raises many types on bad files
             raise _unreadable(self.path, e) from None
 
