@@ -94,7 +94,7 @@ def pixel_difference(paths: list[str], size: int, n_views: int = 4) -> dict:
 
 
 def run(args) -> dict:
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     if args.core is not None:
         os.sched_setaffinity(0, {args.core})
     folder = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="promptkd-loader-"))
@@ -119,6 +119,7 @@ def run(args) -> dict:
         return {k: statistics.median(a / b for a, b in zip(v, r["official"])) for k, v in r.items()}
 
     return {"images": len(paths), "mean_kb": kb, "size": args.size, "reps": args.reps, "core": args.core,
+            "threads": args.threads,
             "images_per_s": {k: statistics.median(v) for k, v in rates.items()}, "ratio_vs_official": ratios(rates),
             "wall_images_per_s": {k: statistics.median(v) for k, v in wall.items()}, "wall_ratio": ratios(wall),
             "all_rates": rates, "pixels": pixel_difference(paths[: args.diff_images], args.size),
@@ -137,7 +138,7 @@ def _cpu_name() -> str:
 
 def table(r: dict) -> str:
     pinned = "" if r["core"] is None else f" pinned to core {r['core']}"
-    lines = [f"{r['images']} JPEGs 500x375 (mean {r['mean_kb']:.0f} KB) -> {r['size']} px, 1 thread"
+    lines = [f"{r['images']} JPEGs 500x375 (mean {r['mean_kb']:.0f} KB) -> {r['size']} px, {r['threads']} thread(s)"
              f"{pinned}, {r['reps']} interleaved passes, {r['cpu']}, torch {r['torch']}, "
              f"load average {r['load']:.1f}", "",
              "| pipeline | images per CPU second | x official | wall images/s | x official, wall |",
@@ -161,6 +162,7 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--core", type=int, help="pin this process to one CPU core")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: as in a DataLoader worker)")
     p.add_argument("--dir", help="folder for the generated JPEGs (default: a new temporary folder)")
     p.add_argument("--diff-images", type=int, default=20, help="images whose views are compared pixel by pixel")
     p.add_argument("--json", help="also write the results here")
