@@ -1,9 +1,12 @@
 """Shared test helpers: tiny open_clip architectures as JSON configs, tiny image folders (no downloads),
-and a simulated kill at a chosen step."""
+a simulated kill at a chosen step, and the benchmark scripts as modules."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,3 +67,14 @@ def killed_at_call(owner, name: str, n: int, after: bool = False):
         mp.setattr(owner, name, dying)
         with pytest.raises(KeyboardInterrupt):
             yield
+
+
+def load_benchmark(name: str):
+    """benchmarks/NAME.py as a module (the scripts are not a package; they import their neighbours)."""
+    folder = Path(__file__).parents[1] / "benchmarks"
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,22 +1,16 @@
 """benchmarks/gpu_e2e.py at tiny size on CPU: the whole pipeline (JPEG folder, `promptkd cache`,
 `promptkd distill --teacher-cache`, step rates, the official step) runs and reports every row."""
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).parents[2] / "benchmarks" / "gpu_e2e.py"
+from tinyclip import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("gpu_e2e", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_e2e")
 
 
 FAKE_OFFICIAL = """

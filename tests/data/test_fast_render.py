@@ -2,7 +2,6 @@
 PIL's bicubic, odd files decoded as load_rgb decodes them, large JPEGs decoded reduced, and the
 bad-image policy unchanged."""
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -10,14 +9,13 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
+from tinyclip import load_benchmark
 
 from promptkd.data.dataset import ImageDataset, ImageSource, Item, load_rgb
 from promptkd.data.transforms import TrainTransform, Uint8TrainTransform, View, transforms_for
 from promptkd.errors import PromptKDError
 
-_spec = importlib.util.spec_from_file_location("photos", Path(__file__).parents[2] / "benchmarks" / "photos.py")
-photos = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(photos)
+photos = load_benchmark("photos")
 
 
 def gen(seed):
