@@ -182,7 +182,7 @@ def read_rows(fd: int, t: TensorLayout, start: int, stop: int) -> torch.Tensor:
     no shared file position, so loader workers and threads can share the descriptor)."""
     nbytes = (stop - start) * t.row_bytes
     buf = bytearray(nbytes)
-    got = os.preadv(fd, [buf], t.offset + start * t.row_bytes) if nbytes else 0
+    got = _pread_into(fd, buf, t.offset + start * t.row_bytes) if nbytes else 0
     if got != nbytes:
         raise PromptKDError(f"tensor {t.name!r}: file ended early (read {got} of {nbytes} bytes)")
     return torch.frombuffer(buf, dtype=t.dtype).view(stop - start, *t.shape[1:]) if nbytes else \
@@ -214,3 +214,15 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
         h.update(str(tuple(t.shape)).encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
+
+
+def _pread_into(fd: int, buf: bytearray, offset: int) -> int:
+    if hasattr(os, "preadv"):  # Linux, BSDs: straight into the buffer
+        return os.preadv(fd, [buf], offset)
+    if hasattr(os, "pread"):  # macOS
+        data = os.pread(fd, len(buf), offset)
+    else:  # Windows: each loader worker has its own descriptor, so seeking is safe
+        os.lseek(fd, offset, os.SEEK_SET)
+        data = os.read(fd, len(buf))
+    buf[: len(data)] = data
+    return len(data)

@@ -252,7 +252,7 @@ class TeacherCache:
         if self._pid != os.getpid():  # a forked worker: its parent's descriptors are not its own to share
             self._fds, self._pid = {}, os.getpid()
         if path not in self._fds:
-            self._fds[path] = os.open(path, os.O_RDONLY)
+            self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         return self._fds[path]
 
     def _check_finite(self) -> None:
