@@ -95,6 +95,7 @@ def test_compile_option_resolves_and_is_checked():
     assert not loop.resolve_compile(TrainConfig(compile="off"), cuda, True, False)
     with pytest.raises(PromptKDError, match="compile"):
         TrainConfig(compile="yes")
+    assert TrainConfig(compile=True).compile == "on" and TrainConfig(compile=False).compile == "off"  # YAML on/off
 
 
 def test_sgd_is_fused_on_cuda_and_foreach_elsewhere(monkeypatch):

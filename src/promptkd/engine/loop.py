@@ -64,6 +64,8 @@ class TrainConfig:
     compile: str = "auto"  # auto | on | off: torch.compile the loss (CUDA graphs on CUDA); see train_loop
 
     def __post_init__(self):
+        if isinstance(self.compile, bool):  # YAML reads a bare on/off as a boolean
+            self.compile = "on" if self.compile else "off"
         check_field_types(self, "train settings")
         if self.compile not in COMPILE_MODES:
             raise PromptKDError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
