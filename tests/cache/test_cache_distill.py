@@ -140,6 +140,13 @@ def test_mismatched_cache_is_refused(world, tiny_configs, tmp_path):
     with pytest.raises(PromptKDError, match="another transform.*scale"):
         distill_models(teacher, tiny_student(tiny_configs[1], teacher.dim), cv, items, tmp_path / "a", train=cfg,
                        teacher_cache=other_tf)
+    from promptkd.data.transforms import transforms_for
+
+    pil = build_teacher_cache(teacher, items, transforms_for(teacher.clip.preprocess_cfg)[0], tmp_path / "pil",
+                              CacheSpec(views=1), progress=False)  # the same views, rendered by PIL
+    with pytest.raises(PromptKDError, match=r"another transform \(renderer differ"):
+        distill_models(teacher, tiny_student(tiny_configs[1], teacher.dim), cv, items, tmp_path / "p", train=cfg,
+                       teacher_cache=pil)
     fewer = build_teacher_cache(teacher, items[:8], None, tmp_path / "few", CacheSpec(views=1), progress=False)
     with pytest.raises(PromptKDError, match="another image list"):
         distill_models(teacher, tiny_student(tiny_configs[1], teacher.dim), cv, items, tmp_path / "b", train=cfg,
