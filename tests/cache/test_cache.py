@@ -96,7 +96,7 @@ def test_views_replay_the_recorded_crop(setup, tmp_path):
         ds.set_epoch(epoch)
         for i in range(len(items)):
             x, feature, _ = ds[i]
-            top, left, h, w, flip = (int(v) for v in cache.boxes[i, ds.view_index(i)])
+            top, left, h, w, flip = cache.view(i, ds.view_index(i))
             img = Image.open(items[i].path).convert("RGB")
             assert 0 <= top and top + h <= img.height and 0 <= left and left + w <= img.width
             a = np.asarray(img.crop((left, top, left + w, top + h)).resize((32, 32), Image.BICUBIC), np.float32) / 255
