@@ -60,6 +60,8 @@ def commands(args) -> list[list[str]]:
                     cmd += ["--student-weights", args.student_weights]
                 if (run_dir / "checkpoint.safetensors").is_file():
                     cmd.append("--resume")
+                elif run_dir.is_dir() and any(run_dir.iterdir()):  # started, stopped before a checkpoint
+                    cmd.append("--overwrite")
                 cmds.append(cmd)
         cmds.append([sys.executable, "-m", "promptkd.cli", "report", str(out / name), "--out",
                      str(out / "tables" / name)])

@@ -1,10 +1,13 @@
 """Shared test helpers: tiny open_clip architectures as JSON configs, tiny image folders (no downloads),
-and a simulated kill at a chosen step."""
+a simulated kill at a chosen step, and the benchmark scripts as modules."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -195,3 +198,14 @@ def reference_text_features(sd, tokens, heads, prompts=None):
         x = _ref_block(sd, f"transformer.resblocks.{i}.", x, heads, mask)
     x = F.layer_norm(x, (w,), sd["ln_final.weight"].float(), sd["ln_final.bias"].float(), eps=1e-5)
     return x[torch.arange(len(x)), tokens.argmax(-1)] @ sd["text_projection"].float()
+
+
+def load_benchmark(name: str):
+    """benchmarks/NAME.py as a module (the scripts are not a package; they import their neighbours)."""
+    folder = Path(__file__).parents[1] / "benchmarks"
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -137,20 +137,7 @@ def load_artifact(path: str | os.PathLike, kind: str | None = None,
 def read_artifact_meta(path: str | os.PathLike, kind: str | None = None) -> dict[str, Any]:
     """Only an artifact's metadata: reads the header, not the tensors (a teacher file with frozen
     weights can be a gigabyte)."""
-    path = Path(path)
-    if not path.is_file():
-        raise PromptKDError(f"{path}: file not found")
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        raw = f.read(n) if 0 < n <= 100_000_000 else b""  # safetensors' own header limit
-    try:
-        if len(raw) != n:
-            raise ValueError("header too short or too long")
-        header = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise PromptKDError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
-    return _promptkd_meta(header, path, kind)
+    return artifact_layout(path, kind)[1]
 
 
 def _promptkd_meta(header: Any, path: Path, kind: str | None) -> dict[str, Any]:
@@ -166,6 +153,78 @@ def _promptkd_meta(header: Any, path: Path, kind: str | None) -> dict[str, Any]:
     if kind is not None and meta.get("kind") != kind:
         raise PromptKDError(f"{path}: expected a {kind} artifact, found kind={meta.get('kind')!r}")
     return meta
+
+
+def _dtypes() -> dict:
+    """safetensors dtype names -> torch dtypes (built on first use: this module imports no torch)."""
+    import torch
+
+    return {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+            "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "U8": torch.uint8, "I8": torch.int8,
+            "BOOL": torch.bool}
+
+
+class TensorLayout:
+    """Where one tensor of a safetensors file lies: dtype, shape and byte offset of its data."""
+
+    def __init__(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], offset: int, nbytes: int):
+        self.name, self.dtype, self.shape, self.offset, self.nbytes = name, dtype, shape, offset, nbytes
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one slice along the first dimension."""
+        return self.nbytes // self.shape[0] if self.shape and self.shape[0] else 0
+
+
+def artifact_layout(path: str | os.PathLike, kind: str | None = None) -> tuple[dict[str, TensorLayout], dict[str, Any]]:
+    """The tensors' layout and the metadata of a promptkd artifact, from its header alone.
+
+    For files too large to load (a teacher cache at ImageNet size): read_rows() then reads slices
+    on demand. Offsets and sizes are checked against the file, so a damaged header is refused here.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PromptKDError(f"{path}: file not found")
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= min(size - 8, 100_000_000):
+                raise ValueError(f"header length {n} does not fit the file")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        layout, dtypes = {}, _dtypes()
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = dtypes.get(info.get("dtype")) if isinstance(info, dict) else None
+            shape, (begin, end) = tuple(int(d) for d in info["shape"]), (int(x) for x in info["data_offsets"])
+            if dtype is None or any(d < 0 for d in shape):
+                raise ValueError(f"tensor {name!r} has an unsupported dtype or shape")
+            numel = 1
+            for d in shape:
+                numel *= d
+            if end - begin != numel * dtype.itemsize or begin < 0 or 8 + n + end > size:
+                raise ValueError(f"tensor {name!r} does not fit the file")
+            layout[name] = TensorLayout(name, dtype, shape, 8 + n + begin, end - begin)
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PromptKDError(f"{path}: not a readable safetensors file ({e})") from None
+    return layout, _promptkd_meta(header, path, kind)
+
+
+def read_rows(fd: int, t: TensorLayout, start: int, stop: int) -> torch.Tensor:
+    """Rows start:stop (first dimension) of a tensor, read from an open file descriptor (os.pread:
+    no shared file position, so loader workers and threads can share the descriptor)."""
+    import torch
+
+    nbytes = (stop - start) * t.row_bytes
+    buf = bytearray(nbytes)
+    got = _pread_into(fd, buf, t.offset + start * t.row_bytes) if nbytes else 0
+    if got != nbytes:
+        raise PromptKDError(f"tensor {t.name!r}: file ended early (read {got} of {nbytes} bytes)")
+    return torch.frombuffer(buf, dtype=t.dtype).view(stop - start, *t.shape[1:]) if nbytes else \
+        torch.empty(0, *t.shape[1:], dtype=t.dtype)
 
 
 def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
@@ -197,3 +256,15 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
         h.update(str(tuple(t.shape)).encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
+
+
+def _pread_into(fd: int, buf: bytearray, offset: int) -> int:
+    if hasattr(os, "preadv"):  # Linux, BSDs: straight into the buffer
+        return os.preadv(fd, [buf], offset)
+    if hasattr(os, "pread"):  # macOS
+        data = os.pread(fd, len(buf), offset)
+    else:  # Windows: each loader worker has its own descriptor, so seeking is safe
+        os.lseek(fd, offset, os.SEEK_SET)
+        data = os.read(fd, len(buf))
+    buf[: len(data)] = data
+    return len(data)

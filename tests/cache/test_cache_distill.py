@@ -112,7 +112,8 @@ def test_one_cache_gives_the_teacher_logits_for_any_class_list(world, tiny_confi
         sampler = EpochBatchSampler(len(items), 8, cfg.seed)
         first = next(iter(sampler))
         ds = CachedViewDataset(items, tf, cache, cfg.seed)
-        views = torch.stack([tf.apply_view(load_rgb(items[i].path), cache.view(i, ds.view_index(i))) for i in first])
+        views = tf.normalize(torch.stack([tf.apply_view(load_rgb(items[i].path), cache.view(i, ds.view_index(i)))
+                                          for i in first]))  # uint8 renderer: normalised on the device
         with torch.no_grad():
             want = class_logits(teacher.encode_images(views), cv.vectors, teacher.logit_scale)
         assert seen[0].shape == (8, len(subset))
@@ -139,6 +140,13 @@ def test_mismatched_cache_is_refused(world, tiny_configs, tmp_path):
     with pytest.raises(PromptKDError, match="another transform.*scale"):
         distill_models(teacher, tiny_student(tiny_configs[1], teacher.dim), cv, items, tmp_path / "a", train=cfg,
                        teacher_cache=other_tf)
+    from promptkd.data.transforms import transforms_for
+
+    pil = build_teacher_cache(teacher, items, transforms_for(teacher.clip.preprocess_cfg)[0], tmp_path / "pil",
+                              CacheSpec(views=1), progress=False)  # the same views, rendered by PIL
+    with pytest.raises(PromptKDError, match=r"another transform \(renderer differ"):
+        distill_models(teacher, tiny_student(tiny_configs[1], teacher.dim), cv, items, tmp_path / "p", train=cfg,
+                       teacher_cache=pil)
     fewer = build_teacher_cache(teacher, items[:8], None, tmp_path / "few", CacheSpec(views=1), progress=False)
     with pytest.raises(PromptKDError, match="another image list"):
         distill_models(teacher, tiny_student(tiny_configs[1], teacher.dim), cv, items, tmp_path / "b", train=cfg,
@@ -187,8 +195,9 @@ def test_bf16_build_and_cached_distillation(world, tiny_configs, tmp_path):
     ref = TeacherCache(build_teacher_cache(teacher, items, None, tmp_path / "r", CacheSpec(views=2), progress=False))
     cache = TeacherCache(build_teacher_cache(teacher, items, None, tmp_path / "c", CacheSpec(views=2),
                                              precision="bf16", progress=False))
-    assert torch.equal(cache.boxes, ref.boxes) and cache.manifest["precision"] == "bf16"
-    torch.testing.assert_close(cache.features.float(), ref.features.float(), atol=0.05, rtol=0)
+    (feats, boxes), (ref_feats, ref_boxes) = cache.read_all(), ref.read_all()
+    assert torch.equal(boxes, ref_boxes) and cache.manifest["precision"] == "bf16"
+    torch.testing.assert_close(feats.float(), ref_feats.float(), atol=0.05, rtol=0)
     cfg = TrainConfig(epochs=1, precision="bf16", **CFG)
     res = distill_models(teacher, tiny_student(tiny_configs[1], teacher.dim), cv, items, tmp_path / "run", train=cfg,
                          teacher_cache=cache)

@@ -1,24 +1,18 @@
 """benchmarks/distill_step.py on tiny configs: each mode runs the step it claims, in fp32 and in bf16
 (the GPU precision path), and the CUDA-only timing/memory branches do what they should."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from tinyclip import load_benchmark
 
 from promptkd.models.encoders import PromptedTextEncoder
-
-BENCH = Path(__file__).parents[2] / "benchmarks" / "distill_step.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("distill_step", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("distill_step")
 
 
 def _args(tiny_configs, *extra):
@@ -86,3 +80,4 @@ def test_cuda_meter_branch(bench, monkeypatch):
     cpu = bench.Meter(torch.device("cpu"))
     cpu.sync()
     assert log == ["reset", "sync"] and cpu.peak_mib() > 10  # max RSS of this process, in MiB
+

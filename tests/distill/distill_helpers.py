@@ -18,8 +18,8 @@ def tiny_teacher(config_path) -> Teacher:
 
 
 def tiny_student(config_path, teacher_dim: int, seed: int = 1) -> Student:
-    torch.manual_seed(seed)
-    return Student(load_clip(str(config_path)), teacher_dim, vision_depth=2, n_ctx_vision=2)
+    torch.manual_seed(seed)  # prompts and projector; the random CLIP tower comes from init_seed
+    return Student(load_clip(str(config_path), init_seed=seed), teacher_dim, vision_depth=2, n_ctx_vision=2)
 
 
 def text_class_vectors(teacher: Teacher, names: list[str]) -> ClassVectors:

@@ -15,12 +15,14 @@ accuracy must be over the images it names.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -149,31 +151,150 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 def load_rgb(path: str) -> Image.Image:
     """Read an image as RGB; a bad file is a PromptKDError naming it."""
+    return ImageSource(path).image()
+
+
+def _unreadable(path: str, e: Exception) -> PromptKDError:
+    return PromptKDError(f"{path}: cannot read image ({type(e).__name__}: {e})")
+
+
+class ImageSource:
+    """An image file opened for rendering: the size comes from its header, the pixels are decoded on
+    demand, once per reduction, as RGB (load_rgb's conversions, no EXIF rotation).
+
+    A JPEG can be decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling (PIL's draft mode),
+    which costs a fraction of a full decode; a crop rendered at a much smaller output size loses
+    nothing by it. Other formats ignore the reduction. `pixels()` gives a uint8 HWC tensor: full-size
+    YCbCr and greyscale JPEGs are decoded by torchvision.io.decode_jpeg straight into it (the same
+    libjpeg-turbo decode as PIL's, pixel for pixel, without PIL's copies); everything else, and any
+    file decode_jpeg refuses, goes through PIL. A bad file is a PromptKDError naming it, when opened
+    or when decoded.
+    """
+
+    def __init__(self, path: str):
+        self.path = str(path)
+        self._images: dict[int, tuple[Image.Image, float]] = {}
+        self._pixels: dict[int, tuple[torch.Tensor, float]] = {}
+        self._im = self._data = None
+        header = _plain_jpeg(self.path)  # a YCbCr or greyscale JPEG needs no PIL at all
+        if header is not None:
+            self._data, self.width, self.height = header
+            self.is_jpeg = True
+        else:
+            self._im = self._open()
+            self.width, self.height = self._im.size
+            self.is_jpeg = self._im.format == "JPEG"
+
+    def _open(self) -> Image.Image:
+        try:  # bytes already read for the header are not read again
+            return Image.open(io.BytesIO(self._data) if self._data is not None else self.path)
+        except Exception as e:  # PIL raises many types on bad files
+            raise _unreadable(self.path, e) from None
+
+    def image(self, reduce: int = 1) -> Image.Image:
+        return self.decoded(reduce)[0]
+
+    def decoded(self, reduce: int = 1) -> tuple[Image.Image, float]:
+        """(RGB PIL image, factor it is smaller than the file by): `reduce` for a JPEG, else 1."""
+        reduce = reduce if self.is_jpeg else 1
+        if reduce not in self._images:
+            im, self._im = (self._im or self._open()), None
+            try:
+                factor = 1.0
+                if reduce > 1:  # PIL picks the largest of 8, 4, 2 that keeps the size asked for
+                    drafted = im.draft(im.mode, (max(self.width // reduce, 1), max(self.height // reduce, 1)))
+                    factor = self.width / drafted[1][2] if drafted else 1.0
+                im.load()  # closes a single-frame file; an RGB one needs no copy then
+                rgb = im if im.mode == "RGB" and getattr(im, "fp", None) is None else to_rgb(im)
+                if rgb is not im:
+                    im.close()
+                self._images[reduce] = (rgb, factor)
+            except Exception as e:
+                im.close()
+                raise _unreadable(self.path, e) from None
+        return self._images[reduce]
+
+    def pixels(self, reduce: int = 1) -> tuple[torch.Tensor, float]:
+        """(uint8 RGB tensor of shape (H, W, 3), factor it is smaller than the file by)."""
+        reduce = reduce if self.is_jpeg else 1
+        if reduce not in self._pixels:
+            x = _decode_jpeg(self._data) if reduce == 1 and self._data is not None else None
+            if x is not None:
+                self._pixels[reduce] = (x, 1.0)
+            else:
+                img, factor = self.decoded(reduce)
+                with warnings.catch_warnings():  # a read-only array: the renderer never writes to it
+                    warnings.simplefilter("ignore", UserWarning)
+                    self._pixels[reduce] = (torch.from_numpy(np.asarray(img)), factor)
+        return self._pixels[reduce]
+
+
+def _decode_jpeg(data: bytearray) -> torch.Tensor | None:
+    """libjpeg-turbo through torchvision.io into an (H, W, 3) tensor; None where it cannot (PIL then decides)."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            return to_rgb(im)
-    except Exception as e:
-        raise PromptKDError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+        import torchvision.io as tio
+
+        with warnings.catch_warnings():  # its deprecation notice: PIL takes over once it is gone
+            warnings.simplefilter("ignore")
+            return tio.decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=tio.ImageReadMode.RGB).permute(1, 2, 0)
+    except Exception:
+        return None
+
+
+_SOF = frozenset({0xC0, 0xC1, 0xC2})  # baseline, extended and progressive Huffman frames
+
+
+def _plain_jpeg(path: str) -> tuple[bytearray, int, int] | None:
+    """(file bytes, width, height) of an 8-bit JPEG with 1 or 3 components, read from its frame
+    header; None for anything else (other formats, CMYK, arithmetic coding, odd or broken headers:
+    PIL reads those, and says what is wrong)."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(2) != b"\xff\xd8":
+                return None
+            f.seek(0)
+            data = bytearray(os.fstat(f.fileno()).st_size)
+            f.readinto(data)
+    except OSError:
+        return None
+    i, n = 2, len(data)
+    while i + 9 < n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in _SOF:
+            height, width = int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+            limit = Image.MAX_IMAGE_PIXELS
+            ok = data[i + 4] == 8 and data[i + 9] in (1, 3) and width and height
+            return (data, width, height) if ok and not (limit and width * height > 2 * limit) else None
+        if 0xC3 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) or marker in (0xD9, 0xDA):
+            return None  # another frame type, or no frame header before the scan
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
 
 
 BAD_IMAGE_POLICIES = ("substitute", "error")
 
 
 def read_item(items, index: int, on_bad_image: str = "substitute",
-              unreadable: torch.Tensor | None = None) -> tuple[Image.Image, int, int]:
+              unreadable: torch.Tensor | None = None, load: Callable[[int], Any] | None = None) -> tuple[Any, int, int]:
     """(RGB image, label, item index) of `items[index]`, or of the next readable item.
 
     With on_bad_image="error" an unreadable image raises PromptKDError naming the file. With
     "substitute" it is marked in `unreadable` (a bool tensor, one flag per item, logged once)
-    and items index+1, index+2, ... (wrapping) are tried in turn.
+    and items index+1, index+2, ... (wrapping) are tried in turn. `load(j)`, when given, reads
+    item j instead of load_rgb (e.g. renders a view from the file); it raises PromptKDError for
+    an unreadable file.
     """
     n = len(items)
     for k in range(n):
         j = (index + k) % n
         path, label = items[j]
         try:
-            return load_rgb(path), label, j
+            return (load(j) if load is not None else load_rgb(path)), label, j
         except PromptKDError as e:
             if on_bad_image == "error":
                 raise
@@ -235,8 +356,14 @@ class ImageDataset(torch.utils.data.Dataset):
         return torch.Generator().manual_seed(augmentation_seed(self.seed, self.epoch, index))
 
     def __getitem__(self, index: int):
+        if self.train and hasattr(self.transform, "draw"):  # renders from the file (see transforms.TrainTransform)
+            # A substitute is augmented with this position's generator (no duplicate view), a fresh one per try.
+            (tensor, _view), label, used = read_item(
+                self.items, index, self.on_bad_image, self.unreadable,
+                load=lambda j: self.transform.draw(ImageSource(self.items[j][0]), self.generator_for(index)))
+            return tensor, label, used
         img, label, used = self.read(index)
-        if self.train:  # a substitute is augmented with this position's generator (no duplicate view)
+        if self.train:
             tensor, _view = self.transform(img, self.generator_for(index))
         else:
             tensor = self.transform(img)

@@ -8,6 +8,7 @@ from promptkd.errors import PromptKDError
 from promptkd.settings import check_field_types, check_ranges
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
+COMPILE_MODES = ("auto", "on", "off")
 
 
 @dataclass
@@ -32,9 +33,14 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None  # cap, for quick runs
     device: str = "auto"
     progress: bool = True
+    compile: str = "auto"  # auto | on | off: torch.compile the loss (CUDA graphs on CUDA); see train_loop
 
     def __post_init__(self):
+        if isinstance(self.compile, bool):  # YAML reads a bare on/off as a boolean
+            self.compile = "on" if self.compile else "off"
         check_field_types(self, "train settings")
+        if self.compile not in COMPILE_MODES:
+            raise PromptKDError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise PromptKDError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.on_nonfinite not in ("stop", "skip"):

@@ -27,10 +27,15 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 import promptkd.engine.distributed as distributed
 from promptkd.artifacts import atomic_open, load_artifact, save_artifact
-from promptkd.engine.config import CHECKPOINT_NAME, TrainConfig
+from promptkd.engine.config import CHECKPOINT_NAME, COMPILE_MODES, TrainConfig  # noqa: F401 - re-exported
 from promptkd.errors import PromptKDError
 
 log = logging.getLogger(__name__)
+
+# The fast path reads step results (loss, logs, finiteness) back to the host once per this many
+# steps, at epoch ends and before checkpoints: the GPU never waits for the host in between.
+SYNC_EVERY = 32
+
 
 def resolve_device(name: str | None = "auto") -> torch.device:
     """auto (CUDA, else MPS, else CPU) or a named device that exists here; anything else is one line."""
@@ -320,8 +325,47 @@ def _average_gradients(params: list[nn.Parameter], world_size: int) -> None:
 
 def _non_finite_grads(params: list[nn.Parameter]) -> bool:
     """One device sync per step, not one per parameter."""
+    return bool(_non_finite_grads_flag(params))
+
+
+def _non_finite_grads_flag(params: list[nn.Parameter]) -> torch.Tensor:
+    """A 0-dim bool tensor on the device: any NaN/inf gradient (no host sync)."""
     finite = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
-    return bool(finite) and not bool(torch.stack(finite).all())
+    return ~torch.stack(finite).all() if finite else torch.zeros((), dtype=torch.bool, device=params[0].device)
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with the official settings; fused on CUDA (one kernel for all parameters), foreach elsewhere."""
+    kind = {"fused": True} if params[0].device.type == "cuda" else {"foreach": True}
+    return torch.optim.SGD(params, lr=lr_at_epoch(0, cfg), momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           **kind)
+
+
+def resolve_compile(cfg: TrainConfig, device: torch.device, default: bool, distributed_run: bool) -> bool:
+    """`compile`: on / off as asked; auto: on for CUDA where the caller's step is known to compile
+    correctly (`default`, e.g. distillation from a teacher cache) and not under data parallel."""
+    if cfg.compile != "auto":
+        return cfg.compile == "on"
+    return default and device.type == "cuda" and not distributed_run
+
+
+def compile_loss(loss_fn: Callable, device: torch.device) -> Callable:
+    """torch.compile of a loss function with static shapes; on CUDA with CUDA graphs
+    ("reduce-overhead"), which replay the whole forward and backward as one launch each."""
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    return torch.compile(loss_fn, mode=mode, dynamic=False)
+
+
+@dataclass
+class _Pending:
+    """One fast-path step whose results are still on the device."""
+
+    epoch: int
+    step: int  # index in the epoch
+    global_step: int
+    lr: float
+    keys: list[str]
+    values: torch.Tensor  # loss, logs..., bad (a non-finite loss or gradient), as one fp32 vector
 
 
 def train_loop(
@@ -336,6 +380,7 @@ def train_loop(
     extra_state: list[Stateful] | None = None,
     desc: str = "train",
     checkpoint_meta: dict | None = None,
+    compile_default: bool = False,
 ) -> TrainResult:
     """Train the parameters of `model` that require grad, by SGD on `loss_fn(batch)`.
 
@@ -350,6 +395,13 @@ def train_loop(
     `cfg.on_bad_image`, and its count of unreadable images is logged in the epoch record.
     A non-finite loss or gradient stops the run naming the step (the checkpoint on disk is the
     last good one) or, with on_nonfinite="skip", leaves weights, optimiser and buffers untouched.
+
+    With on_nonfinite="stop" (outside fp16) the step never waits for the host: losses, logs and a
+    finiteness flag stay on the device and are read back every SYNC_EVERY steps, at each epoch end
+    and before each checkpoint. A NaN/inf is then found up to SYNC_EVERY - 1 steps late; the run
+    stops naming its step, nothing from that step on is logged, and no checkpoint is written past
+    it. "skip" and fp16 (GradScaler) check every step. `cfg.compile` (resolve_compile; auto follows
+    `compile_default`) runs `loss_fn` through torch.compile, with CUDA graphs on CUDA.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -363,8 +415,12 @@ def train_loop(
         raise PromptKDError("nothing to train: no parameter requires grad")
     if any(p.dtype != torch.float32 for p in params):
         raise PromptKDError("trainable parameters must be fp32 master weights (use precision= for mixed precision)")
-    optimizer = torch.optim.SGD(params, lr=lr_at_epoch(0, cfg), momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(params, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    fast = cfg.on_nonfinite == "stop" and cfg.precision != "fp16"
+    compiled = resolve_compile(cfg, device, compile_default, dist_info.enabled)
+    step_loss = compile_loss(loss_fn, device) if compiled else loss_fn
+    graphs = compiled and device.type == "cuda"
 
     sampler = EpochBatchSampler(len(dataset), cfg.batch_size, cfg.seed, True, cfg.drop_last,
                                 dist_info.rank, dist_info.world_size)
@@ -394,6 +450,7 @@ def train_loop(
     own_state = model.state_dict(keep_vars=True)
     buffers = [b for n, b in model.named_buffers() if n in own_state]
     t_start = time.perf_counter() - result.seconds
+    good = _snapshot(model)  # what a fast-path stop rolls the model back to: the last checkpointed state
     try:
         for epoch in range(start_epoch, cfg.epochs):
             lr = lr_at_epoch(epoch, cfg)
@@ -413,71 +470,78 @@ def train_loop(
             n_logged = int(partial.get("n", 0)) if epoch == start_epoch else 0
             bar = _progress(total=steps_per_epoch, initial=first, desc=f"{desc} {epoch + 1}/{cfg.epochs}",
                             enabled=cfg.progress and dist_info.is_main)
-            t_epoch = time.perf_counter()
-            images_seen = 0
+            log_ = _EpochLog(metrics, bar, sums, n_logged)
             for step, batch in enumerate(loader, start=first):
                 if step >= steps_per_epoch:
                     break
                 batch = tuple(b.to(device, non_blocking=True) if torch.is_tensor(b) else b for b in batch)
+                if graphs:  # the previous step's graph outputs may be overwritten from here on
+                    torch.compiler.cudagraph_mark_step_begin()
                 saved_buffers = [b.detach().clone() for b in buffers] if cfg.on_nonfinite == "skip" else None
                 with autocast(device, cfg.precision):
-                    loss, logs = loss_fn(batch)
+                    loss, logs = step_loss(batch)
                 optimizer.zero_grad(set_to_none=True)
-                bad = not torch.isfinite(loss.detach()).all()
-                if dist_info.enabled:  # every rank must take the same branch, or the all-reduce hangs
-                    flag = torch.tensor([float(bad)], device=device)
-                    torch.distributed.all_reduce(flag)
-                    bad = bool(flag.item() > 0)
-                if not bad:
-                    scaler.scale(loss).backward()
+                result.steps += 1
+                log_.images += batch[0].shape[0] * dist_info.world_size
+                if fast:
+                    loss.backward()
                     if dist_info.enabled:
                         _average_gradients(params, dist_info.world_size)
-                    if cfg.precision != "fp16":  # fp16 overflow is the scaler's job
-                        bad = _non_finite_grads(params)
-                if bad:
-                    where = f"epoch {epoch + 1} step {step + 1} (global step {result.steps + 1})"
-                    if cfg.on_nonfinite == "stop":
-                        kept = (f"The last good checkpoint is kept at {ckpt_path}" if ckpt_path.is_file()
-                                else "No checkpoint was written yet")
-                        raise PromptKDError(
-                            f"non-finite loss or gradients at {where}; stopped. {kept} (on_nonfinite='skip', "
-                            "--on-nonfinite skip on the command line, skips such batches instead)"
-                        )
-                    log.warning("skipping batch with non-finite loss/gradients at %s", where)
-                    optimizer.zero_grad(set_to_none=True)
-                    with torch.no_grad():
-                        for b, saved in zip(buffers, saved_buffers):
-                            b.copy_(saved)
-                    result.skipped_steps += 1
-                else:
+                    bad_flag = ~torch.isfinite(loss.detach()).all() | _non_finite_grads_flag(params)
                     if cfg.grad_clip:
-                        scaler.unscale_(optimizer)
                         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                    scaler.step(optimizer)
-                    scaler.update()
-                result.steps += 1
-                n_images = batch[0].shape[0] * dist_info.world_size
-                images_seen += n_images
-                loss_value = float(loss.detach())
-                logs = {"loss": loss_value, **{k: float(v) for k, v in logs.items()}}
-                if bad:  # a skipped batch is logged as such and kept out of the epoch means
-                    logs["skipped"] = True
+                    optimizer.step()
+                    values = [loss.detach().float().reshape(()), *(torch.as_tensor(v, device=device).detach()
+                                                                    .float().reshape(()) for v in logs.values())]
+                    log_.pending.append(_Pending(epoch, step, result.steps, lr, ["loss", *logs],
+                                                 torch.stack([*values, bad_flag.float()])))
+                    if len(log_.pending) >= SYNC_EVERY:
+                        log_.flush(dist_info.enabled)
                 else:
-                    for k, v in logs.items():
-                        sums[k] = sums.get(k, 0.0) + v
-                    n_logged += 1
-                ips = images_seen / max(time.perf_counter() - t_epoch, 1e-9)
-                bar.set_postfix(loss=f"{loss_value:.4g}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
+                    bad = not torch.isfinite(loss.detach()).all()
+                    if dist_info.enabled:  # every rank must take the same branch, or the all-reduce hangs
+                        flag = torch.tensor([float(bad)], device=device)
+                        torch.distributed.all_reduce(flag)
+                        bad = bool(flag.item() > 0)
+                    if not bad:
+                        scaler.scale(loss).backward()
+                        if dist_info.enabled:
+                            _average_gradients(params, dist_info.world_size)
+                        if cfg.precision != "fp16":  # fp16 overflow is the scaler's job
+                            bad = _non_finite_grads(params)
+                    if bad:
+                        if cfg.on_nonfinite == "stop":
+                            raise _NonFinite(epoch, step, result.steps)
+                        where = f"epoch {epoch + 1} step {step + 1} (global step {result.steps})"
+                        log.warning("skipping batch with non-finite loss/gradients at %s", where)
+                        optimizer.zero_grad(set_to_none=True)
+                        with torch.no_grad():
+                            for b, saved in zip(buffers, saved_buffers):
+                                b.copy_(saved)
+                        result.skipped_steps += 1
+                    else:
+                        if cfg.grad_clip:
+                            scaler.unscale_(optimizer)
+                            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                        scaler.step(optimizer)
+                        scaler.update()
+                    log_.record(epoch, result.steps, lr,
+                                {"loss": float(loss.detach()), **{k: float(v) for k, v in logs.items()}}, bad)
                 bar.update(1)
-                metrics.write({"event": "step", "epoch": epoch, "step": result.steps, "lr": lr, **logs})
                 if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps_per_epoch:
+                    log_.flush(dist_info.enabled)  # never checkpoint past a non-finite step
                     result.seconds = time.perf_counter() - t_start
+                    good = _snapshot(model)
                     if dist_info.is_main:
                         save_checkpoint(ckpt_path, model, optimizer, epoch, step + 1, result, cfg, scaler, extra,
-                                        {**(checkpoint_meta or {}), "partial": {"sums": sums, "n": n_logged}})
+                                        {**(checkpoint_meta or {}), "partial": {"sums": log_.sums, "n": log_.n}})
+            log_.flush(dist_info.enabled)
+            n_logged = log_.n
             bar.close()
             model.eval()
-            record = {"epoch": epoch + 1, "lr": lr, **{k: v / max(n_logged, 1) for k, v in sums.items()}}
+            seconds = time.perf_counter() - log_.t0  # the epoch's steps, data loading included
+            record = {"epoch": epoch + 1, "lr": lr, **{k: v / max(n_logged, 1) for k, v in sums.items()},
+                      "seconds": seconds, "images_per_s": log_.images / max(seconds, 1e-9)}
             if result.skipped_steps:
                 record["skipped_steps"] = result.skipped_steps
             unreadable = getattr(dataset, "unreadable_count", None)
@@ -490,12 +554,73 @@ def train_loop(
             result.history.append(record)
             result.seconds = time.perf_counter() - t_start
             metrics.write({"event": "epoch", "step": result.steps, **record})
+            good = _snapshot(model)
             if dist_info.is_main:
                 save_checkpoint(ckpt_path, model, optimizer, epoch + 1, 0, result, cfg, scaler, extra, checkpoint_meta or {})
             distributed.barrier()
+    except _NonFinite as e:
+        if fast:  # later steps ran on: give the caller the last good weights, not NaNs
+            _restore(model, good)
+        kept = f"The last good checkpoint is kept at {ckpt_path}" if ckpt_path.is_file() else \
+            "No checkpoint was written yet"
+        raise PromptKDError(
+            f"non-finite loss or gradients at {e}; stopped. {kept} (on_nonfinite='skip', --on-nonfinite skip on "
+            "the command line, skips such batches instead)") from None
     finally:
         metrics.close()
     return result
+
+
+class _NonFinite(Exception):
+    def __init__(self, epoch: int, step: int, global_step: int):
+        super().__init__(f"epoch {epoch + 1} step {step + 1} (global step {global_step})")
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in _trainable_state(model).items()}
+
+
+@torch.no_grad()
+def _restore(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    full = model.state_dict()
+    for k, v in state.items():
+        full[k].copy_(v)
+
+
+class _EpochLog:
+    """The step records of one epoch: metrics.jsonl lines, the progress bar, sums for the epoch means,
+    and the fast path's steps whose results are still on the device (`pending`, see flush)."""
+
+    def __init__(self, metrics: MetricsLog, bar, sums: dict[str, float], n: int):
+        self.metrics, self.bar, self.sums, self.n = metrics, bar, sums, n
+        self.t0, self.images = time.perf_counter(), 0
+        self.pending: list[_Pending] = []
+
+    def record(self, epoch: int, global_step: int, lr: float, logs: dict, bad: bool) -> None:
+        if bad:  # a skipped batch is logged as such and kept out of the epoch means
+            logs["skipped"] = True
+        else:
+            for k, v in logs.items():
+                self.sums[k] = self.sums.get(k, 0.0) + v
+            self.n += 1
+        ips = self.images / max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.set_postfix(loss=f"{logs['loss']:.4g}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
+        self.metrics.write({"event": "step", "epoch": epoch, "step": global_step, "lr": lr, **logs})
+
+    def flush(self, distributed_run: bool) -> None:
+        """Read the pending steps back (one sync), log them in order; raise _NonFinite at a bad one."""
+        if not self.pending:
+            return
+        values = torch.stack([p.values for p in self.pending])
+        if distributed_run:  # every rank stops at the same step
+            flags = values[:, -1].contiguous()
+            torch.distributed.all_reduce(flags)
+            values[:, -1] = flags
+        done, self.pending = self.pending, []
+        for p, row in zip(done, values.tolist()):
+            if row[-1] > 0:
+                raise _NonFinite(p.epoch, p.step, p.global_step)
+            self.record(p.epoch, p.global_step, p.lr, dict(zip(p.keys, row[:-1])), False)
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool):

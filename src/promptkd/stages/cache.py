@@ -19,14 +19,24 @@ distillation uses a cache only when given one (`promptkd cache`, then `distill -
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from promptkd.artifacts import load_artifact, read_json, save_artifact, write_json
+from promptkd.artifacts import (
+    TensorLayout,
+    artifact_layout,
+    check_finite,
+    read_json,
+    read_rows,
+    save_artifact,
+    write_json,
+)
 from promptkd.errors import PromptKDError
 from promptkd.runs import items_digest
 
@@ -43,7 +53,7 @@ CACHE_VERSION = 1
 def transform_spec(tf: TrainTransform) -> dict:
     """What decides the pixels the teacher saw for a recorded view (stored in the manifest)."""
     return {"size": tf.size, "scale": list(tf.scale), "ratio": list(tf.ratio), "mean": list(tf.mean),
-            "std": list(tf.std), "interpolation": tf.interpolation.value}
+            "std": list(tf.std), "interpolation": tf.interpolation.value, "renderer": tf.renderer}
 
 
 def view_generator(seed: int, view: int, index: int) -> torch.Generator:
@@ -68,15 +78,16 @@ class _ViewRenderer:
     def __getitem__(self, j):
         import torch
 
-        from promptkd.data.dataset import load_rgb
+        from promptkd.data.dataset import ImageSource
         from promptkd.data.transforms import sample_view
 
         i = self.indices[j]
-        img = load_rgb(self.items[i][0])
+        source = ImageSource(self.items[i][0])  # decoded once per JPEG reduction the K views need
         tensors, boxes = [], []
         for k in range(self.views):
-            v = sample_view(img.width, img.height, view_generator(self.seed, k, i), self.transform.scale, self.transform.ratio)
-            tensors.append(self.transform.apply_view(img, v))
+            v = sample_view(source.width, source.height, view_generator(self.seed, k, i), self.transform.scale,
+                            self.transform.ratio)
+            tensors.append(self.transform.render(source, v))
             boxes.append([v.top, v.left, v.h, v.w, int(v.flip)])
         return torch.stack(tensors), torch.tensor(boxes, dtype=torch.int32)
 
@@ -91,10 +102,10 @@ class CacheSpec:
 
 
 def teacher_train_transform(teacher) -> TrainTransform:
-    """The teacher's own train transform: the one distillation checks a cache against."""
+    """The teacher's own train transform with the fast renderer: the one distillation checks a cache against."""
     from promptkd.data.transforms import transforms_for
 
-    return transforms_for(teacher.clip.preprocess_cfg)[0]
+    return transforms_for(teacher.clip.preprocess_cfg, renderer="uint8")[0]
 
 
 def build_teacher_cache(teacher, items: Sequence[Item], transform: TrainTransform | None, out_dir: str | Path,
@@ -142,17 +153,21 @@ def build_teacher_cache(teacher, items: Sequence[Item], transform: TrainTransfor
         if start in done:
             continue
         loader = DataLoader(_ViewRenderer(items, list(range(start, end)), transform, spec.views, spec.seed),
-                            batch_size=max(1, spec.batch_size // spec.views), num_workers=spec.num_workers)
+                            batch_size=max(1, spec.batch_size // spec.views), num_workers=spec.num_workers,
+                            pin_memory=device.type == "cuda")
         feats, boxes = [], []
         for images, b in loader:
             n = images.shape[0]
+            x = transform.normalize(images.flatten(0, 1).to(device, non_blocking=True))
             with torch.no_grad(), autocast(device, precision):
-                f = teacher.encode_images(images.flatten(0, 1).to(device))
+                f = teacher.encode_images(x)
             feats.append(f.float().view(n, spec.views, -1).half().cpu())
             boxes.append(b)
             bar.update(n * spec.views)
         name = f"shard-{s:05d}.safetensors"
-        save_artifact(out / name, {"features": torch.cat(feats), "views": torch.cat(boxes)},
+        feats = torch.cat(feats)
+        check_finite({"features": feats}, f"{out / name} (not written: the teacher gave NaN/inf features)")
+        save_artifact(out / name, {"features": feats, "views": torch.cat(boxes)},
                       {"kind": "teacher_cache_shard", "start": start, "end": end})
         shards.append({"file": name, "start": start, "end": end})
         write_json(manifest_path, {**header, "shards": sorted(shards, key=lambda d: d["start"])})
@@ -183,7 +198,17 @@ def check_manifest(m, d: Path) -> dict:
 
 
 class TeacherCache:
-    """A built cache, loaded into memory (fp16 features: N x K x D x 2 bytes)."""
+    """A built cache, read on demand: its size on disk (N x K x D x 2 bytes of fp16 features) never
+    has to fit in memory.
+
+    Opening parses the shard headers and scans every shard's features for NaN/inf in chunks of
+    CHECK_CHUNK_BYTES; `feature(i, k)` and `view(i, k)` then read one stored view with os.pread.
+    Reads go through the page cache, which the OS shares and reclaims, so the process's resident
+    memory stays bounded whatever the cache size (a memory map would count every page it touched
+    as resident). Each process (DataLoader worker) opens its own file descriptors.
+    """
+
+    CHECK_CHUNK_BYTES = 2**20  # small: freed chunks then go straight back to the OS
 
     def __init__(self, cache_dir: str | Path, teacher_identity: dict | None = None, items: Sequence[Item] | None = None):
         import torch
@@ -200,20 +225,79 @@ class TeacherCache:
             raise PromptKDError(f"{d}: manifest shards overlap or leave gaps; rebuild the cache in a new folder")
         covered = ends[-1]
         if covered != m["n_images"]:
-            raise PromptKDError(f"{d}: cache is incomplete ({covered}/{m['n_images']} images); rerun the build to resume")
-        self.views, self.dim = int(m["views"]), int(m["dim"])
-        feats, views = [], []
+            raise PromptKDError(f"{d}: cache is incomplete ({covered}/{m['n_images']} images); continue the build with `promptkd cache ... --resume`")
+        self.views, self.dim, self.n_images = int(m["views"]), int(m["dim"]), int(m["n_images"])
+        self._starts = [s["start"] for s in shards]
+        self._shards: list[tuple[Path, TensorLayout, TensorLayout]] = []
         for s in shards:
-            t, _ = load_artifact(d / s["file"], kind="teacher_cache_shard")
+            path = d / s["file"]
+            layout, _ = artifact_layout(path, kind="teacher_cache_shard")
             n = s["end"] - s["start"]
-            if (tuple(t.get("features", torch.empty(0)).shape) != (n, self.views, self.dim)
-                    or tuple(t.get("views", torch.empty(0)).shape) != (n, self.views, 5)):
-                raise PromptKDError(f"{d / s['file']}: shard tensors do not have the manifest's shape "
-                                    f"({n} images x {self.views} views x {self.dim})")
-            feats.append(t["features"])
-            views.append(t["views"])
-        self.features = torch.cat(feats) if feats else torch.empty(0, self.views, self.dim, dtype=torch.float16)
-        self.boxes = torch.cat(views) if views else torch.empty(0, self.views, 5, dtype=torch.int32)
+            f, v = layout.get("features"), layout.get("views")
+            if (f is None or v is None or f.shape != (n, self.views, self.dim) or v.shape != (n, self.views, 5)
+                    or f.dtype != torch.float16 or v.dtype != torch.int32):
+                raise PromptKDError(f"{path}: shard tensors do not have the manifest's shape "
+                                    f"({n} images x {self.views} views x {self.dim}, fp16 features, int32 views)")
+            self._shards.append((path, f, v))
+        self._fds: dict[Path, int] = {}
+        self._pid = os.getpid()
+        self._check_finite()
+
+    def __getstate__(self):  # loader workers open their own descriptors
+        return {**self.__dict__, "_fds": {}, "_pid": None}
+
+    def __del__(self):
+        self.close()
+
+    def close(self) -> None:
+        if getattr(self, "_pid", None) == os.getpid():
+            for fd in self._fds.values():
+                os.close(fd)
+        self._fds = {}
+
+    def _fd(self, path: Path) -> int:
+        if self._pid != os.getpid():  # a forked worker: its parent's descriptors are not its own to share
+            self._fds, self._pid = {}, os.getpid()
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        return self._fds[path]
+
+    def _check_finite(self) -> None:
+        """Refuse NaN/inf features, naming the shard, without holding more than a chunk in memory."""
+        for path, f, _ in self._shards:
+            step = max(1, self.CHECK_CHUNK_BYTES // max(f.row_bytes, 1))
+            for start in range(0, f.shape[0], step):
+                check_finite({"features": read_rows(self._fd(path), f, start, min(start + step, f.shape[0]))},
+                             str(path))
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        if not 0 <= index < self.n_images:
+            raise IndexError(f"image {index} is outside the cache's {self.n_images}")
+        s = bisect.bisect_right(self._starts, index) - 1
+        return s, index - self._starts[s]
+
+    def _read(self, index: int, k: int, which: int) -> torch.Tensor:
+        s, row = self._locate(index)
+        path, layout = self._shards[s][0], self._shards[s][which]
+        # the tensor seen as (N * K, ...) rows: one stored view is one row
+        per_view = TensorLayout(layout.name, layout.dtype, (self.views * layout.shape[0], *layout.shape[2:]),
+                                layout.offset, layout.nbytes)
+        return read_rows(self._fd(path), per_view, row * self.views + k, row * self.views + k + 1)[0]
+
+    def feature(self, index: int, k: int) -> torch.Tensor:
+        """The teacher's stored fp16 feature (D,) for view k of image `index`."""
+        return self._read(index, k, 1)
+
+    def read_all(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features (N, K, D) fp16, views (N, K, 5) int32), all in memory: for small caches and tests."""
+        import torch
+
+        if not self._shards:
+            return (torch.empty(0, self.views, self.dim, dtype=torch.float16),
+                    torch.empty(0, self.views, 5, dtype=torch.int32))
+        feats = [read_rows(self._fd(p), f, 0, f.shape[0]) for p, f, _ in self._shards]
+        views = [read_rows(self._fd(p), v, 0, v.shape[0]) for p, _, v in self._shards]
+        return torch.cat(feats), torch.cat(views)
 
     def check(self, teacher_identity: dict | None = None, items: Sequence[Item] | None = None,
               transform: TrainTransform | None = None) -> None:
@@ -240,7 +324,7 @@ class TeacherCache:
     def view(self, index: int, k: int) -> View:
         from promptkd.data.transforms import View
 
-        t, left, h, w, flip = (int(x) for x in self.boxes[index, k])
+        t, left, h, w, flip = (int(x) for x in self._read(index, k, 2))
         return View(t, left, h, w, bool(flip))
 
 
@@ -254,8 +338,8 @@ class CachedViewDataset:
     def __init__(self, items: Sequence[Item], transform: TrainTransform, cache: TeacherCache, seed: int = 0):
         import torch
 
-        if len(items) != cache.features.shape[0]:
-            raise PromptKDError(f"cache holds {cache.features.shape[0]} images, the dataset has {len(items)}")
+        if len(items) != cache.n_images:
+            raise PromptKDError(f"cache holds {cache.n_images} images, the dataset has {len(items)}")
         self.items, self.transform, self.cache, self.seed, self.epoch = list(items), transform, cache, seed, 0
         self.on_bad_image = "substitute"
         self.unreadable = torch.zeros(len(self.items), dtype=torch.bool).share_memory_()
@@ -277,13 +361,17 @@ class CachedViewDataset:
 
         return (augmentation_seed(self.seed, -1, index) + self.epoch) % self.cache.views
 
+    def _render(self, index: int) -> torch.Tensor:
+        from promptkd.data.dataset import ImageSource
+
+        return self.transform.render(ImageSource(self.items[index][0]), self.cache.view(index, self.view_index(index)))
+
     def __getitem__(self, index: int):
         from promptkd.data.dataset import read_item
 
         # An image unreadable since the cache was built: the next readable one, with its own features.
-        img, _, index = read_item(self.items, index, self.on_bad_image, self.unreadable)
-        k = self.view_index(index)
-        return self.transform.apply_view(img, self.cache.view(index, k)), self.cache.features[index, k].float(), index
+        x, _, index = read_item(self.items, index, self.on_bad_image, self.unreadable, load=self._render)
+        return x, self.cache.feature(index, self.view_index(index)).float(), index
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from promptkd.artifacts import load_artifact, read_json, write_json
 from promptkd.data.protocols import PROTOCOLS, EvalSplit, Protocol, align_class_vectors, build_protocol
-from promptkd.engine.config import CHECKPOINT_NAME, TrainConfig
+from promptkd.engine.config import CHECKPOINT_NAME, COMPILE_MODES, TrainConfig
 from promptkd.errors import PromptKDError
 from promptkd.settings import check_field_types, check_known_keys, check_ranges, read_yaml, rename_keys
 from promptkd.stages.cache import CachedViewDataset, TeacherCache
@@ -122,14 +122,23 @@ class PairedViews:
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, index: int):
-        img, label, used = self.base.read(index)  # an unreadable image: see ImageDataset
-        x_s, view = self.base.transform(img, self.base.generator_for(index))
-        return x_s, self.teacher_tf.apply_view(img, view), label, used
+    def _draw(self, index: int, j: int):
+        from promptkd.data.dataset import ImageSource
+
+        source = ImageSource(self.base.items[j][0])
+        x_s, view = self.base.transform.draw(source, self.base.generator_for(index))
+        return x_s, self.teacher_tf.render(source, view)
+
+    def __getitem__(self, index: int):  # an unreadable image: see ImageDataset
+        from promptkd.data.dataset import read_item
+
+        (x_s, x_t), label, used = read_item(self.base.items, index, self.base.on_bad_image, self.base.unreadable,
+                                            load=lambda j: self._draw(index, j))
+        return x_s, x_t, label, used
 
 
 def _same_input(a, b) -> bool:
-    keys = ("size", "mean", "std", "interpolation", "scale", "ratio")
+    keys = ("size", "mean", "std", "interpolation", "scale", "ratio", "renderer")
     return all(getattr(a, k) == getattr(b, k) for k in keys)
 
 
@@ -234,8 +243,9 @@ def distill_models(
     dist_info = distributed.current()
     main = dist_info.is_main
 
-    student_tf, student_test_tf = transforms_for(student.clip.preprocess_cfg)
-    teacher_tf = transforms_for(teacher.clip.preprocess_cfg)[0]
+    # Training views: the fast uint8 renderer (normalised on the device in loss_fn); evaluation: the official one.
+    student_tf, student_test_tf = transforms_for(student.clip.preprocess_cfg, renderer="uint8")
+    teacher_tf = transforms_for(teacher.clip.preprocess_cfg, renderer="uint8")[0]
     paired = not _same_input(student_tf, teacher_tf)
     cache = _open_cache(teacher_cache, teacher, train_items, teacher_tf)
     if cache is not None:  # the student renders the recorded crop with its own transform
@@ -247,15 +257,17 @@ def distill_models(
     teacher.eval()
     t_scale = teacher.logit_scale.to(device)
 
-    def teacher_features(batch):
+    normalize_s, normalize_t = student_tf.normalizer(device), teacher_tf.normalizer(device)
+
+    def teacher_features(batch, x_s):
         if cache is not None:  # stored in fp16: renormalise
             return F.normalize(batch[1].float(), dim=-1)
-        return teacher.encode_images(batch[1] if paired else batch[0])
+        return teacher.encode_images(normalize_t(batch[1]) if paired else x_s)
 
-    def loss_fn(batch):
-        x_s = batch[0]
+    def loss_fn(batch):  # the whole step's forward; train_loop may compile it (cfg.compile)
+        x_s = normalize_s(batch[0])  # uint8 from the loader -> normalised, on the device
         with torch.no_grad():
-            t_logits = class_logits(teacher_features(batch), W, t_scale)
+            t_logits = class_logits(teacher_features(batch, x_s), W, t_scale)
         s_logits = class_logits(student(x_s), W, student.logit_scale)
         loss = kd_loss(s_logits, t_logits, temperature, kd_weight, kd_reduction)
         agreement = (s_logits.argmax(-1) == t_logits.argmax(-1)).float().mean()
@@ -304,7 +316,8 @@ def distill_models(
         out_dir.mkdir(parents=True, exist_ok=True)
         ClassVectors(classifier.cpu(), protocol.classnames, class_vectors.teacher).save(out_dir / CLASS_VECTORS_FILE)
     result = train_loop(student, loss_fn, dataset, cfg, out_dir, resume=resume, on_epoch_end=on_epoch_end,
-                        desc="distill", checkpoint_meta={"distill": settings})
+                        desc="distill", checkpoint_meta={"distill": settings},
+                        compile_default=cache is not None)  # auto: the cached step compiles on CUDA
 
     student_path = out_dir / STUDENT_FILE
     metrics: dict = {}
@@ -514,7 +527,7 @@ def distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = False) -> Pa
 # `promptkd distill`
 
 _TRAIN_FLAGS = ("epochs", "batch_size", "lr", "seed", "num_workers", "device", "max_steps_per_epoch",
-                "checkpoint_every", "on_nonfinite", "on_bad_image")
+                "checkpoint_every", "on_nonfinite", "on_bad_image", "compile")
 
 
 def config_from_args(args) -> DistillConfig:
@@ -617,6 +630,9 @@ def register(sub) -> None:
     p.add_argument("--on-nonfinite", choices=("stop", "skip"), help="NaN/inf loss or gradients: stop (default) or skip the batch")
     p.add_argument("--on-bad-image", choices=("substitute", "error"),
                    help="unreadable training image: use the next readable one (default, counted) or stop")
+    p.add_argument("--compile", choices=COMPILE_MODES,
+                   help="torch.compile the training step (CUDA graphs on CUDA); auto (default): on for "
+                        "--teacher-cache runs on one CUDA GPU")
     p.add_argument("--eval-batch-size", type=positive_int)
     p.add_argument("--no-val", dest="select_on_val", action="store_const", const=False,
                    help="skip the per-epoch validation (and best-on-val selection)")
