@@ -1,7 +1,8 @@
 """The `promptkd` command: a thin layer over the stage functions.
 
 Each stage module exposes `register(subparsers)`, which adds its sub-command and sets
-`func(args) -> int | None`. User errors (PromptKDError, missing files, bad options) print one line
+`func(args) -> int | None`. Before any of them loads torch, OpenMP threads are told to sleep
+rather than spin while they wait (promptkd.cpu), so a busy machine does not stall every command. User errors (PromptKDError, missing files, bad options) print one line
 and exit with code 2; `--debug` shows the traceback instead.
 """
 
@@ -13,6 +14,7 @@ import logging
 import sys
 
 from promptkd import __version__
+from promptkd.cpu import use_passive_openmp
 from promptkd.errors import PromptKDError
 
 # Modules that contribute sub-commands, in the order `promptkd --help` lists them.
@@ -58,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    use_passive_openmp()  # before the stage modules load torch (promptkd.cpu says why)
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     # --debug may appear anywhere on the line.
