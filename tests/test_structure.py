@@ -2,8 +2,6 @@
 (directly or through others)."""
 
 import ast
-import subprocess
-import sys
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"

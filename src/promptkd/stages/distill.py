@@ -8,6 +8,10 @@ official code re-encoded every class prompt at every step, official-promptkd.md 
 With a teacher cache (promptkd.stages.cache) the teacher's logits come from its stored image
 features for a replayed view, and its image tower does not run either.
 
+Before training, the run measures its baseline on the test split: the student's own CLIP zero-shot
+and the teacher through the class vectors. After it, one table puts the distilled student between
+the two, and a student that ends below its zero-shot baseline is a warning, not a silent loss.
+
 `distill(cfg, out_dir)` is the file-to-file stage behind `promptkd distill`; `distill_models`
 is the in-process variant for models and item lists already in memory.
 """
@@ -38,7 +42,7 @@ from promptkd.engine.loop import (
 )
 from promptkd.errors import PromptKDError
 from promptkd.inputs import add_clip_args, load_teacher
-from promptkd.metrics import evaluate_splits, harmonic_mean
+from promptkd.metrics import evaluate_splits, harmonic_mean, zero_shot_scores
 from promptkd.models.wrappers import ClassVectors, Student, Teacher, check_same_teacher
 from promptkd.settings import check_field_types, check_known_keys, read_yaml
 from promptkd.stages.cache import CachedViewDataset, TeacherCache
@@ -192,6 +196,7 @@ def distill_models(
     resume: bool = False,
     meta: dict | None = None,
     teacher_cache: TeacherCache | str | Path | None = None,
+    baseline: bool = True,
 ) -> DistillResult:
     """Distil `teacher` into `student` (both already on their device) on `train_items`.
 
@@ -200,7 +205,10 @@ def distill_models(
     test) and the best-on-val student is kept; with `official_best_on_test` the test splits are
     evaluated every epoch too, to report the official best-on-test number (§6.2), labelled as such.
     `teacher_cache` (a TeacherCache or its folder, built over `train_items`): replay its stored
-    views and features instead of running the teacher's image tower.
+    views and features instead of running the teacher's image tower; the teacher is then moved to
+    the CPU once the baseline is measured.
+    `baseline`: before training, score the student's own CLIP zero-shot and the teacher on the
+    test split (metrics.json "baseline"; one extra pass of each over the test images).
     Writes student.safetensors (last epoch, the reported model), student-best-val.safetensors,
     class_vectors.safetensors, checkpoint, metrics.jsonl and metrics.json into `out_dir`.
     """
@@ -262,6 +270,7 @@ def distill_models(
                 "student": {"clip": student.clip.identity(), "prompts": student.prompt_config}}
     ckpt = out_dir / CHECKPOINT_NAME
     history: list[dict] = []
+    before = None
     if resume and ckpt.is_file():
         _, ck_meta = load_artifact(ckpt, kind="checkpoint")
         saved = ck_meta.get("distill") or {}
@@ -269,6 +278,15 @@ def distill_models(
         if diff:
             raise PromptKDError(f"{ckpt}: cannot resume: the run was started with other {', '.join(diff)}")
         history = list(ck_meta.get("history") or [])
+        before = ck_meta.get("baseline")
+    if main and baseline and before is None and _labelled(protocol.test):
+        with torch.random.fork_rng(devices=[]):  # a run with or without a baseline trains the same
+            before = measure_baseline(teacher, student, W, protocol, device=device, precision=cfg.precision,
+                                      batch_size=eval_batch_size, num_workers=cfg.num_workers,
+                                      progress=cfg.progress)
+    if cache is not None and device.type != "cpu":  # its image tower never runs: free the device
+        teacher.cpu()
+    distributed.barrier()
     has_val = select_on_val and _labelled(protocol.val)
     best = {"val": (_best_epoch(history, "val") or {}).get("val", float("-inf"))}
     file_meta = {"teacher": settings["teacher"], "classnames": list(protocol.classnames),
@@ -292,7 +310,7 @@ def distill_models(
         out_dir.mkdir(parents=True, exist_ok=True)
         ClassVectors(classifier.cpu(), protocol.classnames, class_vectors.teacher).save(out_dir / CLASS_VECTORS_FILE)
     result = train_loop(student, loss_fn, dataset, cfg, out_dir, resume=resume, on_epoch_end=on_epoch_end,
-                        desc="distill", checkpoint_meta={"distill": settings})
+                        desc="distill", checkpoint_meta={"distill": settings, "baseline": before})
 
     student_path = out_dir / STUDENT_FILE
     metrics: dict = {}
@@ -319,13 +337,83 @@ def distill_models(
             **{k: settings[k] for k in ("temperature", "kd_weight", "kd_reduction")},
             "teacher": settings["teacher"], "student": settings["student"], "classes": len(protocol.classnames),
             "train_images": len(train_items), "teacher_cache": settings["teacher_cache"], "results": results,
-            "history": result.history,
+            "baseline": before, "history": result.history,
             "train": {"steps": result.steps, "skipped_steps": result.skipped_steps, "seconds": result.seconds,
                       "config": asdict(cfg)}, **(meta or {}),
         }
         write_json(out_dir / METRICS_FILE, metrics)
+        _warn_if_below_baseline(metrics)
     distributed.barrier()
     return DistillResult(student_path, metrics, result)
+
+
+@torch.no_grad()
+def measure_baseline(teacher: Teacher, student: Student, classifier: torch.Tensor, protocol: Protocol, *,
+                     device: torch.device, precision: str = "fp32", batch_size: int = 100, num_workers: int = 0,
+                     progress: bool = True) -> dict:
+    """What distillation starts from and aims at, on the protocol's test split: the student's own
+    CLIP zero-shot (its text tower, "a photo of a {}.") and the teacher through the class vectors."""
+    log.info("baseline: student zero-shot and teacher on %d test images",
+             sum(len(s.items) for s in protocol.test.values()))
+    t_device = next(teacher.parameters()).device
+    with autocast(device, precision):
+        zero_shot = zero_shot_scores(student.clip, protocol.classnames, protocol.test, batch_size=batch_size,
+                                     device=device, num_workers=num_workers, progress=progress)
+    with autocast(t_device, precision):
+        taught = evaluate_splits(teacher.encode_images, classifier, protocol.test,
+                                 transforms_for(teacher.clip.preprocess_cfg)[1], batch_size=batch_size,
+                                 device=t_device, num_workers=num_workers, progress=progress)
+    return {"student_zero_shot": zero_shot, "teacher": taught, "templates": ["a photo of a {}."]}
+
+
+def _headline(scores: dict) -> tuple[str, float] | None:
+    """The number a run is judged by: HM for base-to-novel, else the (first) accuracy."""
+    key = "hm" if "hm" in scores else next((k for k, v in scores.items() if isinstance(v, float)), None)
+    return (key, scores[key]) if key is not None else None
+
+
+def below_baseline(metrics: dict) -> str | None:
+    """A one-line warning when the distilled student (last epoch) scores below its zero-shot baseline."""
+    zero_shot = ((metrics.get("baseline") or {}).get("student_zero_shot")) or {}
+    last = (metrics.get("results") or {}).get("last") or {}
+    head, ref = _headline(last), _headline(zero_shot)
+    if head is None or ref is None or head[0] != ref[0] or not head[1] < ref[1]:
+        return None
+    name = "HM" if head[0] == "hm" else head[0]
+    return (f"the distilled student ({name} {head[1]:.2f}) is below its own zero-shot baseline ({name} "
+            f"{ref[1]:.2f}): distillation hurt it; try a smaller --kd-weight (now {metrics.get('kd_weight'):g}) "
+            "or learning rate")
+
+
+def _warn_if_below_baseline(metrics: dict) -> None:
+    message = below_baseline(metrics)
+    if message:
+        log.warning("WARNING: %s", message)
+
+
+def baseline_table(metrics: dict) -> str:
+    """The run in one table: student zero-shot, teacher, distilled student (last, and best on val),
+    with the warning line under it when the student ended below its zero-shot baseline."""
+    base = metrics.get("baseline") or {}
+    results = metrics.get("results") or {}
+    rows = [("student zero-shot", base.get("student_zero_shot")), ("teacher", base.get("teacher")),
+            ("distilled student (last epoch)", results.get("last"))]
+    best = results.get("best_val")
+    if best and best.get("epoch") != (results.get("last") or {}).get("epoch"):
+        rows.append((f"distilled student (best val, epoch {best['epoch']})", best))
+    rows = [(name, {k: v for k, v in r.items() if k not in ("epoch", "val") and isinstance(v, float)})
+            for name, r in rows if r]
+    if not rows:
+        return ""
+    keys = list(dict.fromkeys(k for _, r in rows for k in r))
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{'':<{width}}  " + "  ".join(f"{('HM' if k == 'hm' else k):>8}" for k in keys)]
+    lines += [f"{name:<{width}}  " + "  ".join(f"{r[k]:>8.2f}" if k in r else f"{'-':>8}" for k in keys)
+              for name, r in rows]
+    message = below_baseline(metrics)
+    if message:
+        lines.append(f"WARNING: {message}")
+    return "\n".join(lines)
 
 
 def _open_cache(cache, teacher: Teacher, items, teacher_tf) -> TeacherCache | None:
@@ -379,6 +467,7 @@ class DistillConfig:
     select_on_val: bool = True
     official_best_on_test: bool = False
     eval_batch_size: int = 100
+    baseline: bool = True  # score the student's zero-shot CLIP and the teacher on test before training
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
@@ -450,14 +539,12 @@ def distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = False) -> Pa
     student = Student(clip, teacher.dim, cfg.vision_depth, cfg.n_ctx_vision).to(device)
     config = asdict(cfg)
     config.update(kd_weight=kd_weight, precision=train_cfg.precision, train=asdict(train_cfg))
-    if cfg.teacher_cache:  # its image tower never runs: free the device
-        teacher.cpu()
     result = distill_models(
         teacher, student, cv, protocol.train, out_dir, protocol=protocol, train=train_cfg,
         temperature=cfg.temperature, kd_weight=kd_weight, kd_reduction=cfg.kd_reduction,
         select_on_val=cfg.select_on_val, official_best_on_test=cfg.official_best_on_test,
         eval_batch_size=cfg.eval_batch_size, resume=resume, meta={"config": config},
-        teacher_cache=cfg.teacher_cache,
+        teacher_cache=cfg.teacher_cache, baseline=cfg.baseline,
     )
     return result.student_path
 
@@ -484,11 +571,15 @@ def _run(args) -> int:
     cfg = config_from_args(args)
     path = distill(cfg, args.out, resume=args.resume)
     if distributed.current().is_main:
-        results = read_json(Path(args.out) / METRICS_FILE).get("results", {})
+        metrics = read_json(Path(args.out) / METRICS_FILE)
+        results = metrics.get("results", {})
         print(f"student: {path}")
         for name, r in results.items():
             shown = ", ".join(f"{k} {v:.2f}" for k, v in r.items() if isinstance(v, float))
             print(f"{name}: {shown}")
+        table = baseline_table(metrics)
+        if table:
+            print(table)
     return 0
 
 
@@ -534,6 +625,8 @@ def register(sub) -> None:
                    help="skip the per-epoch validation (and best-on-val selection)")
     p.add_argument("--official-best-on-test", action="store_const", const=True,
                    help="also evaluate test every epoch and report the official best-on-test number")
+    p.add_argument("--no-baseline", dest="baseline", action="store_const", const=False,
+                   help="skip the student zero-shot and teacher passes over the test split before training")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run)
 
