@@ -276,9 +276,43 @@ def _run(a) -> int:
     return 0
 
 
+def _run_domain(a) -> int:
+    from promptkd.errors import PromptKDError
+    from promptkd.toy.world import custom_classnames
+
+    if min(a.n_train, a.n_val, a.n_test) < 0:
+        raise PromptKDError("--n-train, --n-val and --n-test must be >= 0")
+    if a.n_classes is not None and a.classes:
+        raise PromptKDError("give --n-classes or --classes, not both")
+    split = Path(a.out) / "split_zhou_Toy.json"
+    if split.exists() and not a.overwrite:
+        raise PromptKDError(f"{split} exists; pass --overwrite to write the domain again")
+    names = None
+    if a.classes:
+        names = [c.strip() for c in a.classes.split(",") if c.strip()]
+    elif a.n_classes is not None:
+        names = custom_classnames(a.n_classes)
+    world = World(a.seed, classnames=names)
+    root = world.write_domain(a.out, n_train=a.n_train, n_val=a.n_val, n_test=a.n_test, seed=a.seed)
+    print(f"{root}: {world.n_classes} classes ({world.n_base} base), --dataset split:{split} --root {root / 'images'}")
+    return 0
+
+
+def _add_domain_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, metavar="DIR", help="dataset folder (images/ and split_zhou_Toy.json)")
+    p.add_argument("--n-train", type=int, default=64, help="train images per class (default 64)")
+    p.add_argument("--n-val", type=int, default=8, help="val images per class (default 8)")
+    p.add_argument("--n-test", type=int, default=50, help="test images per class (default 50)")
+    p.add_argument("--seed", type=int, default=0, help="the world's and the splits' seed")
+    p.add_argument("--n-classes", type=int, metavar="N",
+                   help="N classes drawn from the world's words instead of the 24 demo classes")
+    p.add_argument("--classes", help="comma-separated class names, e.g. 'red circle,blue striped star'")
+    p.add_argument("--overwrite", action="store_true", help="write over an existing domain folder")
+
+
 def register(sub) -> None:
-    """`promptkd toy pretrain ...` (the toy group has one command today)."""
-    toy = sub.add_parser("toy", help="the embedded toy world: pretrain its tiny CLIPs",
+    """`promptkd toy pretrain ...` and `promptkd toy domain ...`."""
+    toy = sub.add_parser("toy", help="the embedded toy world: pretrain its tiny CLIPs, write its domains",
                          description="Tools for the offline toy world (see docs/toy-world.md).")
     toy.set_defaults(func=lambda _args: toy.print_help() or 2)
     toy_sub = toy.add_subparsers(dest="toy_command", metavar="TOY_COMMAND", parser_class=type(toy))
@@ -286,6 +320,11 @@ def register(sub) -> None:
                            description=__doc__.split("\n\n")[0])
     _add_arguments(p)
     p.set_defaults(func=_run)
+    d = toy_sub.add_parser("domain", help="write a toy domain as a CoOp-style dataset (images + split file)",
+                           description="The demo's 24-class domain, or one with other classes of the same style, "
+                                       "for `--dataset split:DIR/split_zhou_Toy.json --root DIR/images`.")
+    _add_domain_arguments(d)
+    d.set_defaults(func=_run_domain)
 
 
 def main(argv=None) -> int:
