@@ -63,3 +63,23 @@ def check_known_keys(cls: type, d: dict, source: str, what: str = "setting") -> 
     unknown = sorted(set(d) - known)
     if unknown:
         raise PromptKDError(f"{source}: unknown {what}(s) {unknown}; known: {', '.join(sorted(known))}")
+
+
+def apply_sets(data: dict, items: list[str] | None, source: str = "--set") -> dict:
+    """`data` with each `KEY=VALUE` applied (VALUE read as YAML; a dotted KEY reaches into sections,
+    e.g. distill.train.lr=0.02). Whether a key exists is left to the settings' own checks."""
+    import yaml
+
+    out = yaml.safe_load(yaml.safe_dump(data))  # a deep copy of plain data
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise PromptKDError(f"{source} {item!r}: expected KEY=VALUE (e.g. distill.train.lr=0.02)")
+        *path, last = key.strip().split(".")
+        node = out
+        for i, part in enumerate(path):
+            node = node.setdefault(part, {}) if isinstance(node, dict) else None
+            if not isinstance(node, dict):
+                raise PromptKDError(f"{source} {item!r}: {'.'.join(path[:i + 1])} is not a section")
+        node[last] = yaml.safe_load(value)
+    return out
