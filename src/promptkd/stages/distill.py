@@ -62,6 +62,13 @@ OFFICIAL_KD_WEIGHT = 1000.0
 OFFICIAL_KD_WEIGHT_200 = ("FGVCAircraft", "OxfordFlowers", "DescribableTextures")
 
 
+# Any other dataset (a user's folder, a toy domain): the KL of one image weighs this much, whatever
+# the class count. The official reduction divides by B*C, so the official 1000 weighs 1000/C per
+# image: 1 on ImageNet, 10 on the 100-class benchmarks, but 167 on a 6-class folder, where it wrecks
+# the student. benchmarks/kd_rule.py measures the choice (docs/distill.md, "Your own dataset").
+CUSTOM_KD_PER_IMAGE = 10.0
+
+
 def official_kd_weight(dataset: str, protocol: str = "base2novel") -> float:
     """The KD weight the official scripts use for `dataset` under `protocol`."""
     from promptkd.data.registry import canonical_name
@@ -73,6 +80,30 @@ def official_kd_weight(dataset: str, protocol: str = "base2novel") -> float:
     except PromptKDError:
         return OFFICIAL_KD_WEIGHT
     return 200.0 if name in OFFICIAL_KD_WEIGHT_200 else OFFICIAL_KD_WEIGHT
+
+
+def is_benchmark(dataset: str) -> bool:
+    """One of the paper's datasets (the 11 benchmarks and the ImageNet variants), by name."""
+    from promptkd.data.registry import canonical_name
+
+    if ":" in dataset:
+        return False
+    try:
+        canonical_name(dataset)
+    except PromptKDError:
+        return False
+    return True
+
+
+def default_kd_weight(dataset: str, protocol: str, n_classes: int, reduction: str = "official") -> float:
+    """The KD weight when none is given. The paper's datasets: the official weight (its per-image
+    value 1000/C or 200/C under `batchmean`); any other dataset: CUSTOM_KD_PER_IMAGE per image, i.e.
+    that times C under the official reduction."""
+    per_class = reduction == "official"
+    if is_benchmark(dataset):
+        weight = official_kd_weight(dataset, protocol)
+        return weight if per_class else weight / max(1, n_classes)
+    return CUSTOM_KD_PER_IMAGE * (max(1, n_classes) if per_class else 1)
 
 
 def class_logits(features: torch.Tensor, class_vectors: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
@@ -461,7 +492,7 @@ class DistillConfig:
     vision_depth: int = 9
     n_ctx_vision: int = 4
     temperature: float = 1.0
-    kd_weight: float | None = None  # None: the official weight for the dataset (official_kd_weight)
+    kd_weight: float | None = None  # None: official on the paper's datasets, else per image (default_kd_weight)
     kd_reduction: str = "official"
     precision: str = "auto"  # auto: bf16 (fp16 without bf16) on CUDA, fp32 elsewhere
     select_on_val: bool = True
@@ -532,7 +563,13 @@ def distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = False) -> Pa
         raise PromptKDError(f"{cfg.dataset}: no class names; give --class-vectors for unlabelled images")
     if cv is None:  # pre-store once, after the teacher's prompts are loaded (§6.1)
         cv = compute_class_vectors(teacher, protocol.classnames)
-    kd_weight = cfg.kd_weight if cfg.kd_weight is not None else official_kd_weight(cfg.dataset, cfg.protocol)
+    kd_weight = cfg.kd_weight
+    if kd_weight is None:
+        kd_weight = default_kd_weight(cfg.dataset, cfg.protocol, len(protocol.classnames), cfg.kd_reduction)
+        if not is_benchmark(cfg.dataset):
+            log.info("kd weight %g: %g per image for a dataset outside the paper's (the official 1000 would be "
+                     "%.3g per image with %d classes; --kd-weight sets another)", kd_weight, CUSTOM_KD_PER_IMAGE,
+                     OFFICIAL_KD_WEIGHT / max(1, len(protocol.classnames)), len(protocol.classnames))
 
     torch.manual_seed(train_cfg.seed)  # prompt and projector initialisation
     clip = load_clip(cfg.student_model, cfg.student_pretrained)
