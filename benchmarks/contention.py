@@ -62,13 +62,15 @@ def _child_steps(steps: int) -> None:
         opt.step()
 
 
-def _command(workload: str, out: Path) -> list[str]:
+def _command(workload: str, out: Path, quick: bool = False) -> list[str]:
     if workload == "demo":
-        return [sys.executable, "-m", "promptkd.cli", "demo", "--out", str(out), "--no-progress"]
+        return [sys.executable, "-m", "promptkd.cli", "demo", "--out", str(out), "--no-progress",
+                *(["--quick"] if quick else [])]
     return [sys.executable, __file__, "--child-steps", "40"]
 
 
-def _run_once(workload: str, policy: str, busy: int, timeout: float, tmp: Path) -> tuple[float | None, float]:
+def _run_once(workload: str, policy: str, busy: int, timeout: float, tmp: Path,
+              quick: bool = False) -> tuple[float | None, float]:
     """(wall seconds or None on timeout, load average before the run)."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME",
                                                               "OMP_NUM_THREADS")}
@@ -78,7 +80,7 @@ def _run_once(workload: str, policy: str, busy: int, timeout: float, tmp: Path) 
         time.sleep(0.5 if busy else 0)
         load = os.getloadavg()[0]
         t0 = time.perf_counter()
-        proc = subprocess.Popen(_command(workload, tmp / f"{policy}-{busy}"), env=env, stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen(_command(workload, tmp / f"{policy}-{busy}", quick), env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, start_new_session=True)
         try:
             _, err = proc.communicate(timeout=timeout)
@@ -102,6 +104,7 @@ def main(argv=None) -> int:
     p.add_argument("--busy", nargs="+", type=int, default=[0, 1, 2], help="numbers of `yes` processes to run")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--timeout", type=float, default=1800, help="seconds before a run is stopped and reported as such")
+    p.add_argument("--quick", action="store_true", help="demo workload at `promptkd demo --quick` size (a smoke test)")
     p.add_argument("--child-steps", type=int, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child_steps:
@@ -114,7 +117,7 @@ def main(argv=None) -> int:
         for _ in range(a.repeats):
             for policy in a.policies:
                 for busy in a.busy:
-                    wall, load = _run_once(a.workload, policy, busy, a.timeout, Path(tmp))
+                    wall, load = _run_once(a.workload, policy, busy, a.timeout, Path(tmp), a.quick)
                     rows.append((policy, busy, wall, load))
                     shown = f"{wall:.1f} s" if wall is not None else f"> {a.timeout:.0f} s (stopped)"
                     print(f"  {policy:10s} busy={busy}: {shown} (load before {load:.2f})", flush=True)

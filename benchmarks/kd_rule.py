@@ -11,7 +11,7 @@ prompts (depth 3, 8 tokens), once per rule:
 - `official`: weight 1000 under the official reduction (sum KL / (B*C)): 1000/C per image;
 - `image:W`: W per image, i.e. weight W*C under the official reduction (`--kd-reduction batchmean
   --kd-weight W` is the same loss); `promptkd distill`'s default on such a dataset is
-  `image:10` (CUSTOM_KD_PER_IMAGE, marked "default").
+  `image:1` (CUSTOM_KD_PER_IMAGE, marked "default").
 
 The tables give base / novel / HM of the student zero-shot (its own text tower) and of the tuned
 teacher (class vectors) per setup, then per rule the distilled student (last epoch) for each

@@ -16,7 +16,10 @@ import json
 import sys
 from pathlib import Path
 
-import torch
+from promptkd.cpu import use_passive_openmp
+
+use_passive_openmp()  # as the promptkd command does, before torch loads (promptkd.cpu)
+import torch  # noqa: E402
 
 
 def main(argv=None) -> int:

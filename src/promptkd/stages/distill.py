@@ -63,10 +63,11 @@ OFFICIAL_KD_WEIGHT_200 = ("FGVCAircraft", "OxfordFlowers", "DescribableTextures"
 
 
 # Any other dataset (a user's folder, a toy domain): the KL of one image weighs this much, whatever
-# the class count. The official reduction divides by B*C, so the official 1000 weighs 1000/C per
-# image: 1 on ImageNet, 10 on the 100-class benchmarks, but 167 on a 6-class folder, where it wrecks
-# the student. benchmarks/kd_rule.py measures the choice (docs/distill.md, "Your own dataset").
-CUSTOM_KD_PER_IMAGE = 10.0
+# the class count: the paper's Eq. 3 with weight 1, and the official per-image weight on ImageNet.
+# The official reduction divides by B*C, so the official 1000 weighs 1000/C per image: 1 on
+# ImageNet, 10 on the 100-class benchmarks, but 167 on a 6-class folder, where issue #16 saw it
+# wreck the student. benchmarks/kd_rule.py measures the choice (docs/distill.md, "Your own dataset").
+CUSTOM_KD_PER_IMAGE = 1.0
 
 
 def official_kd_weight(dataset: str, protocol: str = "base2novel") -> float:
