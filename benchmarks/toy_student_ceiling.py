@@ -16,7 +16,10 @@ import json
 import sys
 from pathlib import Path
 
-import torch
+from promptkd.cpu import use_passive_openmp
+
+use_passive_openmp()  # as the promptkd command does, before torch loads (promptkd.cpu)
+import torch  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -24,9 +27,9 @@ def main(argv=None) -> int:
     from promptkd.data.protocols import build_protocol
     from promptkd.data.transforms import transforms_for
     from promptkd.engine import TrainConfig, train_loop
+    from promptkd.metrics import evaluate_splits
     from promptkd.models import load_clip
     from promptkd.models.wrappers import ClassVectors, Student
-    from promptkd.stages.demo import _eval_encoder
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--demo-out", default="demo-out")
@@ -54,7 +57,7 @@ def main(argv=None) -> int:
         train_loop(student, loss_fn, dataset, TrainConfig(epochs=args.epochs, batch_size=32, lr=args.lr, progress=False),
                    out / f"ceiling-d{depth}-c{ctx}")
         student.eval()
-        res = _eval_encoder(student, preprocess, cv.vectors, protocol, "cpu", False)
+        res = evaluate_splits(student, cv.vectors, protocol.test, transforms_for(preprocess)[1], progress=False)
         rows.append({"depth": depth, "ctx": ctx, **{k: round(v, 1) for k, v in res.items()}})
         print(json.dumps(rows[-1]), flush=True)
     demo = json.loads((out / "metrics.json").read_text())

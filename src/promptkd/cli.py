@@ -6,11 +6,15 @@ libraries inside the functions that run), so `--help` answers at once.
 
 User errors (PromptKDError, missing files, bad options) print one line and exit with code 2;
 `--debug` shows the traceback instead. Ctrl-C at any moment prints one line and exits with 130.
+Before any command loads torch, OpenMP threads are told to sleep rather than spin while they wait
+(promptkd.cpu), so a busy machine does not stall every command.
 """
 
 from __future__ import annotations
 
 import sys
+
+from promptkd.cpu import use_passive_openmp
 
 # Modules that contribute sub-commands, in the order `promptkd --help` lists them.
 COMMAND_MODULES = [
@@ -156,6 +160,7 @@ class _SigintWatch:
 
 def main(argv: list[str] | None = None) -> int:
     """The `promptkd` command (argv None: sys.argv, as the program; a list: called from Python)."""
+    use_passive_openmp()  # before any command module loads torch (promptkd.cpu says why)
     program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # known before parsing, for an interrupt while the parser is built

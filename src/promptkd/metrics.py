@@ -99,3 +99,20 @@ def evaluate_splits(encode: Callable[[torch.Tensor], torch.Tensor], classifier: 
     if "base" in out and "novel" in out:
         out["hm"] = harmonic_mean(out["base"], out["novel"])
     return out
+
+
+def zero_shot_scores(clip, classnames: Sequence[str], splits: dict[str, EvalSplit], *,
+                     templates: Sequence[str] = DEFAULT_TEMPLATES, batch_size: int = 100,
+                     device: str | torch.device = "cpu", num_workers: int = 0, progress: bool = True) -> dict:
+    """A plain CLIP's zero-shot scores on `splits` (evaluate_splits): its own image tower against the
+    template classifier of its own text tower. The baseline a tuned or distilled model must beat.
+
+    The text tower runs where its weights are (a student's stays on the CPU while its image tower
+    trains on `device`).
+    """
+    from promptkd.data.transforms import transforms_for
+
+    text_device = next((p.device for n, p in clip.model.named_parameters() if not n.startswith("visual.")), device)
+    classifier = zero_shot_class_vectors(clip, classnames, templates, device=text_device)
+    return evaluate_splits(clip.model.encode_image, classifier, splits, transforms_for(clip.preprocess_cfg)[1],
+                           batch_size=batch_size, device=device, num_workers=num_workers, progress=progress)

@@ -93,3 +93,22 @@ def rename_keys(d: dict, renames: dict[str, str], source: str) -> dict:
             logging.getLogger("promptkd").warning("%s: setting '%s' is deprecated; use '%s'", source, old, new)
             out[new] = out.pop(old)
     return out
+
+
+def apply_sets(data: dict, items: list[str] | None) -> dict:
+    """`data` with each `--set KEY=VALUE` applied (options.parse_set reads them; a dotted KEY reaches
+    into sections, e.g. distill.train.lr=0.02). Whether a key exists is left to the settings' own checks."""
+    import yaml
+
+    from promptkd.options import parse_set
+
+    out = yaml.safe_load(yaml.safe_dump(data))  # a deep copy of plain data
+    for key, value in parse_set(items):
+        *path, last = key.split(".")
+        node = out
+        for i, part in enumerate(path):
+            node = node.setdefault(part, {}) if isinstance(node, dict) else None
+            if not isinstance(node, dict):
+                raise PromptKDError(f"--set {key}={value!r}: {'.'.join(path[:i + 1])} is not a section")
+        node[last] = value
+    return out

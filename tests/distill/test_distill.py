@@ -136,9 +136,16 @@ def test_cli_distill_then_eval(tiny_configs, tmp_path, capsys):
                  "--no-progress", "--out", str(tmp_path / "run")])
     assert code == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["kd_weight"] == 1000.0 and metrics["config"]["vision_depth"] == 2
+    # a folder is not one of the paper's datasets: the per-image default, x 4 classes (official reduction)
+    assert metrics["kd_weight"] == distill_mod.CUSTOM_KD_PER_IMAGE * 4 and metrics["config"]["vision_depth"] == 2
     assert set(metrics["results"]) == {"last", "best_val"}
-    assert "student:" in capsys.readouterr().out
+    assert set(metrics["baseline"]["student_zero_shot"]) == set(metrics["baseline"]["teacher"]) == {"accuracy"}
+    printed = capsys.readouterr().out
+    assert "student:" in printed
+    table = printed[printed.index("accuracy\n"):].splitlines()  # the baseline table closes the output
+    assert [row.split("  ")[0].strip() for row in table[1:4]] == ["student zero-shot", "teacher",
+                                                                  "distilled student (last epoch)"]
+    assert float(table[3].split()[-1]) == pytest.approx(metrics["results"]["last"]["accuracy"], abs=0.005)
 
     out = tmp_path / "eval.json"
     code = main(["eval", "--dataset", f"folder:{tmp_path / 'data'}", "--protocol", "cross",

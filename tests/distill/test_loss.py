@@ -40,6 +40,23 @@ def test_official_kd_weights():
     assert official_kd_weight("dtd", protocol="cross") == 1000  # xd_train.sh: 1000 everywhere
 
 
+def test_default_kd_weight_is_official_on_the_paper_datasets_and_per_image_elsewhere():
+    from promptkd.stages.distill import CUSTOM_KD_PER_IMAGE, default_kd_weight, is_benchmark
+
+    assert default_kd_weight("OxfordPets", "base2novel", 37) == 1000 and default_kd_weight("dtd", "base2novel", 47) == 200
+    assert default_kd_weight("OxfordPets", "base2novel", 37, "batchmean") == pytest.approx(1000 / 37)
+    assert default_kd_weight("imagenet_sketch", "dg", 1000) == 1000 and is_benchmark("ImageNetV2")
+    for dataset in ("folder:/data/mine", "split:/x/split_zhou_Toy.json", "MyDataset"):
+        assert not is_benchmark(dataset)
+        assert default_kd_weight(dataset, "cross", 6) == CUSTOM_KD_PER_IMAGE * 6
+        assert default_kd_weight(dataset, "base2novel", 6, "batchmean") == CUSTOM_KD_PER_IMAGE
+    # the same per-image weight whatever the class count: the official loss divides by B*C
+    s, t = torch.randn(4, 6), torch.randn(4, 6)
+    official = kd_loss(s, t, weight=default_kd_weight("folder:x", "cross", 6), reduction="official")
+    batchmean = kd_loss(s, t, weight=default_kd_weight("folder:x", "cross", 6, "batchmean"), reduction="batchmean")
+    assert official.item() == pytest.approx(batchmean.item(), rel=1e-5)
+
+
 def test_only_prompts_and_projector_get_gradients(tiny_configs):
     teacher, student = make_models(tiny_configs)
     cv = text_class_vectors(teacher, ["red", "green", "blue"])

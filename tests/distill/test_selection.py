@@ -92,7 +92,8 @@ def test_best_val_and_official_best_on_test_select_their_epochs(split_file, tiny
     calls = _crafted_scores(monkeypatch, epochs=4)
     cfg = TrainConfig(epochs=4, batch_size=4, lr=0.5, warmup_epochs=0, progress=False)
     res = distill_mod.distill_models(teacher, _student(s_cfg, teacher.dim), cv, protocol.train, tmp_path / "run",
-                                     protocol=protocol, train=cfg, kd_weight=1000.0, official_best_on_test=True)
+                                     protocol=protocol, train=cfg, kd_weight=1000.0, official_best_on_test=True,
+                                     baseline=False)  # the baseline passes would take crafted scores
     final = calls.pop("final")
     assert calls == {"val": 4, "test": 4} and len(final) == 2  # the last student, then the best-val one
     results, history = res.metrics["results"], res.metrics["history"]

@@ -101,3 +101,51 @@ def test_domain_items_are_pil_images_with_labels():
     items = World(0).domain_items("val", 1)
     img, label = items[5]
     assert img.size == (48, 48) and img.mode == "RGB" and label == 5
+
+
+def test_custom_domains_pick_distinct_classes_of_the_world_words():
+    import pytest
+
+    from promptkd.errors import PromptKDError
+    from promptkd.toy.world import TEXTURES, custom_classnames
+
+    for n in (5, 20, 64):
+        names = custom_classnames(n)
+        assert len(set(names)) == n and names == sorted(names) and all(len(c.split()) == 2 for c in names)
+    many = custom_classnames(100)
+    assert len(set(many)) == 100 and all(len(c.split()) == 3 and c.split()[1] in TEXTURES for c in many)
+    assert custom_classnames(20) == custom_classnames(20) and custom_classnames(20, seed=1) != custom_classnames(20)
+    with pytest.raises(PromptKDError, match="1 to 256"):
+        custom_classnames(257)
+    with pytest.raises(PromptKDError, match="blue fuzzy star"):
+        World(0, classnames=["red circle", "blue fuzzy star"])
+
+
+def test_a_custom_domain_draws_its_classes_and_keeps_the_demo_stream():
+    from promptkd.toy.world import domain_classnames
+
+    default, _ = World(0).domain_split("test", 2, seed=0)
+    same, _ = World(0, classnames=list(reversed(domain_classnames()))).domain_split("test", 2, seed=0)
+    assert torch.equal(default, same)  # labels follow alphabetical order, the stream is unchanged
+
+    # a named texture is drawn: striped (period ~3-4.5 px) against plain, same colour and shape
+    world = World(0, classnames=["red plain circle", "red striped circle"])
+    images, labels = world.domain_split("test", 20, seed=0)
+    assert world.n_base == 1 and labels.tolist() == [0] * 20 + [1] * 20
+    centre = images[:, :, 20:28, 20:28].float()
+    spread = centre.std(dim=(2, 3)).mean(1)  # within-shape pixel variation
+    assert spread[20:].mean() > spread[:20].mean() + 10
+
+
+def test_toy_domain_command_writes_a_dataset(tmp_path, capsys):
+    from promptkd.cli import main
+    from promptkd.data.protocols import build_protocol
+
+    out = tmp_path / "five"
+    assert main(["toy", "domain", "--out", str(out), "--n-classes", "5", "--n-train", "3", "--n-val", "1",
+                 "--n-test", "2"]) == 0
+    protocol = build_protocol("base2novel", f"split:{out / 'split_zhou_Toy.json'}", str(out / "images"))
+    assert len(protocol.classnames) == 5 and len(protocol.train) == 15
+    assert len(protocol.test["base"].items) == 3 * 2 and len(protocol.test["novel"].items) == 2 * 2
+    assert main(["toy", "domain", "--out", str(out), "--n-classes", "5"]) == 2
+    assert "--overwrite" in capsys.readouterr().err

@@ -1,9 +1,13 @@
 """`promptkd demo`: the whole method on the embedded toy world, offline, in minutes on a CPU.
 
-Steps: write the toy domain as a CoOp-style dataset; zero-shot baselines of both shipped CLIPs;
-PromptSRC teacher tuning on 16 shots of the base classes; class vectors; distillation of the
-student on the unlabelled train images of all classes; student-only evaluation; speed of both
-image towers; ONNX export when available; a markdown + PNG report and metrics.json.
+Each step is the stage a user runs on their own data: write the toy domain as a CoOp-style dataset
+(`promptkd toy domain`); zero-shot of the teacher's CLIP (`promptkd eval --clip`); PromptSRC
+teacher tuning on few shots of the base classes (`promptkd teacher`); class vectors
+(`promptkd class-vectors`); a teacher-output cache (`promptkd cache`); distillation of the
+student on the unlabelled train images of all classes, with its baseline (`promptkd distill`);
+then speed of both image towers, ONNX export when available, a markdown + PNG report and
+metrics.json. The settings are a YAML preset (configs/demo/toy.yaml); the demo writes the stage
+settings to OUT/configs/ and the stage commands that give the same numbers to OUT/stages.sh.
 """
 
 from __future__ import annotations
@@ -12,72 +16,125 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
 
-from promptkd.artifacts import atomic_open, write_json
-from promptkd.engine.config import TrainConfig
+from promptkd.artifacts import atomic_open, read_json, write_json
+from promptkd.errors import PromptKDError
+from promptkd.settings import apply_sets, check_field_types, check_known_keys, read_yaml
 
 log = logging.getLogger(__name__)
+
+PRESET = Path(__file__).resolve().parents[1] / "configs" / "demo" / "toy.yaml"
+# `--quick`: tiny sizes for smoke tests (seconds), not for numbers.
+QUICK = ["n_train=6", "n_val=2", "n_test=4", "teacher.shots=2", "teacher.gpa_mean=1", "teacher.gpa_std=1",
+         "teacher.train.epochs=1", "teacher.train.batch_size=8", "distill.train.epochs=1",
+         "distill.train.batch_size=8", "distill.n_ctx_vision=2", "cache_views=2"]
+# Where each stage writes, inside the demo folder.
+DATA, TEACHER_DIR, CLASS_VECTORS, CACHE_DIR, STUDENT_DIR = ("data", "teacher", "class_vectors.safetensors",
+                                                            "teacher_cache", "student")
+SPLIT_FILE = "split_zhou_Toy.json"
+TEACHER_ZERO_SHOT = "teacher_zero_shot.json"
+# What a demo writes into its folder (an --overwrite removes these first).
+DEMO_OUTPUTS = (DATA, TEACHER_DIR, STUDENT_DIR, CACHE_DIR, CLASS_VECTORS, "configs", "stages.sh", TEACHER_ZERO_SHOT,
+                "student.onnx", "metrics.json", "report.md", "report.png")
 
 
 @dataclass
 class DemoConfig:
-    """Sizes and schedules of the demo; `quick()` shrinks them for tests."""
+    """The demo's settings, as the preset configs/demo/toy.yaml holds them (`DemoConfig.load`)."""
 
-    seed: int = 0
-    n_train: int = 192  # unlabelled train images per class (distillation)
-    n_val: int = 8
-    n_test: int = 50
-    shots: int = 16
-    teacher_depth: int = 4  # vision prompt depth (the toy teacher's image tower has 4 blocks)
-    teacher_text_depth: int = 3  # text prompt depth (its text tower has 3 blocks)
-    teacher_ctx: int = 4
-    teacher_epochs: int = 10
-    teacher_lr: float = 0.01
-    teacher_batch: int = 16
-    student_depth: int = 3
-    student_ctx: int = 8
-    distill_epochs: int = 12
-    distill_lr: float = 0.05
-    distill_batch: int = 32
-    kd_weight: float = 1000.0
-    # > 0: distil from a teacher-output cache of K views per image (K teacher forwards per image
-    # once, instead of one per epoch); 0: online teacher.
-    teacher_cache_views: int = 8
+    seed: int  # the world's images and splits; teacher and student train with seed + 1
+    n_train: int  # unlabelled train images per class (distillation)
+    n_val: int
+    n_test: int
+    teacher: dict  # `promptkd teacher` settings; the demo adds the dataset and the seed
+    cache_views: int  # > 0: distil from a teacher-output cache of K views per image; 0: online teacher
+    distill: dict  # `promptkd distill` settings; the demo adds the dataset, the files and the seed
     threads: int = 0  # torch threads (0: leave as is)
     progress: bool = True
-    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        check_field_types(self, "demo settings")
+        for name in ("teacher", "distill"):
+            if not isinstance(getattr(self, name), dict):
+                raise PromptKDError(f"demo settings: {name} must be a section of settings")
+        if min(self.n_train, self.n_val, self.n_test, self.cache_views) < 0:
+            raise PromptKDError("demo settings: n_train, n_val, n_test and cache_views must be >= 0")
 
     @classmethod
-    def quick(cls, **kw) -> DemoConfig:
-        base = dict(n_train=6, n_val=2, n_test=4, shots=2, teacher_epochs=1, distill_epochs=1,
-                    teacher_batch=8, distill_batch=8, student_ctx=2, teacher_ctx=4, teacher_cache_views=2)
-        return cls(**{**base, **kw})
+    def load(cls, path: str | Path | None = None, sets: list[str] | None = None) -> DemoConfig:
+        """A preset (default: the packaged configs/demo/toy.yaml) with `KEY=VALUE` changes applied."""
+        source = str(path or PRESET)
+        data = apply_sets(read_yaml(path or PRESET), sets)
+        check_known_keys(cls, data, source)
+        missing = [f.name for f in fields(cls) if f.name not in data and f.name not in ("threads", "progress")]
+        if missing:
+            raise PromptKDError(f"{source}: missing demo setting(s) {missing}")
+        return cls(**data)
+
+    @classmethod
+    def quick(cls, sets: list[str] | None = None) -> DemoConfig:
+        return cls.load(None, QUICK + list(sets or []))
 
 
-def _eval_zero_shot(clip, protocol, device, progress):
-    """Plain CLIP: its image tower against template class vectors from its own text tower."""
-    from promptkd.metrics import zero_shot_class_vectors
-
-    W = zero_shot_class_vectors(clip, protocol.classnames, device=device)
-    return _eval_encoder(clip.model.encode_image, clip.preprocess_cfg, W, protocol, device, progress)
-
-
-def _eval_encoder(encode, preprocess_cfg, class_vectors, protocol, device, progress):
-    """Base / novel / HM of an image encoder on the protocol's test splits (test-time transform)."""
-    from promptkd.data.transforms import transforms_for
-    from promptkd.metrics import evaluate_splits
-
-    return evaluate_splits(encode, class_vectors, protocol.test, transforms_for(preprocess_cfg)[1], device=device,
-                           progress=progress)
+def stage_settings(cfg: DemoConfig, folder: str | Path) -> tuple[dict, dict]:
+    """The `promptkd teacher` and `promptkd distill` settings of the demo, with its files under
+    `folder` (the demo folder, or "." for the copies a user runs from inside it)."""
+    folder = Path(folder)
+    data = {"dataset": f"split:../{SPLIT_FILE}", "root": str(folder / DATA / "images")}  # images/../split file
+    teacher = {**cfg.teacher, **data, "seed": cfg.seed + 1}
+    distill = {**cfg.distill, **data, "protocol": "base2novel", "teacher": str(folder / TEACHER_DIR / "teacher.safetensors"),
+               "class_vectors": str(folder / CLASS_VECTORS),
+               "teacher_cache": str(folder / CACHE_DIR) if cfg.cache_views else None,
+               "train": {**(cfg.distill.get("train") or {}), "seed": cfg.seed + 1}}
+    return teacher, distill
 
 
-def images_per_second(encode, size: int, batch: int = 32, seconds: float = 2.0, threads: int = 1) -> float:
-    """Throughput of an image encoder on random inputs, after one warm-up batch.
+def stage_commands(cfg: DemoConfig) -> list[str]:
+    """The CLI commands that redo the demo stage by stage, run from inside the demo folder (they
+    replace its results: --overwrite)."""
+    data = f"--dataset split:../{SPLIT_FILE} --root {DATA}/images"
+    teacher = f"{TEACHER_DIR}/teacher.safetensors"
+    clip = (cfg.teacher.get("model", "toy-teacher"), cfg.teacher.get("weights", "toy"))
+    commands = [
+        f"promptkd toy domain --out {DATA} --n-train {cfg.n_train} --n-val {cfg.n_val} --n-test {cfg.n_test} "
+        f"--seed {cfg.seed} --overwrite",
+        f"promptkd eval --clip-model {clip[0]} --clip-weights {clip[1]} {data} --protocol base2novel --device cpu "
+        f"--out {TEACHER_ZERO_SHOT}",
+        f"promptkd teacher --config configs/teacher.yaml --out {TEACHER_DIR} --overwrite",
+        f"promptkd class-vectors --teacher {teacher} {data} --device cpu --out {CLASS_VECTORS} --overwrite",
+    ]
+    if cfg.cache_views:
+        commands.append(f"promptkd cache --teacher {teacher} {data} --views {cfg.cache_views} --view-seed {cfg.seed} "
+                        f"--device cpu --out {CACHE_DIR} --overwrite")
+    commands.append(f"promptkd distill --config configs/distill.yaml --out {STUDENT_DIR} --overwrite")
+    return commands
 
-    One thread by default: per-image cost is what we compare, and on a small shared CPU a second
-    thread mostly measures contention.
+
+def _write_stage_files(cfg: DemoConfig, out: Path) -> None:
+    import yaml
+
+    teacher, distill = stage_settings(cfg, ".")
+    (out / "configs").mkdir(parents=True, exist_ok=True)
+    for name, settings in (("teacher", teacher), ("distill", distill)):
+        with atomic_open(out / "configs" / f"{name}.yaml", "w") as f:
+            f.write(f"# `promptkd {name}` settings of the demo; paths are relative to the demo folder.\n")
+            f.write(yaml.safe_dump(settings, sort_keys=False))
+    with atomic_open(out / "stages.sh", "w") as f:
+        f.write("# The demo stage by stage, with the same numbers: run it from this folder (sh stages.sh).\n"
+                "set -e\n" + "\n".join(stage_commands(cfg)) + "\n")
+
+
+def images_per_second(encoders: dict, batch: int = 32, rounds: int = 8, seconds: float = 0.5,
+                      threads: int = 1) -> dict:
+    """Images per CPU-second of image encoders ({name: (encode, image size)}) on random inputs: the
+    best of `rounds` short timings each, taken in turns after one warm-up batch.
+
+    One thread, timed by this thread's CPU time: per-image cost is what we compare, and on a
+    shared CPU wall time mostly measures the other processes (with one thread, CPU time is wall
+    time on an idle machine). Taking turns and the best round keeps a busy spell of the machine
+    from landing on one model only.
     """
     import torch
 
@@ -85,13 +142,18 @@ def images_per_second(encode, size: int, batch: int = 32, seconds: float = 2.0, 
     torch.set_num_threads(threads)
     try:
         with torch.no_grad():
-            x = torch.randn(batch, 3, size, size)
-            encode(x)
-            n, t0 = 0, time.perf_counter()
-            while time.perf_counter() - t0 < seconds:
-                encode(x)
-                n += batch
-            return n / (time.perf_counter() - t0)
+            inputs = {name: torch.randn(batch, 3, size, size) for name, (_, size) in encoders.items()}
+            best = dict.fromkeys(encoders, 0.0)
+            for name, (encode, _) in encoders.items():
+                encode(inputs[name])
+            for _ in range(rounds):
+                for name, (encode, _) in encoders.items():
+                    n, t0 = 0, time.thread_time()
+                    while time.thread_time() - t0 < seconds:
+                        encode(inputs[name])
+                        n += batch
+                    best[name] = max(best[name], n / (time.thread_time() - t0))
+            return best
     finally:
         torch.set_num_threads(before)
 
@@ -105,88 +167,80 @@ def _count(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def _scores(d: dict) -> dict:
+    return {k: d[k] for k in ("base", "novel", "hm")}
+
+
 def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> dict:
     """Run every stage on the toy world; returns (and writes) the metrics."""
     import torch
 
-    from promptkd.data.protocols import build_protocol, teacher_split
-    from promptkd.data.registry import build_dataset
+    from promptkd.data.protocols import build_protocol
+    from promptkd.inputs import load_student, load_teacher
+    from promptkd.metrics import zero_shot_scores
     from promptkd.models import load_clip
-    from promptkd.models.wrappers import Student, Teacher
-    from promptkd.stages.class_vectors import compute_class_vectors
-    from promptkd.stages.distill import distill_models
-    from promptkd.stages.teacher import TeacherConfig, train_teacher_on
+    from promptkd.stages.class_vectors import write_class_vectors
+    from promptkd.stages.distill import METRICS_FILE, DistillConfig, baseline_table, below_baseline, distill
+    from promptkd.stages.teacher import TeacherConfig, train_teacher
     from promptkd.toy.world import World
 
-    cfg = cfg or DemoConfig()
+    cfg = cfg or DemoConfig.load()
+    out = Path(out_dir)
+    t_set, d_set = stage_settings(cfg, out.resolve())
+    # both stages' settings are checked before any work
+    tcfg = TeacherConfig.from_dict({**t_set, "train": {**(t_set.get("train") or {}), "progress": cfg.progress}},
+                                   "demo teacher settings")
+    dcfg = DistillConfig.from_dict({**d_set, "train": {**d_set["train"], "progress": cfg.progress}})
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    _write_stage_files(cfg, out)
     t_start = time.perf_counter()
-    device = torch.device("cpu")
-    torch.manual_seed(cfg.seed)
 
     log.info("[1/7] writing the toy domain (%d train, %d val, %d test images per class)", cfg.n_train, cfg.n_val, cfg.n_test)
-    world = World(cfg.seed)
-    data = world.write_domain(out / "data", n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test, seed=cfg.seed)
-    split_file = str((data / "split_zhou_Toy.json").resolve())
-    image_root = str((data / "images").resolve())
-    protocol = build_protocol("base2novel", f"split:{split_file}", image_root)
-    ds = build_dataset(f"split:{split_file}", image_root)
-    tsplit = teacher_split(ds, num_shots=cfg.shots, seed=cfg.seed + 1)
-
-    teacher_clip, student_clip = load_clip("toy-teacher"), load_clip("toy-student")
-    log.info("[2/7] zero-shot baselines")
+    World(cfg.seed).write_domain(out / DATA, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test, seed=cfg.seed)
+    protocol = build_protocol("base2novel", tcfg.dataset, tcfg.root)
     metrics: dict = {"classes": len(protocol.classnames), "n_base": protocol.test["base"].classes.stop}
-    metrics["teacher_zeroshot"] = _eval_zero_shot(teacher_clip, protocol, device, cfg.progress)
-    metrics["student_zeroshot"] = _eval_zero_shot(student_clip, protocol, device, cfg.progress)
 
-    log.info("[3/7] teacher: PromptSRC on %d shots of %d base classes", cfg.shots, len(tsplit.classnames))
-    tcfg = TeacherConfig(
-        model="toy-teacher", weights="toy", shots=cfg.shots, seed=cfg.seed + 1,
-        vision_depth=cfg.teacher_depth, text_depth=cfg.teacher_text_depth, n_ctx_vision=cfg.teacher_ctx,
-        n_ctx_text=cfg.teacher_ctx, gpa_mean=max(1.0, cfg.teacher_epochs * 0.75), gpa_std=max(1.0, cfg.teacher_epochs / 5),
-        zero_shot=False,
-        train=TrainConfig(epochs=cfg.teacher_epochs, batch_size=cfg.teacher_batch, lr=cfg.teacher_lr,
-                          device="cpu", progress=cfg.progress, seed=cfg.seed + 1),
-    )
-    teacher = Teacher(teacher_clip, cfg.teacher_depth, cfg.teacher_text_depth, cfg.teacher_ctx, cfg.teacher_ctx)
-    teacher_path = train_teacher_on(teacher, tsplit.train, tsplit.val, tsplit.classnames, tcfg, out / "teacher")
-    teacher.eval()
+    log.info("[2/7] zero-shot of the teacher's CLIP")
+    metrics["teacher_zeroshot"] = zero_shot_scores(load_clip(tcfg.model, tcfg.weights), protocol.classnames,
+                                                   protocol.test, progress=cfg.progress)
 
-    log.info("[4/7] class vectors for all %d classes", len(protocol.classnames))
-    cv = compute_class_vectors(teacher, protocol.classnames)
-    cv.save(out / "class_vectors.safetensors")
-    metrics["teacher"] = _eval_encoder(teacher.encode_images, teacher_clip.preprocess_cfg, cv.vectors, protocol,
-                                       device, cfg.progress)
+    log.info("[3/7] teacher: PromptSRC on %d shots of %d base classes", tcfg.shots, metrics["n_base"])
+    teacher_path = train_teacher(tcfg, out / TEACHER_DIR)
 
-    log.info("[5/7] distillation on %d unlabelled images", len(protocol.train))
-    student = Student(student_clip, teacher.dim, cfg.student_depth, cfg.student_ctx).to(device)
-    dtrain = TrainConfig(epochs=cfg.distill_epochs, batch_size=cfg.distill_batch, lr=cfg.distill_lr, device="cpu",
-                         progress=cfg.progress, seed=cfg.seed + 1)
-    extra = {}
-    if cfg.teacher_cache_views:
-        extra["teacher_cache"] = _build_cache(teacher, protocol, out / "teacher_cache", cfg)
-    result = distill_models(teacher, student, cv, protocol.train, out / "student", protocol=protocol, train=dtrain,
-                            kd_weight=cfg.kd_weight, meta={"demo": True}, **extra)
-    student.eval()
-    metrics["student"] = _eval_encoder(student, student_clip.preprocess_cfg, cv.vectors, protocol, device, cfg.progress)
-    metrics["distillation"] = {"unlabelled_images": len(protocol.train), "epochs": cfg.distill_epochs,
-                               "teacher": f"teacher-output cache, K={cfg.teacher_cache_views} views per image"
-                               if cfg.teacher_cache_views else "online teacher", "seconds": result.train.seconds}
+    log.info("[4/7] class vectors for all %d classes%s", len(protocol.classnames),
+             f", teacher cache of {cfg.cache_views} views per image" if cfg.cache_views else "")
+    teacher = load_teacher(teacher_path)
+    write_class_vectors(teacher, protocol.classnames, out / CLASS_VECTORS)
+    if cfg.cache_views:
+        _build_cache(teacher, protocol, out / CACHE_DIR, cfg)
+
+    log.info("[5/7] distillation on %d unlabelled images (with its baseline)", len(protocol.train))
+    student_path = distill(dcfg, out / STUDENT_DIR)
+    run = read_json(out / STUDENT_DIR / METRICS_FILE)
+    log.info("%s", baseline_table(run))
+    metrics["student_zeroshot"] = _scores(run["baseline"]["student_zero_shot"])
+    metrics["teacher"] = _scores(run["baseline"]["teacher"])
+    metrics["student"] = _scores(run["results"]["last"])
+    metrics["below_baseline"] = below_baseline(run)
+    metrics["distillation"] = {"unlabelled_images": len(protocol.train), "epochs": dcfg.train.epochs,
+                               "kd_weight": run["kd_weight"], "kd_reduction": run["kd_reduction"],
+                               "teacher": f"teacher-output cache, K={cfg.cache_views} views per image"
+                               if cfg.cache_views else "online teacher", "seconds": run["train"]["seconds"]}
 
     log.info("[6/7] speed of the two image towers")
-    metrics["teacher_images_per_s"] = images_per_second(teacher.encode_images, _image_size(teacher_clip))
-    metrics["student_images_per_s"] = images_per_second(student, _image_size(student_clip))
-    metrics["teacher_params"] = _count(teacher_clip.model.visual)
-    metrics["student_params"] = _count(student_clip.model.visual) + _count(student.projector)
-    metrics["artifacts"] = {"teacher": str(teacher_path), "class_vectors": str(out / "class_vectors.safetensors"),
-                            "student": str(result.student_path)}
+    student = load_student(student_path).eval()
+    speed = images_per_second({"teacher": (teacher.encode_images, _image_size(teacher.clip)),
+                               "student": (student, _image_size(student.clip))})
+    metrics["teacher_images_per_s"], metrics["student_images_per_s"] = speed["teacher"], speed["student"]
+    metrics["teacher_params"] = _count(teacher.clip.model.visual)
+    metrics["student_params"] = _count(student.clip.model.visual) + _count(student.projector)
+    metrics["artifacts"] = {"teacher": str(teacher_path), "class_vectors": str(out / CLASS_VECTORS),
+                            "student": str(student_path)}
 
     log.info("[7/7] export and report")
-    onnx_path, diff = _try_export(result.student_path, out / "class_vectors.safetensors", out / "student.onnx",
-                                  student_clip)
+    onnx_path, diff = _try_export(student_path, out / CLASS_VECTORS, out / "student.onnx", student.clip)
     if onnx_path:
         metrics["artifacts"]["onnx"] = str(onnx_path)
         metrics["onnx_max_abs_logit_diff"] = diff
@@ -202,7 +256,7 @@ def _build_cache(teacher, protocol, cache_dir, cfg):
 
     shutil.rmtree(cache_dir, ignore_errors=True)  # a demo run is always fresh: the teacher was just retrained
     return build_teacher_cache(teacher, protocol.train, None, cache_dir,
-                               CacheSpec(views=cfg.teacher_cache_views, seed=cfg.seed), progress=cfg.progress)
+                               CacheSpec(views=cfg.cache_views, seed=cfg.seed), progress=cfg.progress)
 
 
 def _try_export(student_path, cv_path, onnx_path, student_clip):
@@ -231,7 +285,7 @@ def write_report(out: Path, metrics: dict, cfg: DemoConfig) -> None:
         "# promptkd demo: PromptKD on the toy world",
         "",
         f"{metrics['classes']} domain classes ({metrics['n_base']} base, {metrics['classes'] - metrics['n_base']} novel); "
-        f"teacher tuned on {cfg.shots} shots per base class; student distilled on {cfg.n_train} unlabelled images "
+        f"teacher tuned on {cfg.teacher.get('shots', 16)} shots per base class; student distilled on {cfg.n_train} unlabelled images "
         "per class (all classes, labels unused). Accuracy in % on the test split.",
         "",
         "| model | base | novel | HM |",
@@ -249,10 +303,19 @@ def write_report(out: Path, metrics: dict, cfg: DemoConfig) -> None:
         f"Distillation: {metrics['distillation']['epochs']} epochs over {metrics['distillation']['unlabelled_images']} "
         f"unlabelled images; teacher outputs: {metrics['distillation']['teacher']}.",
         "",
+        *([f"WARNING: {metrics['below_baseline']}", ""] if metrics.get("below_baseline") else []),
         f"Student speed-up per image: {metrics['student_images_per_s'] / metrics['teacher_images_per_s']:.1f}x. "
         f"Total time: {metrics['seconds']:.0f} s.",
         "",
         "![results](report.png)",
+        "",
+        "Every stage again, from this folder, with the same numbers: `sh stages.sh` (the commands below).",
+        "`configs/teacher.yaml` and `configs/distill.yaml` are the stage settings, e.g.",
+        "`promptkd distill --config configs/distill.yaml --kd-weight 10 --out student-kd10`.",
+        "",
+        "```bash",
+        *stage_commands(cfg),
+        "```",
         "",
     ]
     with atomic_open(out / "report.md", "w") as f:
@@ -284,19 +347,15 @@ def _plot(path: Path, metrics: dict) -> None:
     plt.close(fig)
 
 
-# What a demo writes into its folder (an --overwrite removes these first).
-DEMO_OUTPUTS = ("data", "teacher", "student", "teacher_cache", "class_vectors.safetensors", "student.onnx",
-                "metrics.json", "report.md", "report.png")
-
-
 def register(sub) -> None:
-    from promptkd.options import add_output_options, non_negative_int
+    from promptkd.options import add_config_options, add_output_options, non_negative_int
 
     p = sub.add_parser("demo", help="run the whole method on the embedded toy world (offline, minutes on a CPU)",
                        description="Teacher tuning, class vectors, distillation, evaluation, export and a report, "
                                    "on a procedurally generated world with two shipped tiny CLIPs (on the CPU).")
     add_output_options(p, "dir", required=False, what="demo", help="output folder (default: demo-out)")
-    p.add_argument("--seed", type=int, default=0)
+    add_config_options(p, example="configs/demo/toy.yaml (the default preset)")
+    p.add_argument("--seed", type=int, default=None, help="the preset's seed (default 0)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (seconds; for smoke tests, not for numbers)")
     p.add_argument("--teacher-cache-views", type=non_negative_int, default=None, metavar="K",
                    help="views per image in the teacher-output cache (default 8; 0: online teacher)")
@@ -309,11 +368,14 @@ def _run(args) -> int:
 
     if args.device not in (None, "auto", "cpu"):
         log.warning("the demo runs on the CPU (its report compares CPU speeds); --device %s is not used", args.device)
-    claim = claim_folder(args.out, DEMO_OUTPUTS, overwrite=args.overwrite, what="demo", finished="report.md")
-    kw = {"seed": args.seed, "threads": args.threads, "progress": not args.no_progress}
+    sets = list(QUICK if args.quick else []) + list(args.set or [])
+    if args.seed is not None:
+        sets.append(f"seed={args.seed}")
     if args.teacher_cache_views is not None:
-        kw["teacher_cache_views"] = args.teacher_cache_views
-    cfg = DemoConfig.quick(**kw) if args.quick else DemoConfig(**kw)
+        sets.append(f"cache_views={args.teacher_cache_views}")
+    sets += [f"threads={args.threads}", f"progress={str(not args.no_progress).lower()}"]
+    cfg = DemoConfig.load(args.config, sets)  # the settings are checked before the folder is touched
+    claim = claim_folder(args.out, DEMO_OUTPUTS, overwrite=args.overwrite, what="demo", finished="report.md")
     metrics = run_demo(claim.prepare(), cfg)
     print((Path(args.out) / "report.md").read_text())
     print(json.dumps({k: metrics[k] for k in ("student_zeroshot", "teacher_zeroshot", "teacher", "student")}))

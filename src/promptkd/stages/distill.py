@@ -8,6 +8,10 @@ official code re-encoded every class prompt at every step, official-promptkd.md 
 With a teacher cache (promptkd.stages.cache) the teacher's logits come from its stored image
 features for a replayed view, and its image tower does not run either.
 
+Before training, the run measures its baseline on the test split: the student's own CLIP zero-shot
+and the teacher through the class vectors. After it, one table puts the distilled student between
+the two, and a student that ends below its zero-shot baseline is a warning, not a silent loss.
+
 `distill(cfg, out_dir)` is the file-to-file stage behind `promptkd distill`; `distill_models`
 is the in-process variant for models and item lists already in memory.
 """
@@ -52,6 +56,14 @@ OFFICIAL_KD_WEIGHT = 1000.0
 OFFICIAL_KD_WEIGHT_200 = ("FGVCAircraft", "OxfordFlowers", "DescribableTextures")
 
 
+# Any other dataset (a user's folder, a toy domain): the KL of one image weighs this much, whatever
+# the class count: the paper's Eq. 3 with weight 1, and the official per-image weight on ImageNet.
+# The official reduction divides by B*C, so the official 1000 weighs 1000/C per image: 1 on
+# ImageNet, 10 on the 100-class benchmarks, but 167 on a 6-class folder, where issue #16 saw it
+# wreck the student. benchmarks/kd_rule.py measures the choice (docs/distill.md, "Your own dataset").
+CUSTOM_KD_PER_IMAGE = 1.0
+
+
 def official_kd_weight(dataset: str, protocol: str = "base2novel") -> float:
     """The KD weight the official scripts use for `dataset` under `protocol`."""
     from promptkd.data.registry import canonical_name
@@ -63,6 +75,30 @@ def official_kd_weight(dataset: str, protocol: str = "base2novel") -> float:
     except PromptKDError:
         return OFFICIAL_KD_WEIGHT
     return 200.0 if name in OFFICIAL_KD_WEIGHT_200 else OFFICIAL_KD_WEIGHT
+
+
+def is_benchmark(dataset: str) -> bool:
+    """One of the paper's datasets (the 11 benchmarks and the ImageNet variants), by name."""
+    from promptkd.data.registry import canonical_name
+
+    if ":" in dataset:
+        return False
+    try:
+        canonical_name(dataset)
+    except PromptKDError:
+        return False
+    return True
+
+
+def default_kd_weight(dataset: str, protocol: str, n_classes: int, reduction: str = "official") -> float:
+    """The KD weight when none is given. The paper's datasets: the official weight (its per-image
+    value 1000/C or 200/C under `batchmean`); any other dataset: CUSTOM_KD_PER_IMAGE per image, i.e.
+    that times C under the official reduction."""
+    per_class = reduction == "official"
+    if is_benchmark(dataset):
+        weight = official_kd_weight(dataset, protocol)
+        return weight if per_class else weight / max(1, n_classes)
+    return CUSTOM_KD_PER_IMAGE * (max(1, n_classes) if per_class else 1)
 
 
 def class_logits(features: torch.Tensor, class_vectors: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
@@ -203,6 +239,7 @@ def distill_models(
     resume: bool = False,
     meta: dict | None = None,
     teacher_cache: TeacherCache | str | Path | None = None,
+    baseline: bool = True,
 ) -> DistillResult:
     """Distil `teacher` into `student` (both already on their device) on `train_items`.
 
@@ -211,7 +248,10 @@ def distill_models(
     test) and the best-on-val student is kept; with `official_best_on_test` the test splits are
     evaluated every epoch too, to report the official best-on-test number (§6.2), labelled as such.
     `teacher_cache` (a TeacherCache or its folder, built over `train_items`): replay its stored
-    views and features instead of running the teacher's image tower.
+    views and features instead of running the teacher's image tower; the teacher is then moved to
+    the CPU once the baseline is measured.
+    `baseline`: before training, score the student's own CLIP zero-shot and the teacher on the
+    test split (metrics.json "baseline"; one extra pass of each over the test images).
     Writes student.safetensors (last epoch, the reported model), student-best-val.safetensors,
     class_vectors.safetensors, checkpoint, metrics.jsonl and metrics.json into `out_dir`.
     """
@@ -286,6 +326,7 @@ def distill_models(
                 "student": {"clip": student.clip.identity(), "prompts": student.prompt_config}}
     ckpt = out_dir / CHECKPOINT_NAME
     history: list[dict] = []
+    before = None
     if resume and ckpt.is_file():
         _, ck_meta = load_artifact(ckpt, kind="checkpoint")
         saved = ck_meta.get("distill") or {}
@@ -293,6 +334,15 @@ def distill_models(
         if diff:
             raise PromptKDError(f"{ckpt}: cannot resume: the run was started with other {', '.join(diff)}")
         history = list(ck_meta.get("history") or [])
+        before = ck_meta.get("baseline")
+    if main and baseline and before is None and _labelled(protocol.test):
+        with torch.random.fork_rng(devices=[]):  # a run with or without a baseline trains the same
+            before = measure_baseline(teacher, student, W, protocol, device=device, precision=cfg.precision,
+                                      batch_size=eval_batch_size, num_workers=cfg.num_workers,
+                                      progress=cfg.progress)
+    if cache is not None and device.type != "cpu":  # its image tower never runs: free the device
+        teacher.cpu()
+    distributed.barrier()
     has_val = select_on_val and _labelled(protocol.val)
     best = {"val": (_best_epoch(history, "val") or {}).get("val", float("-inf"))}
     file_meta = {"teacher": settings["teacher"], "classnames": list(protocol.classnames),
@@ -316,7 +366,7 @@ def distill_models(
         out_dir.mkdir(parents=True, exist_ok=True)
         ClassVectors(classifier.cpu(), protocol.classnames, class_vectors.teacher).save(out_dir / CLASS_VECTORS_FILE)
     result = train_loop(student, loss_fn, dataset, cfg, out_dir, resume=resume, on_epoch_end=on_epoch_end,
-                        desc="distill", checkpoint_meta={"distill": settings},
+                        desc="distill", checkpoint_meta={"distill": settings, "baseline": before},
                         compile_default=cache is not None)  # auto: the cached step compiles on CUDA
 
     student_path = out_dir / STUDENT_FILE
@@ -344,13 +394,86 @@ def distill_models(
             **{k: settings[k] for k in ("temperature", "kd_weight", "kd_reduction")},
             "teacher": settings["teacher"], "student": settings["student"], "classes": len(protocol.classnames),
             "train_images": len(train_items), "teacher_cache": settings["teacher_cache"], "results": results,
-            "history": result.history,
+            "baseline": before, "history": result.history,
             "train": {"steps": result.steps, "skipped_steps": result.skipped_steps, "seconds": result.seconds,
                       "config": asdict(cfg)}, **(meta or {}),
         }
         write_json(out_dir / METRICS_FILE, metrics)
+        _warn_if_below_baseline(metrics)
     distributed.barrier()
     return DistillResult(student_path, metrics, result)
+
+
+def measure_baseline(teacher: Teacher, student: Student, classifier: torch.Tensor, protocol: Protocol, *,
+                     device: torch.device, precision: str = "fp32", batch_size: int = 100, num_workers: int = 0,
+                     progress: bool = True) -> dict:
+    """What distillation starts from and aims at, on the protocol's test split: the student's own
+    CLIP zero-shot (its text tower, "a photo of a {}.") and the teacher through the class vectors."""
+    from promptkd.data.transforms import transforms_for
+    from promptkd.engine.loop import autocast
+    from promptkd.metrics import evaluate_splits, zero_shot_scores
+
+    log.info("baseline: student zero-shot and teacher on %d test images",
+             sum(len(s.items) for s in protocol.test.values()))
+    t_device = next(teacher.parameters()).device
+    with autocast(device, precision):
+        zero_shot = zero_shot_scores(student.clip, protocol.classnames, protocol.test, batch_size=batch_size,
+                                     device=device, num_workers=num_workers, progress=progress)
+    with autocast(t_device, precision):
+        taught = evaluate_splits(teacher.encode_images, classifier, protocol.test,
+                                 transforms_for(teacher.clip.preprocess_cfg)[1], batch_size=batch_size,
+                                 device=t_device, num_workers=num_workers, progress=progress)
+    return {"student_zero_shot": zero_shot, "teacher": taught, "templates": ["a photo of a {}."]}
+
+
+def _headline(scores: dict) -> tuple[str, float] | None:
+    """The number a run is judged by: HM for base-to-novel, else the (first) accuracy."""
+    key = "hm" if "hm" in scores else next((k for k, v in scores.items() if isinstance(v, float)), None)
+    return (key, scores[key]) if key is not None else None
+
+
+def below_baseline(metrics: dict) -> str | None:
+    """A one-line warning when the distilled student (last epoch) scores below its zero-shot baseline."""
+    zero_shot = ((metrics.get("baseline") or {}).get("student_zero_shot")) or {}
+    last = (metrics.get("results") or {}).get("last") or {}
+    head, ref = _headline(last), _headline(zero_shot)
+    if head is None or ref is None or head[0] != ref[0] or not head[1] < ref[1]:
+        return None
+    name = "HM" if head[0] == "hm" else head[0]
+    return (f"the distilled student ({name} {head[1]:.2f}) is below its own zero-shot baseline ({name} "
+            f"{ref[1]:.2f}): distillation hurt it; try a smaller --kd-weight (now {metrics.get('kd_weight'):g}) "
+            "or learning rate")
+
+
+def _warn_if_below_baseline(metrics: dict) -> None:
+    message = below_baseline(metrics)
+    if message:
+        log.warning("WARNING: %s", message)
+
+
+def baseline_table(metrics: dict) -> str:
+    """The run in one table: student zero-shot, teacher, distilled student (last, and best on val),
+    with the warning line under it when the student ended below its zero-shot baseline."""
+    base = metrics.get("baseline") or {}
+    results = metrics.get("results") or {}
+    rows = [("student zero-shot", base.get("student_zero_shot")), ("teacher", base.get("teacher")),
+            ("distilled student (last epoch)", results.get("last"))]
+    best = results.get("best_val")
+    if best and best.get("epoch") != (results.get("last") or {}).get("epoch"):
+        rows.append((f"distilled student (best val, epoch {best['epoch']})", best))
+    rows = [(name, {k: v for k, v in r.items() if k not in ("epoch", "val") and isinstance(v, float)})
+            for name, r in rows if r]
+    if not rows:
+        return ""
+    keys = list(dict.fromkeys(k for _, r in rows for k in r))
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{'':<{width}}  " + "  ".join(f"{('HM' if k == 'hm' else k):>8}" for k in keys)]
+    lines += [f"{name:<{width}}  " + "  ".join(f"{r[k]:>8.2f}" if k in r else f"{'-':>8}" for k in keys)
+              for name, r in rows]
+    message = below_baseline(metrics)
+    if message:
+        lines.append(f"WARNING: {message}")
+    return "\n".join(lines)
 
 
 def _open_cache(cache, teacher: Teacher, items, teacher_tf) -> TeacherCache | None:
@@ -400,12 +523,13 @@ class DistillConfig:
     vision_depth: int = 9
     n_ctx_vision: int = 4
     temperature: float = 1.0
-    kd_weight: float | None = None  # None: the official weight for the dataset (official_kd_weight)
+    kd_weight: float | None = None  # None: official on the paper's datasets, else per image (default_kd_weight)
     kd_reduction: str = "official"
     precision: str = "auto"  # auto: bf16 (fp16 without bf16) on CUDA, fp32 elsewhere
     select_on_val: bool = True
     official_best_on_test: bool = False
     eval_batch_size: int = 100
+    baseline: bool = True  # score the student's zero-shot CLIP and the teacher on test before training
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
@@ -493,7 +617,13 @@ def distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = False) -> Pa
         raise PromptKDError(f"{cfg.dataset}: no class names; give --class-vectors for unlabelled images")
     if cv is None:  # pre-store once, after the teacher's prompts are loaded (§6.1)
         cv = compute_class_vectors(teacher, protocol.classnames)
-    kd_weight = cfg.kd_weight if cfg.kd_weight is not None else official_kd_weight(cfg.dataset, cfg.protocol)
+    kd_weight = cfg.kd_weight
+    if kd_weight is None:
+        kd_weight = default_kd_weight(cfg.dataset, cfg.protocol, len(protocol.classnames), cfg.kd_reduction)
+        if not is_benchmark(cfg.dataset):
+            log.info("kd weight %g: %g per image for a dataset outside the paper's (the official 1000 would be "
+                     "%.3g per image with %d classes; --kd-weight sets another)", kd_weight, CUSTOM_KD_PER_IMAGE,
+                     OFFICIAL_KD_WEIGHT / max(1, len(protocol.classnames)), len(protocol.classnames))
 
     torch.manual_seed(train_cfg.seed)  # prompt and projector initialisation
     clip = load_clip(cfg.student_model, cfg.student_weights, init_seed=train_cfg.seed)
@@ -509,14 +639,12 @@ def distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = False) -> Pa
                                       shots=cfg.shots, seed=train_cfg.seed)})
     config = asdict(cfg)
     config.update(kd_weight=kd_weight, precision=train_cfg.precision, train=asdict(train_cfg))
-    if cfg.teacher_cache:  # its image tower never runs: free the device
-        teacher.cpu()
     result = distill_models(
         teacher, student, cv, protocol.train, out_dir, protocol=protocol, train=train_cfg,
         temperature=cfg.temperature, kd_weight=kd_weight, kd_reduction=cfg.kd_reduction,
         select_on_val=cfg.select_on_val, official_best_on_test=cfg.official_best_on_test,
         eval_batch_size=cfg.eval_batch_size, resume=resume, meta={"config": config},
-        teacher_cache=cfg.teacher_cache,
+        teacher_cache=cfg.teacher_cache, baseline=cfg.baseline,
     )
     if info.is_main:
         finish_run_record(out_dir, [p.name for p in promptkd_files(Path(out_dir), DISTILL_OUTPUTS)])
@@ -574,11 +702,15 @@ def _run(args) -> int:
                          what="distillation run", finished=STUDENT_FILE, marker=CHECKPOINT_NAME)
     path = distill(cfg, claim.prepare(), resume=args.resume)
     if distributed.current().is_main:
-        results = read_json(Path(args.out) / METRICS_FILE).get("results", {})
+        metrics = read_json(Path(args.out) / METRICS_FILE)
+        results = metrics.get("results", {})
         print(f"student: {path}")
         for name, r in results.items():
             shown = ", ".join(f"{k} {v:.2f}" for k, v in r.items() if isinstance(v, float))
             print(f"{name}: {shown}")
+        table = baseline_table(metrics)
+        if table:
+            print(table)
     return 0
 
 
@@ -642,4 +774,6 @@ def register(sub) -> None:
     deprecated(p, "--teacher-clip", "--teacher-weights")
     deprecated(p, "--student-pretrained", "--student-weights")
     deprecated(p, "--num-shots", "--shots", type=non_negative_int)
+    p.add_argument("--no-baseline", dest="baseline", action="store_const", const=False,
+                   help="skip the student zero-shot and teacher passes over the test split before training")
     p.set_defaults(func=_run, resume_marker=CHECKPOINT_NAME)

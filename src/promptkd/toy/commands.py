@@ -1,4 +1,4 @@
-"""`promptkd toy ...`: the toy world's sub-commands (pretraining its tiny CLIPs).
+"""`promptkd toy ...`: the toy world's sub-commands (pretraining its tiny CLIPs, writing its domains).
 
 The parser lives apart from `toy.pretrain` so that building it imports neither torch nor open_clip.
 """
@@ -56,9 +56,43 @@ def run_pretrain(a) -> int:
     return 0
 
 
+def add_domain_arguments(p: argparse.ArgumentParser) -> None:
+    from promptkd.options import add_output_options, non_negative_int, positive_int
+
+    add_output_options(p, "dir", what="toy domain (images/ and split_zhou_Toy.json)")
+    p.add_argument("--n-train", type=non_negative_int, default=64, help="train images per class (default 64)")
+    p.add_argument("--n-val", type=non_negative_int, default=8, help="val images per class (default 8)")
+    p.add_argument("--n-test", type=non_negative_int, default=50, help="test images per class (default 50)")
+    p.add_argument("--seed", type=int, default=0, help="the world's and the splits' seed")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--n-classes", type=positive_int, metavar="N",
+                   help="N classes drawn from the world's words instead of the 24 demo classes")
+    g.add_argument("--classes", help="comma-separated class names, e.g. 'red circle,blue striped star'")
+
+
+def run_domain(a) -> int:
+    from pathlib import Path
+
+    from promptkd.errors import PromptKDError
+    from promptkd.toy.world import World, custom_classnames
+
+    split = Path(a.out) / "split_zhou_Toy.json"
+    if split.exists() and not a.overwrite:
+        raise PromptKDError(f"{a.out} already holds a toy domain ({split.name}); pass --overwrite to write it again")
+    names = None
+    if a.classes:
+        names = [c.strip() for c in a.classes.split(",") if c.strip()]
+    elif a.n_classes is not None:
+        names = custom_classnames(a.n_classes)
+    world = World(a.seed, classnames=names)
+    root = world.write_domain(a.out, n_train=a.n_train, n_val=a.n_val, n_test=a.n_test, seed=a.seed)
+    print(f"{root}: {world.n_classes} classes ({world.n_base} base); use --dataset split:{split} --root {root / 'images'}")
+    return 0
+
+
 def register(sub) -> None:
-    """`promptkd toy pretrain ...` (the toy group has one command today)."""
-    toy = sub.add_parser("toy", help="the embedded toy world: pretrain its tiny CLIPs",
+    """`promptkd toy pretrain ...` and `promptkd toy domain ...`."""
+    toy = sub.add_parser("toy", help="the embedded toy world: pretrain its tiny CLIPs, write its domains",
                          description="Tools for the offline toy world (see docs/toy-world.md).")
     toy.set_defaults(func=lambda _args: toy.print_help() or 2)
     toy_sub = toy.add_subparsers(dest="toy_command", metavar="TOY_COMMAND", parser_class=type(toy))
@@ -66,8 +100,11 @@ def register(sub) -> None:
                            description=PRETRAIN_DESCRIPTION)
     add_pretrain_arguments(p)
     p.set_defaults(func=run_pretrain)
-
-
+    d = toy_sub.add_parser("domain", help="write a toy domain as a CoOp-style dataset (images + split file)",
+                           description="The demo's 24-class domain, or one with other classes of the same style, "
+                                       "for `--dataset split:DIR/split_zhou_Toy.json --root DIR/images`.")
+    add_domain_arguments(d)
+    d.set_defaults(func=run_domain)
 
 
 def main(argv=None) -> int:

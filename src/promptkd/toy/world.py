@@ -18,6 +18,10 @@ Two distributions share the same objects:
   domain helps a lot. Classes are in alphabetical order (so a
   folder scan gives the same labels) and, by the official rule, the first
   ``ceil(n / 2)`` are the base classes and the rest the novel ones.
+
+Other domains of the same style, with any classes the words allow, stand in for a user's own
+dataset: ``World(seed, classnames=custom_classnames(100))`` (``"<colour> <shape>"`` pairs up to
+64 classes, ``"<colour> <texture> <shape>"`` beyond, up to 256).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import torch
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
 from promptkd.artifacts import atomic_open
+from promptkd.errors import PromptKDError
 
 IMAGE_SIZE = 48
 
@@ -90,9 +95,27 @@ def domain_classnames() -> list[str]:
     return sorted(names)
 
 
-def _class_attributes(name: str) -> tuple[int, int]:
-    colour, shape = name.split(" ")
-    return COLOUR_NAMES.index(colour), SHAPES.index(shape)
+def custom_classnames(n: int, seed: int = 0) -> list[str]:
+    """``n`` distinct domain classes drawn at random (``seed``), in label (alphabetical) order:
+    ``"<colour> <shape>"`` pairs for up to 64 classes, ``"<colour> <texture> <shape>"`` triples
+    for 65 to 256 (never both, so no class contains another)."""
+    pairs = [f"{c} {s}" for c in COLOUR_NAMES for s in SHAPES]
+    pool = pairs if n <= len(pairs) else [f"{c} {t} {s}" for c in COLOUR_NAMES for t in TEXTURES for s in SHAPES]
+    if not 1 <= n <= len(pool):
+        raise PromptKDError(f"a toy domain has 1 to {len(pool)} classes, not {n}")
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(_seed_of("classes", seed, n)))
+    return sorted(pool[i] for i in order[:n].tolist())
+
+
+def _class_attributes(name: str) -> tuple[int, int, int]:
+    """(colour, shape, texture) indices of a class name; texture -1 when the name leaves it free."""
+    words = name.split(" ")
+    ok = len(words) in (2, 3) and words[0] in COLOUR_NAMES and words[-1] in SHAPES
+    if not ok or (len(words) == 3 and words[1] not in TEXTURES):
+        raise PromptKDError(f"toy class {name!r} is not '<colour> [<texture>] <shape>' with colour in "
+                            f"{COLOUR_NAMES}, texture in {TEXTURES}, shape in {SHAPES}")
+    texture = TEXTURES.index(words[1]) if len(words) == 3 else -1
+    return COLOUR_NAMES.index(words[0]), SHAPES.index(words[-1]), texture
 
 
 def _rotate(x: torch.Tensor, y: torch.Tensor, theta: torch.Tensor):
@@ -259,13 +282,16 @@ def describe(colour: int | None, shape: int | None, texture: int | None, size: i
 
 
 class World:
-    """The toy world. ``seed`` offsets every sample the world draws; classes never change."""
+    """The toy world. ``seed`` offsets every sample the world draws; ``classnames`` replaces the 24
+    domain classes by others (see ``custom_classnames``; labels follow their alphabetical order)."""
 
     image_size = IMAGE_SIZE
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, classnames: list[str] | None = None):
         self.seed = int(seed)
-        self._classnames = domain_classnames()
+        self._classnames = sorted(classnames) if classnames is not None else domain_classnames()
+        if not self._classnames or len(set(self._classnames)) != len(self._classnames):
+            raise PromptKDError("toy classes must be distinct, and at least one")
         self._class_attrs = torch.tensor([_class_attributes(c) for c in self._classnames])
 
     # -- domain -------------------------------------------------------------------------
@@ -289,8 +315,9 @@ class World:
         """
         labels = torch.as_tensor(labels, dtype=torch.long)
         n = labels.shape[0]
-        colour, shape = self._class_attrs[labels].unbind(1)
+        colour, shape, fixed = self._class_attrs[labels].unbind(1)
         texture = torch.randint(len(TEXTURES), (n,), generator=generator)
+        texture = torch.where(fixed >= 0, fixed, texture)  # drawn either way: the stream stays the same
         size = torch.randint(len(SIZES), (n,), generator=generator)
         if not shifted:
             background = torch.randint(len(PRETRAIN_BACKGROUNDS), (n,), generator=generator)
