@@ -234,18 +234,6 @@ def teacher_accuracy(teacher: Teacher, items, classnames: list[str], transform, 
     return accuracy(feats, labels, vectors.float().cpu())
 
 
-def zero_shot_eval(clip: ClipBundle, items, classnames: list[str], transform, templates=None, *,
-                   batch_size: int = 100, device: str | torch.device = "cpu", progress: bool = False) -> float:
-    """Top-1 accuracy (%) of plain CLIP with template-averaged class names (the zero-shot baseline;
-    templates default to metrics.DEFAULT_TEMPLATES)."""
-    from promptkd.metrics import DEFAULT_TEMPLATES, accuracy, encode_items, zero_shot_class_vectors
-
-    vectors = zero_shot_class_vectors(clip, classnames, templates or DEFAULT_TEMPLATES, device)
-    feats, labels = encode_items(clip.model.encode_image, items, transform, batch_size=batch_size, device=device,
-                                 desc="zero-shot val", progress=progress)
-    return accuracy(feats, labels, vectors.cpu())
-
-
 def loss_curves(history: list[dict]) -> dict[str, list[float]]:
     """Per-epoch means of the total loss and of each term that was logged."""
     keys = [k for k in ("loss", *LOSS_TERMS) if any(k in r for r in history)]
@@ -321,8 +309,11 @@ def train_teacher_on(teacher: Teacher, train_items, val_items, classnames: list[
     val_acc = teacher_accuracy(teacher, val_items, classnames, test_tf, **eval_kw) if val_items else None
     zs_acc = None
     if cfg.zero_shot and val_items:
-        zs_acc = zero_shot_eval(teacher.clip, val_items, classnames, test_tf, batch_size=cfg.eval_batch_size,
-                                device=device, progress=cfg.train.progress)
+        from promptkd.data.protocols import EvalSplit
+        from promptkd.metrics import zero_shot_scores
+
+        zs_acc = zero_shot_scores(teacher.clip, classnames, {"val": EvalSplit(list(val_items))},
+                                  batch_size=cfg.eval_batch_size, device=device, progress=cfg.train.progress)["val"]
     if not val_items:
         log.info("no validation images (e.g. ImageNet has no val split): no val accuracy reported")
     curves = loss_curves(result.history)
