@@ -216,6 +216,20 @@ def test_ctrl_c_is_one_line_with_exit_130(command, world, student_run, tmp_path,
                        "--resume to continue"), err
 
 
+@pytest.fixture(autouse=True)
+def _ctrl_c_raises():
+    """Ctrl-C as in a terminal, even where the test run itself was started with SIGINT ignored (a
+    background job, nohup, some CI runners): Python then leaves it ignored, and so would its children."""
+    before = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def _child_ctrl_c():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # the child's Python then turns it into KeyboardInterrupt
+
+
 def test_ctrl_c_that_surfaces_as_another_error_is_still_one_line(tmp_path, capsys, monkeypatch):
     """A Ctrl-C inside a C extension's import can come out as an ImportError (numpy's "cannot load
     module more than once"): it is reported as the interruption it was, not as a traceback."""
@@ -236,7 +250,7 @@ def test_ctrl_c_that_surfaces_as_another_error_is_still_one_line(tmp_path, capsy
 
 def _interrupt_after(argv: list[str], seconds: float, env=None) -> subprocess.CompletedProcess:
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})
+                            env={**os.environ, **(env or {})}, preexec_fn=_child_ctrl_c)
     time.sleep(seconds)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
@@ -263,7 +277,7 @@ def test_ctrl_c_while_training_advises_resume(world, tmp_path):
     out = tmp_path / "run"
     argv = [sys.executable, str(KILLABLE), "-q", *world.distill_args(out, "--checkpoint-every", "1")]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "RELIABILITY_DELAY": "0.5"})
+                            env={**os.environ, "RELIABILITY_DELAY": "0.5"}, preexec_fn=_child_ctrl_c)
     deadline = time.time() + 120
     while not (out / "checkpoint.safetensors").exists() and time.time() < deadline:
         time.sleep(0.05)
