@@ -12,21 +12,32 @@ about 100 KB), one image at a time in one thread, as one DataLoader worker runs 
 - decode-pil:    PIL's decode alone (libjpeg-turbo): what any full-decode path pays per image
 - decode-tvio:   torchvision.io.decode_jpeg alone, for comparison
 
+With --region-probe, three more rows measure how far a decoder that skips work could go
+(benchmarks/jpeg_region.c, built here with the C compiler against libjpeg-turbo's headers):
+- probe-region:  libjpeg-turbo's partial decode of only the view's region (rows above it
+                 entropy-decoded only, columns beside it not transformed, nothing below it read)
+- probe-entropy: the same probe asked for the last row's first pixel: the Huffman decoding of the
+                 whole image, which no decoder of a sequential JPEG can skip
+- project-region: the project path with probe-region as its decoder (same views, same pixels)
+
 Passes are interleaved (every pipeline once per repetition) and the ratio to the official
 pipeline is taken within each repetition, then the median. Rates are images per CPU second of
 this (single-threaded) process, the per-core cost, which a shared machine barely changes; wall
 rates are printed beside them. Also prints how far the uint8 renderer's pixels are from PIL's
 on the same views.
-Usage:  python benchmarks/loader.py --images 200 --reps 7 [--core 1] [--json out.json]
+Usage:  python benchmarks/loader.py --images 200 --reps 7 [--core 1] [--region-probe] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
+import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import warnings
@@ -36,6 +47,71 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from photos import write_photo_folder  # noqa: E402
+
+
+def build_region_probe(folder: Path):
+    """Compile and import benchmarks/jpeg_region.c; one line and exit 2 where it cannot be built."""
+    out = folder / f"jpeg_region{sysconfig.get_config_var('EXT_SUFFIX')}"
+    cmd = [os.environ.get("CC", "cc"), "-O2", "-shared", "-fPIC", f"-I{sysconfig.get_paths()['include']}",
+           str(Path(__file__).with_name("jpeg_region.c")), "-ljpeg", "-o", str(out)]
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        why = (getattr(e, "stderr", "") or str(e)).strip().splitlines()
+        print(f"--region-probe needs a C compiler and libjpeg-turbo's headers (a libjpeg-turbo -dev "
+              f"package): {why[-1] if why else e}", file=sys.stderr)
+        sys.exit(2)
+    spec = importlib.util.spec_from_file_location("jpeg_region", out)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def region_pipelines(paths: list[str], size: int, probe) -> dict:
+    """The probe's rows: region decode, entropy decode only, and the project path with the region decode."""
+    from promptkd.data.dataset import _plain_jpeg
+    from promptkd.data.transforms import Uint8TrainTransform, View, sample_view
+
+    fast = Uint8TrainTransform(size)
+    gens = {k: torch.Generator().manual_seed(0) for k in ("region", "project")}
+
+    def region(i, key="region"):
+        data, w, h = _plain_jpeg(paths[i])
+        v = sample_view(w, h, gens[key], fast.scale, fast.ratio)
+        return torch.frombuffer(probe.decode(data, v.top, v.left, v.h, v.w), dtype=torch.uint8).view(v.h, v.w, 3), v
+
+    def entropy(i):
+        data, w, h = _plain_jpeg(paths[i])
+        probe.decode(data, h - 1, 0, 1, 1)
+
+    def project(i):
+        hwc, v = region(i, "project")
+        return fast._resized_crop(hwc, View(0, 0, v.h, v.w, v.flip))
+
+    return {"probe-region": region, "probe-entropy": entropy, "project-region": project}
+
+
+def region_exact(paths: list[str], size: int, probe, n_views: int = 8) -> dict:
+    """The probe's region pixels against a full decode (torchvision.io) cropped to the same views."""
+    import torchvision.io as tio
+
+    from promptkd.data.dataset import _plain_jpeg
+    from promptkd.data.transforms import sample_view
+
+    equal = total = 0
+    for i, p in enumerate(paths):
+        data, w, h = _plain_jpeg(p)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            full = tio.decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                   mode=tio.ImageReadMode.RGB).permute(1, 2, 0)
+        g = torch.Generator().manual_seed(i)
+        for _ in range(n_views):
+            v = sample_view(w, h, g, (0.08, 1.0), (3 / 4, 4 / 3))
+            got = torch.frombuffer(probe.decode(data, v.top, v.left, v.h, v.w), dtype=torch.uint8).view(v.h, v.w, 3)
+            equal += torch.equal(got, full[v.top:v.top + v.h, v.left:v.left + v.w])
+            total += 1
+    return {"views": total, "equal": equal}
 
 
 def pipelines(paths: list[str], size: int) -> dict:
@@ -101,6 +177,9 @@ def run(args) -> dict:
     paths = [str(p) for p in write_photo_folder(folder, args.images, classes=1)][: args.images]
     kb = sum(os.path.getsize(p) for p in paths) / len(paths) / 1e3
     fns = pipelines(paths, args.size)
+    probe = build_region_probe(folder) if args.region_probe else None
+    if probe is not None:
+        fns.update(region_pipelines(paths, args.size, probe))
     for f in fns.values():  # warm-up: imports, allocator, file cache
         for i in range(min(8, len(paths))):
             f(i)
@@ -123,6 +202,7 @@ def run(args) -> dict:
             "images_per_s": {k: statistics.median(v) for k, v in rates.items()}, "ratio_vs_official": ratios(rates),
             "wall_images_per_s": {k: statistics.median(v) for k, v in wall.items()}, "wall_ratio": ratios(wall),
             "all_rates": rates, "pixels": pixel_difference(paths[: args.diff_images], args.size),
+            "region_exact": region_exact(paths[: args.diff_images], args.size, probe) if probe else None,
             "torch": torch.__version__, "cpu": _cpu_name(), "load": os.getloadavg()[0]}
 
 
@@ -153,6 +233,11 @@ def table(r: dict) -> str:
                   f"{px['mean_normalised']:.2e}, max {px['max_normalised']:.3f}",
               f"project / official: {r['ratio_vs_official']['project']:.2f}x per core (CPU time) "
               f"(full-decode ceiling here: decode-pil is {r['ratio_vs_official']['decode-pil']:.2f}x)"]
+    if r.get("region_exact"):
+        ex, rt = r["region_exact"], r["ratio_vs_official"]
+        lines += [f"probe: region pixels equal to a full decode's on {ex['equal']} of {ex['views']} views; "
+                  f"project-region / official: {rt['project-region']:.2f}x; the Huffman decoding alone "
+                  f"(probe-entropy) caps any libjpeg path at {rt['probe-entropy']:.2f}x"]
     return "\n".join(lines)
 
 
@@ -165,6 +250,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: as in a DataLoader worker)")
     p.add_argument("--dir", help="folder for the generated JPEGs (default: a new temporary folder)")
     p.add_argument("--diff-images", type=int, default=20, help="images whose views are compared pixel by pixel")
+    p.add_argument("--region-probe", action="store_true",
+                   help="also measure a region-only JPEG decoder (builds benchmarks/jpeg_region.c)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     r = run(args)

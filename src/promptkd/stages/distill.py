@@ -749,7 +749,7 @@ def register(sub) -> None:
     p.add_argument("--vision-depth", type=non_negative_int)
     p.add_argument("--n-ctx-vision", type=positive_int)
     p.add_argument("--temperature", type=positive_float)
-    p.add_argument("--kd-weight", type=non_negative_float, help="default: the official per-dataset weight")
+    p.add_argument("--kd-weight", type=non_negative_float, help="default: the official per-dataset weight on the 11 benchmarks, 1 per image elsewhere")
     p.add_argument("--kd-reduction", choices=KD_REDUCTIONS)
     p.add_argument("--precision", choices=PRECISIONS)
     p.add_argument("--epochs", type=positive_int)
