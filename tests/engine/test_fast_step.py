@@ -109,3 +109,83 @@ def test_sgd_is_fused_on_cuda_and_foreach_elsewhere(monkeypatch):
     seen.clear()
     loop.make_optimizer([fake], TrainConfig())
     assert seen.get("fused") is True
+
+
+class _CompilerError(Exception):
+    """Stands for what a broken toolchain raises (no Triton, no C compiler) when the step compiles."""
+
+
+def _failing_backward(x):
+    class Fail(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.clone()
+
+        @staticmethod
+        def backward(ctx, g):  # the backward graph is compiled lazily, at the first backward
+            raise _CompilerError("inductor: C compiler not found")
+
+    return Fail.apply(x)
+
+
+def _compile_run(tmp_path, monkeypatch, mode, compiler):
+    """Train with the step 'compiled' by `compiler(loss_fn)` (resolve_compile forced on); returns the model."""
+    monkeypatch.setattr(loop, "resolve_compile", lambda cfg, *a: cfg.compile != "off")
+    monkeypatch.setattr(loop, "compile_loss", lambda fn, device: compiler(fn))
+    model = make_model()
+    train_loop(model, ce_loss(model), Noisy(), TrainConfig(**CFG, compile=mode), tmp_path / mode)
+    return model
+
+
+def _eager(tmp_path):
+    model = make_model()
+    train_loop(model, ce_loss(model), Noisy(), TrainConfig(**CFG, compile="off"), tmp_path / "eager")
+    return model.state_dict()
+
+
+def test_a_step_that_fails_to_compile_trains_eagerly_under_auto(tmp_path, monkeypatch, caplog):
+    calls = {"n": 0}
+
+    def compiler(fn):
+        def broken(batch):  # runs the forward (BatchNorm statistics move), then fails in the backward
+            calls["n"] += 1
+            loss, logs = fn(batch)
+            return _failing_backward(loss), logs
+        return broken
+
+    with caplog.at_level("WARNING", logger="promptkd"):
+        model = _compile_run(tmp_path, monkeypatch, "auto", compiler)
+    assert calls["n"] == 1  # tried once, then eager for every step
+    assert [r.getMessage() for r in caplog.records if "torch.compile failed" in r.getMessage()] == [
+        "torch.compile failed on the training step (_CompilerError: inductor: C compiler not found); "
+        "training without it (--compile off skips the attempt)"]
+    eager = _eager(tmp_path)
+    for k, v in model.state_dict().items():  # the failed attempt left nothing behind (running stats included)
+        assert torch.equal(v, eager[k]), k
+
+
+def test_a_step_that_fails_to_compile_is_one_line_under_on(tmp_path, monkeypatch):
+    def compiler(fn):
+        def broken(batch):
+            raise _CompilerError("BackendCompilerFailed: triton not found\n  long compiler log")
+        return broken
+
+    with pytest.raises(PromptKDError, match=r"^torch.compile failed on the training step \(_CompilerError: "
+                                            r"BackendCompilerFailed: triton not found\); run with --compile off"):
+        _compile_run(tmp_path, monkeypatch, "on", compiler)
+
+
+def test_the_compile_attempt_leaves_no_trace(tmp_path, monkeypatch):
+    calls = {"n": 0}
+
+    def compiler(fn):  # a compiler that works: the attempt runs the step once more, then undoes it
+        def compiled(batch):
+            calls["n"] += 1
+            return fn(batch)
+        return compiled
+
+    model = _compile_run(tmp_path, monkeypatch, "auto", compiler)
+    assert calls["n"] == 8 + 1  # 8 steps and the attempt
+    eager = _eager(tmp_path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, eager[k]), k

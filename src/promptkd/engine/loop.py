@@ -356,6 +356,39 @@ def compile_loss(loss_fn: Callable, device: torch.device) -> Callable:
     return torch.compile(loss_fn, mode=mode, dynamic=False)
 
 
+def _compiled_step_works(step_loss: Callable, batch: tuple, params: list, buffers: list, device: torch.device,
+                         cfg: TrainConfig) -> bool:
+    """Run the compiled step's forward and backward once on the first batch, then undo it (buffers
+    restored, gradients dropped). Compiling happens here, where a failure (no Triton or C compiler,
+    an operation the compiler cannot handle) can still fall back to eager (`compile: auto`: False,
+    with a warning) or stop in one line (`on`), instead of dying inside a step."""
+    saved = [b.detach().clone() for b in buffers]
+    try:
+        if device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        with autocast(device, cfg.precision):
+            loss, _ = step_loss(batch)
+        loss.backward()
+        return True
+    except (torch.cuda.OutOfMemoryError, PromptKDError):
+        raise  # not the compiler's fault: eager would fail the same way
+    except Exception as e:
+        text = str(e).strip()
+        reason = f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+        if cfg.compile == "on":
+            raise PromptKDError(f"torch.compile failed on the training step ({reason}); "
+                                "run with --compile off (or auto)") from e
+        log.warning("torch.compile failed on the training step (%s); training without it "
+                    "(--compile off skips the attempt)", reason)
+        return False
+    finally:
+        with torch.no_grad():
+            for b, s in zip(buffers, saved):
+                b.copy_(s)
+        for p in params:
+            p.grad = None
+
+
 @dataclass
 class _Pending:
     """One fast-path step whose results are still on the device."""
@@ -401,7 +434,8 @@ def train_loop(
     and before each checkpoint. A NaN/inf is then found up to SYNC_EVERY - 1 steps late; the run
     stops naming its step, nothing from that step on is logged, and no checkpoint is written past
     it. "skip" and fp16 (GradScaler) check every step. `cfg.compile` (resolve_compile; auto follows
-    `compile_default`) runs `loss_fn` through torch.compile, with CUDA graphs on CUDA.
+    `compile_default`) runs `loss_fn` through torch.compile, with CUDA graphs on CUDA; the first step
+    tries it and falls back to eager (auto) or stops in one line (on) if it cannot compile.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -421,6 +455,7 @@ def train_loop(
     compiled = resolve_compile(cfg, device, compile_default, dist_info.enabled)
     step_loss = compile_loss(loss_fn, device) if compiled else loss_fn
     graphs = compiled and device.type == "cuda"
+    untried = compiled
 
     sampler = EpochBatchSampler(len(dataset), cfg.batch_size, cfg.seed, True, cfg.drop_last,
                                 dist_info.rank, dist_info.world_size)
@@ -475,6 +510,10 @@ def train_loop(
                 if step >= steps_per_epoch:
                     break
                 batch = tuple(b.to(device, non_blocking=True) if torch.is_tensor(b) else b for b in batch)
+                if untried:  # the first step of this process compiles; a failure is handled there
+                    untried = False
+                    if not _compiled_step_works(step_loss, batch, params, buffers, device, cfg):
+                        step_loss, graphs = loss_fn, False
                 if graphs:  # the previous step's graph outputs may be overwritten from here on
                     torch.compiler.cudagraph_mark_step_begin()
                 saved_buffers = [b.detach().clone() for b in buffers] if cfg.on_nonfinite == "skip" else None
