@@ -33,8 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from photos import write_photo_folder  # noqa: E402
+from photos import write_photo_folder  # benchmarks/ is the script's folder: first on sys.path
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OFFICIAL_STEP = HERE.parent.parent / "shared" / "tools" / "official_step_gpu.py"

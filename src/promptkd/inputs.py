@@ -14,6 +14,7 @@ from pathlib import Path
 from promptkd.artifacts import read_artifact_meta
 from promptkd.errors import PromptKDError
 from promptkd.runs import read_run_record
+from promptkd.settings import random_weights
 
 ARTIFACT_FILES = {"teacher": "teacher.safetensors", "student": "student.safetensors"}
 CLASS_VECTORS_FILE = "class_vectors.safetensors"
@@ -60,10 +61,15 @@ def run_record_of(artifact: Path) -> dict:
     return read_run_record(Path(artifact).parent) or {}
 
 
-def class_vectors_beside(student: Path) -> Path | None:
-    """The class vectors distillation wrote next to the student (the classifier it was trained on)."""
+def student_class_vectors(student: Path, given: str | Path | None, missing: str | None = None) -> Path:
+    """The class vectors a student classifies with: `given` (--class-vectors), else those distillation
+    wrote next to it (the classifier it was trained on); none is one line (`missing`, or the default)."""
+    if given:
+        return class_vectors_path(given)
     path = Path(student).parent / CLASS_VECTORS_FILE
-    return path if path.is_file() else None
+    if not path.is_file():
+        raise PromptKDError(missing or f"{student}: no class vectors beside it; give --class-vectors FILE")
+    return path
 
 
 def class_vectors_path(given: str | Path, option: str = "--class-vectors") -> Path:
@@ -87,7 +93,7 @@ def check_clip_files(model: str | None, weights: str | None, role: str) -> None:
     """A CLIP named by files (config JSON, local weights) must have them, before any heavy work."""
     if model and model.endswith(".json") and not Path(model).is_file():
         raise PromptKDError(f"--{role}-model {model}: model config not found")
-    if weights and weights.strip().lower() not in ("none", "") and any(c in weights for c in "/\\.") \
+    if not random_weights(weights) and any(c in weights for c in "/\\.") \
             and not Path(weights).exists():
         raise PromptKDError(f"--{role}-weights {weights}: weights file not found")
     if weights and Path(weights).is_dir():

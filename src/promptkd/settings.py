@@ -81,6 +81,20 @@ def check_ranges(obj: Any, source: str, limits: dict[str, tuple[str, float]]) ->
             raise PromptKDError(f"{source}: {name} must be {op} {bound:g}, got {value!r}")
 
 
+def random_weights(weights: str | None) -> bool:
+    """Whether a weights setting asks for a random initialisation: none / null / "none" / ""."""
+    return weights is None or weights.strip().lower() in ("none", "")
+
+
+def put_setting(data: dict, key: str, value: Any) -> None:
+    """`NAME` or `train.NAME` (from --set or an option) into a stage's settings, whose only section is
+    `train` (the teacher's and distillation's)."""
+    section, _, name = key.rpartition(".")
+    if section not in ("", "train"):
+        raise PromptKDError(f"unknown setting {key!r} (use NAME or train.NAME)")
+    (data.setdefault("train", {}) if section else data)[name] = value
+
+
 def rename_keys(d: dict, renames: dict[str, str], source: str) -> dict:
     """Old setting names still read for one release, with a warning naming the new one."""
     import logging

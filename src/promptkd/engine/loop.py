@@ -362,7 +362,7 @@ def _compiled_step_works(step_loss: Callable, batch: tuple, params: list, buffer
     restored, gradients dropped). Compiling happens here, where a failure (no Triton or C compiler,
     an operation the compiler cannot handle) can still fall back to eager (`compile: auto`: False,
     with a warning) or stop in one line (`on`), instead of dying inside a step."""
-    saved = [b.detach().clone() for b in buffers]
+    saved = _copy_buffers(buffers)
     try:
         if device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
@@ -382,11 +382,20 @@ def _compiled_step_works(step_loss: Callable, batch: tuple, params: list, buffer
                     "(--compile off skips the attempt)", reason)
         return False
     finally:
-        with torch.no_grad():
-            for b, s in zip(buffers, saved):
-                b.copy_(s)
+        _put_back(buffers, saved)
         for p in params:
             p.grad = None
+
+
+def _copy_buffers(buffers: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The persistent buffers' values (BatchNorm statistics move in a forward pass), for _put_back."""
+    return [b.detach().clone() for b in buffers]
+
+
+@torch.no_grad()
+def _put_back(buffers: list[torch.Tensor], saved: list[torch.Tensor]) -> None:
+    for b, s in zip(buffers, saved):
+        b.copy_(s)
 
 
 @dataclass
@@ -516,7 +525,7 @@ def train_loop(
                         step_loss, graphs = loss_fn, False
                 if graphs:  # the previous step's graph outputs may be overwritten from here on
                     torch.compiler.cudagraph_mark_step_begin()
-                saved_buffers = [b.detach().clone() for b in buffers] if cfg.on_nonfinite == "skip" else None
+                saved_buffers = _copy_buffers(buffers) if cfg.on_nonfinite == "skip" else None
                 with autocast(device, cfg.precision):
                     loss, logs = step_loss(batch)
                 optimizer.zero_grad(set_to_none=True)
@@ -554,9 +563,7 @@ def train_loop(
                         where = f"epoch {epoch + 1} step {step + 1} (global step {result.steps})"
                         log.warning("skipping batch with non-finite loss/gradients at %s", where)
                         optimizer.zero_grad(set_to_none=True)
-                        with torch.no_grad():
-                            for b, saved in zip(buffers, saved_buffers):
-                                b.copy_(saved)
+                        _put_back(buffers, saved_buffers)
                         result.skipped_steps += 1
                     else:
                         if cfg.grad_clip:

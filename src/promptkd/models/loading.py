@@ -32,6 +32,7 @@ from promptkd.errors import PromptKDError
 from promptkd.logs import quiet_open_clip
 from promptkd.models.torchscript import read_torchscript_state_dict
 from promptkd.runs import check_file_record, file_record, is_file_record
+from promptkd.settings import random_weights
 
 log = logging.getLogger(__name__)
 
@@ -258,10 +259,6 @@ def _seeded(init_seed: int):
         yield
 
 
-def _is_random(pretrained: str | None) -> bool:
-    return pretrained is None or pretrained.strip().lower() in ("none", "")
-
-
 def _warn_random(name: str, init_seed: int) -> None:
     log.warning("%s has random weights (seed %d): fine for testing the pipeline, meaningless for accuracy",
                 name, init_seed)
@@ -274,7 +271,7 @@ def _load_toy(model: str, pretrained: str | None, device, init_seed: int) -> Cli
 
     if model not in toy_model_names():
         raise PromptKDError(f"unknown toy model {model!r}; choose one of {toy_model_names()}")
-    if pretrained is not None and _is_random(pretrained):
+    if pretrained is not None and random_weights(pretrained):
         with _seeded(init_seed):
             clip, preprocess_cfg, tokenizer = build_toy_clip(model, pretrained=False)
         _warn_random(model, init_seed)
@@ -318,7 +315,7 @@ def load_clip(model: str, pretrained: str | None = None, *, device: str | torch.
     elif model not in open_clip.list_models():
         raise PromptKDError(f"unknown model {model!r}: not an open_clip model name (see `open_clip.list_models()`) nor a .json config")
 
-    random = _is_random(pretrained)
+    random = random_weights(pretrained)
     pretrained = None if random else pretrained
     local = pretrained is not None and (Path(pretrained).exists() or any(c in pretrained for c in "/\\."))
     source = {"model": model_source, "weights": "none" if random else pretrained}

@@ -197,6 +197,15 @@ def check_manifest(m, d: Path) -> dict:
     return m
 
 
+def require_cache_folder(folder: str | Path, option: str = "") -> Path:
+    """A folder that holds a teacher cache's manifest; else one line (naming `option` when given)."""
+    d = Path(folder)
+    if not (d / "manifest.json").is_file():
+        raise PromptKDError(f"{option + ' ' if option else ''}{d}: no teacher cache here (manifest.json missing); "
+                            "build one with `promptkd cache`")
+    return d
+
+
 class TeacherCache:
     """A built cache, read on demand: its size on disk (N x K x D x 2 bytes of fp16 features) never
     has to fit in memory.
@@ -213,9 +222,7 @@ class TeacherCache:
     def __init__(self, cache_dir: str | Path, teacher_identity: dict | None = None, items: Sequence[Item] | None = None):
         import torch
 
-        d = Path(cache_dir)
-        if not (d / "manifest.json").is_file():
-            raise PromptKDError(f"{d}: no teacher cache here (manifest.json missing); build one with `promptkd cache`")
+        d = require_cache_folder(cache_dir)
         m = check_manifest(read_json(d / "manifest.json"), d)
         self.dir, self.manifest = d, m
         self.check(teacher_identity, items)

@@ -28,8 +28,16 @@ from promptkd.artifacts import load_artifact, read_json, write_json
 from promptkd.data.protocols import PROTOCOLS, EvalSplit, Protocol, align_class_vectors, build_protocol
 from promptkd.engine.config import CHECKPOINT_NAME, COMPILE_MODES, TrainConfig
 from promptkd.errors import PromptKDError
-from promptkd.settings import check_field_types, check_known_keys, check_ranges, read_yaml, rename_keys
-from promptkd.stages.cache import CachedViewDataset, TeacherCache
+from promptkd.settings import (
+    check_field_types,
+    check_known_keys,
+    check_ranges,
+    put_setting,
+    random_weights,
+    read_yaml,
+    rename_keys,
+)
+from promptkd.stages.cache import CachedViewDataset, TeacherCache, require_cache_folder
 from promptkd.stages.class_vectors import compute_class_vectors
 
 if TYPE_CHECKING:  # torch and the models are imported where they run: `promptkd distill --help` stays fast
@@ -547,7 +555,7 @@ class DistillConfig:
         check_ranges(self, "distill settings", {"shots": (">=", 0), "vision_depth": (">=", 0),
                                                  "n_ctx_vision": (">=", 1), "temperature": (">", 0),
                                                  "kd_weight": (">=", 0), "eval_batch_size": (">=", 1)})
-        if isinstance(self.student_weights, str) and self.student_weights.strip().lower() in ("none", ""):
+        if random_weights(self.student_weights):
             self.student_weights = None
 
     @classmethod
@@ -577,6 +585,13 @@ def _from_dict(cls, d: dict, what: str):
     return cls(**d)
 
 
+def _check_required(cfg: DistillConfig) -> None:
+    if not cfg.dataset:
+        raise PromptKDError("distill: no dataset (--dataset or `dataset:` in a config)")
+    if not cfg.teacher:
+        raise PromptKDError("distill: no teacher (--teacher FILE|DIR or `teacher:` in a config)")
+
+
 def distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = False) -> Path:
     """Load teacher, class vectors and data, build the student, distil; returns the student file.
 
@@ -598,10 +613,7 @@ def distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = False) -> Pa
         write_run_record,
     )
 
-    if not cfg.dataset:
-        raise PromptKDError("distill: no dataset (--dataset or `dataset:` in a config)")
-    if not cfg.teacher:
-        raise PromptKDError("distill: no teacher (--teacher FILE|DIR or `teacher:` in a config)")
+    _check_required(cfg)
     teacher_path = artifact_path(cfg.teacher, "teacher")
     device = resolve_device(cfg.train.device)
     info = distributed.init_distributed(device.type)
@@ -664,10 +676,7 @@ def config_from_args(args) -> DistillConfig:
 
     overrides: dict = {"train": {}}
     for key, value in parse_set(args.set):
-        section, _, name = key.rpartition(".")
-        if section not in ("", "train"):
-            raise PromptKDError(f"unknown setting {key!r} (use NAME or train.NAME)")
-        (overrides["train"] if section else overrides)[name] = value
+        put_setting(overrides, key, value)
     top = {f.name for f in fields(DistillConfig)} - {"train"}
     overrides.update({k: v for k, v in vars(args).items() if k in top and v is not None})
     overrides["train"].update({k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k, None) is not None})
@@ -685,17 +694,13 @@ def _run(args) -> int:
     from promptkd.runs import claim_folder
 
     cfg = config_from_args(args)  # types and ranges of every setting
-    if not cfg.dataset:
-        raise PromptKDError("distill: no dataset (--dataset or `dataset:` in a config)")
-    if not cfg.teacher:
-        raise PromptKDError("distill: no teacher (--teacher FILE|DIR or `teacher:` in a config)")
+    _check_required(cfg)
     resolve_device(cfg.train.device)
     artifact_path(cfg.teacher, "teacher")
     if cfg.class_vectors:
         class_vectors_path(cfg.class_vectors)
-    if cfg.teacher_cache and not (Path(cfg.teacher_cache) / "manifest.json").is_file():
-        raise PromptKDError(f"--teacher-cache {cfg.teacher_cache}: no teacher cache here (manifest.json missing); "
-                            "build one with `promptkd cache`")
+    if cfg.teacher_cache:
+        require_cache_folder(cfg.teacher_cache, "--teacher-cache")
     check_clip_files(cfg.teacher_model, cfg.teacher_weights, "teacher")
     check_clip_files(cfg.student_model, cfg.student_weights, "student")
     claim = claim_folder(args.out, DISTILL_OUTPUTS, overwrite=args.overwrite, resume=args.resume,

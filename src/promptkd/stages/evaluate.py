@@ -20,13 +20,12 @@ def _format_table(title: str, results: dict[str, float], counts: dict[str, int])
 def _subject(args):
     """(clip model | None, teacher file | None, student file | None) of the command line; a run
     folder or artifact given as the first argument is a teacher or a student by its kind."""
-    from promptkd.inputs import artifact_kind, artifact_path
+    from promptkd.inputs import artifact_kind, artifact_path, one_of
 
     teacher, student = args.teacher, args.student
     if args.run:
         kind, path = artifact_kind(args.run, "eval")
-        if (teacher if kind == "teacher" else student) not in (None, args.run):
-            raise PromptKDError(f"give the {kind} once: as the first argument or with --{kind}")
+        one_of(args.run, teacher if kind == "teacher" else student, f"--{kind}")
         teacher, student = (path, student) if kind == "teacher" else (teacher, path)
     chosen = [x for x in (args.clip_model, teacher, student) if x]
     if len(chosen) != 1:
@@ -44,22 +43,17 @@ def run_eval(args) -> dict:
     from promptkd.engine.loop import autocast, resolve_device, resolve_precision
     from promptkd.inputs import (
         check_clip_files,
-        class_vectors_beside,
-        class_vectors_path,
         load_student,
         load_teacher,
         run_record_of,
+        student_class_vectors,
     )
     from promptkd.metrics import DEFAULT_TEMPLATES, evaluate_splits, zero_shot_class_vectors
     from promptkd.models import load_clip
     from promptkd.models.wrappers import ClassVectors
 
     clip_model, teacher_path, student_path = _subject(args)
-    cv_path = None
-    if student_path:
-        cv_path = class_vectors_path(args.class_vectors) if args.class_vectors else class_vectors_beside(student_path)
-        if cv_path is None:
-            raise PromptKDError(f"{student_path}: no class vectors beside it; give --class-vectors FILE")
+    cv_path = student_class_vectors(student_path, args.class_vectors) if student_path else None
     for role, model, weights in (("clip", args.clip_model, args.clip_weights), ("teacher", args.teacher_model,
                                  args.teacher_weights), ("student", args.student_model, args.student_weights)):
         check_clip_files(model, weights, role)

@@ -137,9 +137,25 @@ def _probe(classifier: StudentClassifier, batch: int = 3, seed: int = 0) -> torc
     return torch.randn(batch, 3, s, s, generator=torch.Generator().manual_seed(seed))
 
 
-def parity(classifier: StudentClassifier, exported, batch: int = 3, seed: int = 0) -> float:
+def reference_logits(classifier: StudentClassifier, batch: int = 3, seed: int = 0,
+                     source: str = "PyTorch") -> torch.Tensor:
+    """The PyTorch logits of the probe batch (finite, else an error naming `source`): what an export
+    must reproduce."""
+    import torch
+
+    from promptkd.deploy import check_scores
+
+    with torch.no_grad():
+        ref = classifier.logits(_probe(classifier, batch, seed)).cpu().float()
+    check_scores(ref, source)
+    return ref
+
+
+def parity(classifier: StudentClassifier, exported, batch: int = 3, seed: int = 0,
+           reference: torch.Tensor | None = None) -> float:
     """Max |logit difference| between PyTorch and an exported file (a path: ONNX on onnxruntime, or any
-    loaded predictor) on a random normalised batch. Non-finite logits on either side are an error."""
+    loaded predictor) on a random normalised batch (`reference`: its PyTorch logits, when already
+    computed). Non-finite logits on either side are an error."""
     import torch
 
     from promptkd.deploy import OnnxClassifier, check_scores
@@ -147,9 +163,7 @@ def parity(classifier: StudentClassifier, exported, batch: int = 3, seed: int = 
     if isinstance(exported, (str, os.PathLike)):
         exported = OnnxClassifier(exported)
     x = _probe(classifier, batch, seed)
-    with torch.no_grad():
-        ref = classifier.logits(x).cpu().float()
-    check_scores(ref, "PyTorch")
+    ref = reference if reference is not None else reference_logits(classifier, batch, seed)
     with torch.no_grad():
         got = exported.logits(x).cpu().float()
     check_scores(got, "the exported model")
@@ -198,16 +212,8 @@ def default_out(student: str | Path, fmt: str) -> Path:
 
 
 def _run(args) -> int:
-    import torch
-
-    from promptkd.deploy import StudentClassifier, check_scores
-    from promptkd.inputs import (
-        artifact_path,
-        check_clip_files,
-        class_vectors_beside,
-        class_vectors_path,
-        one_of,
-    )
+    from promptkd.deploy import StudentClassifier
+    from promptkd.inputs import artifact_path, check_clip_files, one_of, student_class_vectors
     from promptkd.runs import claim_file
 
     fmt = getattr(args, "format", "onnx")
@@ -215,9 +221,7 @@ def _run(args) -> int:
     if not given:
         raise PromptKDError("no student: give its file or run folder (promptkd export runs/NAME/student ...)")
     student = artifact_path(given, "student")
-    cv = class_vectors_path(args.class_vectors) if args.class_vectors else class_vectors_beside(student)
-    if cv is None:
-        raise PromptKDError(f"{student}: no class vectors beside it; give --class-vectors FILE")
+    cv = student_class_vectors(student, args.class_vectors)
     out = Path(args.out or default_out(student, fmt))
     if out.resolve() in (student.resolve(), cv.resolve()):
         raise PromptKDError(f"--out {out} would overwrite an input file; choose another path")
@@ -231,8 +235,7 @@ def _run(args) -> int:
         if args.opset > _max_opset():
             raise PromptKDError(f"--opset {args.opset}: this torch exports opsets {DEFAULT_OPSET} to {_max_opset()}")
     clf = load_classifier(str(student), str(cv), student_model=args.student_model, student_weights=args.student_weights)
-    with torch.no_grad():
-        check_scores(clf.logits(_probe(clf)), f"{student}")  # nothing is written for a broken model
+    ref = reference_logits(clf, source=str(student))  # nothing is written for a broken model
     check = not args.no_check
     if check and fmt == "onnx":
         try:
@@ -251,7 +254,8 @@ def _run(args) -> int:
 
             runtime = "onnxruntime" if fmt == "onnx" else "the reloaded file"
             try:
-                diff = parity(clf, OnnxClassifier(target) if fmt == "onnx" else StudentClassifier.load(target))
+                diff = parity(clf, OnnxClassifier(target) if fmt == "onnx" else StudentClassifier.load(target),
+                              reference=ref)
             except PromptKDError as e:
                 raise PromptKDError(f"{out}: parity check failed: {e}; nothing written") from None
             limit = parity_limit(clf, args.fp16)

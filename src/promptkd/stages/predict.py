@@ -63,7 +63,7 @@ def predict_files(clf, paths: list[str], *, topk: int = 5, batch_size: int = 32,
 def build_classifier(args):
     """The classifier the options describe: a --model file, a student + class vectors (those in its
     run folder by default), or a student + teacher + class names (open vocabulary)."""
-    from promptkd.inputs import artifact_path, check_clip_files, class_vectors_beside, class_vectors_path
+    from promptkd.inputs import artifact_path, check_clip_files, student_class_vectors
     from promptkd.stages.export import load_classifier
 
     names = _classnames(args)
@@ -83,10 +83,8 @@ def build_classifier(args):
     if names is None:
         if args.teacher:
             raise PromptKDError("--teacher is only used with --classes/--classes-file")
-        cv = class_vectors_path(args.class_vectors) if args.class_vectors else class_vectors_beside(student)
-        if cv is None:
-            raise PromptKDError("--student needs --class-vectors (none beside it), or --classes/--classes-file "
-                                "with --teacher")
+        cv = student_class_vectors(student, args.class_vectors, "--student needs --class-vectors (none beside "
+                                   "it), or --classes/--classes-file with --teacher")
         return load_classifier(str(student), str(cv), student_model=args.student_model,
                                student_weights=args.student_weights, device=device)
     if not args.teacher:

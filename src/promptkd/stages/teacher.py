@@ -24,7 +24,15 @@ from typing import TYPE_CHECKING
 from promptkd.artifacts import load_artifact, write_json
 from promptkd.engine.config import CHECKPOINT_NAME, TrainConfig
 from promptkd.errors import PromptKDError
-from promptkd.settings import check_field_types, check_known_keys, check_ranges, read_yaml, rename_keys
+from promptkd.settings import (
+    check_field_types,
+    check_known_keys,
+    check_ranges,
+    put_setting,
+    random_weights,
+    read_yaml,
+    rename_keys,
+)
 from promptkd.stages.templates import IMAGENET_TEMPLATES
 
 if TYPE_CHECKING:  # torch and the models are imported where they run: `promptkd teacher --help` stays fast
@@ -90,7 +98,7 @@ class TeacherConfig:
             "n_ctx_text": (">=", 1), "text_loss_weight": (">=", 0), "image_loss_weight": (">=", 0),
             "logits_loss_weight": (">=", 0), "text_chunk": (">=", 1), "val_every": (">=", 0),
             "eval_batch_size": (">=", 1)})
-        if isinstance(self.weights, str) and self.weights.strip().lower() in ("none", ""):
+        if random_weights(self.weights):
             self.weights = None
         self.train.seed = self.seed
 
@@ -405,10 +413,7 @@ def config_from_args(args) -> TeacherConfig:
     if getattr(args, "no_progress", False):
         overrides.append(("train.progress", False))
     for key, value in overrides:
-        section, _, name = key.rpartition(".")
-        if section not in ("", "train"):
-            raise PromptKDError(f"unknown setting {key!r} (use NAME or train.NAME)")
-        (data["train"] if section else data)[name] = value
+        put_setting(data, key, value)
     if data["train"].get("precision") == "auto":  # bf16 (or fp16) on CUDA, fp32 elsewhere
         from promptkd.engine.loop import resolve_device, resolve_precision
 

@@ -13,23 +13,23 @@ PRETRAIN_DESCRIPTION = "Contrastive pretraining of the toy CLIPs on the toy worl
 
 
 def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
-    from promptkd.options import deprecated
+    from promptkd.options import deprecated, positive_float, positive_int
 
     p.add_argument("which", choices=["teacher", "student", *TOY_MODELS])
     p.add_argument("--out", metavar="DIR", default="runs/toy-pretrain", help="output folder (weights, checkpoints, log)")
     p.add_argument("--seed", type=int, default=0)
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--steps", type=int, help="optimiser steps (reproducible)")
-    g.add_argument("--minutes", type=float, help="wall-clock budget; steps set from measured speed")
-    p.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--steps", type=positive_int, help="optimiser steps (reproducible)")
+    g.add_argument("--minutes", type=positive_float, help="wall-clock budget; steps set from measured speed")
+    p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup-steps", type=int, default=200)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--eval-seconds", type=float, default=300, help="seconds between zero-shot evaluations (0: none)")
     p.add_argument("--checkpoint-seconds", type=float, default=600, help="seconds between checkpoints (0: none)")
-    p.add_argument("--deadline-minutes", type=float, default=None, help="stop early at this wall time")
-    p.add_argument("--stop-after-steps", type=int, default=None,
+    p.add_argument("--deadline-minutes", type=positive_float, default=None, help="stop early at this wall time")
+    p.add_argument("--stop-after-steps", type=positive_int, default=None,
                    help="stop at this step of the --steps schedule (a less trained model)")
     p.add_argument("--eval-n-per-class", type=int, default=50, help="domain test images per class for evaluations")
     p.add_argument("--ship", action="store_true", help="copy the final weights into the package assets")
@@ -40,10 +40,6 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
 def run_pretrain(a) -> int:
     from promptkd.errors import PromptKDError
 
-    for flag, value in (("--steps", a.steps), ("--minutes", a.minutes), ("--batch-size", a.batch_size),
-                        ("--stop-after-steps", a.stop_after_steps), ("--deadline-minutes", a.deadline_minutes)):
-        if value is not None and value <= 0:
-            raise PromptKDError(f"{flag} must be positive, got {value}")
     if a.stop_after_steps is not None and (a.steps is None or a.stop_after_steps > a.steps):
         raise PromptKDError("--stop-after-steps needs --steps and must not exceed it")
     from promptkd.toy.pretrain import pretrain
