@@ -4,11 +4,10 @@ test pinned to the CPU unless it is marked `gpu`."""
 from __future__ import annotations
 
 import functools
-import json
 
 import pytest
 import torch
-from tinyclip import tiny_config
+from tinyclip import write_tiny_configs
 
 # Read once, before any test hides the device: whether `gpu` tests can run at all.
 HAS_CUDA = torch.cuda.is_available()
@@ -51,8 +50,4 @@ def _seed_and_threads():
 @pytest.fixture
 def tiny_configs(tmp_path):
     """Paths to a tiny 'teacher' (wider, 3 layers) and 'student' config."""
-    t = tmp_path / "tiny-teacher.json"
-    s = tmp_path / "tiny-student.json"
-    t.write_text(json.dumps(tiny_config(width=48, layers=3, embed=32, text_layers=3)))
-    s.write_text(json.dumps(tiny_config(width=32, layers=2, embed=24)))
-    return t, s
+    return write_tiny_configs(tmp_path)

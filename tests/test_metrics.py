@@ -9,25 +9,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tinyclip import hm, plain_top1
 
 from promptkd.data.protocols import build_protocol
 from promptkd.metrics import accuracy, evaluate_splits, harmonic_mean
 
 NAMES = ["ant", "bee", "cat", "dog", "eel"]  # 5 classes: base = the first ceil(5/2) = 3
-
-
-def plain_top1(features, labels, vectors, candidates) -> float:
-    """Percent of rows whose best-scoring candidate class (plain dot products, first maximum) is the label."""
-    correct = 0
-    for f, y in zip(features, labels):
-        scores = [sum(a * b for a, b in zip(f, vectors[c])) for c in candidates]
-        best = max(range(len(candidates)), key=lambda i: (scores[i], -i))
-        correct += candidates[best] == y
-    return 100.0 * correct / len(labels)
-
-
-def hm(a: float, b: float) -> float:
-    return 2 * a * b / (a + b)
 
 
 def test_accuracy_is_the_percent_of_rows_whose_best_class_is_the_label():

@@ -26,6 +26,30 @@ def tiny_config(width=32, layers=2, patch=8, image=32, embed=24, text_width=32, 
     }
 
 
+# The tiny teacher (wider, 3 layers) and student CLIP shapes most tests use.
+TEACHER_SHAPE = dict(width=48, layers=3, embed=32, text_layers=3)
+STUDENT_SHAPE = dict(width=32, layers=2, embed=24)
+
+
+def write_tiny_configs(folder: Path) -> tuple[Path, Path]:
+    """folder/tiny-teacher.json and folder/tiny-student.json (TEACHER_SHAPE, STUDENT_SHAPE)."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    t, s = folder / "tiny-teacher.json", folder / "tiny-student.json"
+    t.write_text(json.dumps(tiny_config(**TEACHER_SHAPE)))
+    s.write_text(json.dumps(tiny_config(**STUDENT_SHAPE)))
+    return t, s
+
+
+# The buffers OpenAI's CLIP files carry besides the weights (open_clip's CLIP has none of them).
+OPENAI_BUFFERS = ("input_resolution", "context_length", "vocab_size")
+
+
+def openai_buffers(image_size: int, context_length: int) -> dict[str, torch.Tensor]:
+    return dict(zip(OPENAI_BUFFERS, (torch.tensor(image_size), torch.tensor(context_length), torch.tensor(49408))))
+
+
 def write_images(root, per_class: int = 6, seed: int = 0, size: int = 32, noise: float = 20.0):
     """Coloured squares with noise and a random darker patch, one folder per class.
 
@@ -125,7 +149,7 @@ def openai_state_dict(width=128, layers=2, patch=8, image=32, embed=48, text_wid
     sd["logit_scale"] = torch.tensor(4.6052)
     if dtype is not None:
         sd = {k: v.to(dtype) for k, v in sd.items()}
-    sd.update(input_resolution=torch.tensor(image), context_length=torch.tensor(ctx), vocab_size=torch.tensor(49408))
+    sd.update(openai_buffers(image, ctx))
     return sd
 
 
@@ -209,3 +233,25 @@ def load_benchmark(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def one_line(err: str) -> str:
+    """A command's error as the CLI promises it: one line on stderr, no traceback (stripped)."""
+    err = err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    return err
+
+
+# Oracles for accuracy and HM, in plain Python: expected values never come from the code under test.
+def plain_top1(features, labels, vectors, candidates) -> float:
+    """Percent of rows whose best-scoring candidate class (plain dot products, first maximum) is the label."""
+    correct = 0
+    for f, y in zip(features, labels):
+        scores = [sum(a * b for a, b in zip(f, vectors[c])) for c in candidates]
+        best = max(range(len(candidates)), key=lambda i: (scores[i], -i))
+        correct += candidates[best] == y
+    return 100.0 * correct / len(labels)
+
+
+def hm(a: float, b: float) -> float:
+    return 2 * a * b / (a + b)

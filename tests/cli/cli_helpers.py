@@ -8,10 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tinyclip import tiny_config
-
-TEACHER_SHAPE = dict(width=48, layers=3, embed=32, text_layers=3)
-STUDENT_SHAPE = dict(width=32, layers=2, embed=24)
+from tinyclip import openai_buffers, write_tiny_configs
 
 
 def openai_checkpoint(config: Path, out: Path, seed: int) -> Path:
@@ -20,8 +17,7 @@ def openai_checkpoint(config: Path, out: Path, seed: int) -> Path:
 
     cfg = json.loads(config.read_text())
     sd = {k: v.contiguous() for k, v in load_clip(str(config), init_seed=seed).model.state_dict().items()}
-    sd.update(input_resolution=torch.tensor(cfg["vision_cfg"]["image_size"]),
-              context_length=torch.tensor(cfg["text_cfg"]["context_length"]), vocab_size=torch.tensor(49408))
+    sd.update(openai_buffers(cfg["vision_cfg"]["image_size"], cfg["text_cfg"]["context_length"]))
     torch.save(sd, out)
     return out
 
@@ -36,10 +32,7 @@ class Clips:
 
 
 def make_clips(root: Path) -> Clips:
-    root.mkdir(parents=True, exist_ok=True)
-    t_cfg, s_cfg = root / "tiny-teacher.json", root / "tiny-student.json"
-    t_cfg.write_text(json.dumps(tiny_config(**TEACHER_SHAPE)))
-    s_cfg.write_text(json.dumps(tiny_config(**STUDENT_SHAPE)))
+    t_cfg, s_cfg = write_tiny_configs(root)
     return Clips(root, t_cfg, s_cfg, openai_checkpoint(t_cfg, root / "teacher-clip.pt", 11),
                  openai_checkpoint(s_cfg, root / "student-clip.pt", 12))
 

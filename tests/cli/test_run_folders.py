@@ -95,7 +95,7 @@ def test_a_moved_weights_file_is_one_line_naming_path_and_hash(own_runs, data, t
     assert "not the teacher CLIP weights" in err and digest in err
 
 
-def test_a_changed_weights_file_is_refused_with_both_hashes(own_runs, tmp_path, capsys):
+def test_a_changed_weights_file_is_refused_with_both_hashes(own_runs, capsys):
     clips, runs = own_runs
     before = sha256(clips.student_weights)
     sd = torch.load(clips.student_weights, weights_only=True)

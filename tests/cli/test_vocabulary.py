@@ -141,7 +141,7 @@ def test_old_spelling_sets_the_new_option_with_one_warning(command, old, new, ca
 
 
 @pytest.mark.parametrize("where", ["before", "after"])
-def test_global_options_before_or_after_the_command(where, tmp_path, capsys):
+def test_global_options_before_or_after_the_command(where, tmp_path):
     globals_ = ["-q", "--no-progress", "--device", "cpu", "--debug"]
     argv = ["report", str(tmp_path / "none"), "--out", str(tmp_path / "o")]
     argv = [*globals_, *argv] if where == "before" else [*argv, *globals_]

@@ -8,15 +8,12 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-import torch
 from tinyclip import load_benchmark
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def loader():
-    threads = torch.get_num_threads()
-    yield load_benchmark("loader")
-    torch.set_num_threads(threads)  # the benchmark runs single-threaded, as a loader worker
+    return load_benchmark("loader")  # it sets one torch thread; conftest resets threads for every test
 
 
 def _run(loader, tmp_path, *extra) -> dict:

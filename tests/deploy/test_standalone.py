@@ -14,10 +14,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tinyclip import openai_config, openai_state_dict
 
-from promptkd.artifacts import load_artifact, read_artifact_meta
+from promptkd.artifacts import load_artifact, read_artifact_meta, save_artifact
 from promptkd.cli import main
 from promptkd.deploy import StudentClassifier
 from promptkd.errors import PromptKDError
@@ -153,9 +153,7 @@ def test_student_file_alone_is_not_a_model(run_folder, image_folder, capsys):
 
 def _damage(src: Path, dst: Path, tensors=lambda t: t, meta=lambda m: m) -> Path:
     t, m = load_artifact(src)
-    save_file({k: v.contiguous() for k, v in tensors(dict(t)).items()}, str(dst),
-              metadata={"promptkd": json.dumps(meta(dict(m)))})
-    return dst
+    return save_artifact(dst, tensors(dict(t)), meta(dict(m)))  # writes whatever it is given
 
 
 def _tower(m, **changes):
@@ -204,7 +202,7 @@ def test_fp16_export_of_weights_beyond_fp16_is_refused(run_folder, capsys):
     rf = run_folder
     t, m = load_artifact(rf.student)
     t["projector.fc2.weight"] = t["projector.fc2.weight"] * 1e6
-    save_file(t, str(rf.run / "big.safetensors"), metadata={"promptkd": json.dumps(m)})
+    save_artifact(rf.run / "big.safetensors", t, m)
     rf.student = rf.run / "big.safetensors"
     assert _export(rf, rf.tmp / "m16.safetensors", "--fp16") == 2
     assert "'projector.fc2.weight' exceeds the fp16 range" in capsys.readouterr().err

@@ -29,6 +29,7 @@ def test_compiled_cached_step_matches_eager_in_bf16(tmp_path, tiny_configs, monk
     real = loop.compile_loss
     monkeypatch.setattr(loop, "compile_loss", lambda fn, device: compiled.append(device) or real(fn, device))
     torch._dynamo.reset()
+    start = tiny_student(tiny_configs[1], teacher.dim).trainable_tensors()  # every run's starting point
     runs = {}
     for mode, precision in (("off", "bf16"), ("on", "bf16"), ("off", "fp32")):
         cfg = TrainConfig(epochs=1, batch_size=8, lr=0.005, warmup_epochs=0, progress=False, precision=precision,
@@ -36,7 +37,6 @@ def test_compiled_cached_step_matches_eager_in_bf16(tmp_path, tiny_configs, monk
         student = tiny_student(tiny_configs[1], teacher.dim)
         run = tmp_path / f"{mode}-{precision}"
         distill_models(teacher, student, cv, items, run, train=cfg, teacher_cache=cache, select_on_val=False)
-        start = tiny_student(tiny_configs[1], teacher.dim).trainable_tensors()
         update = torch.cat([(v - start[k]).detach().flatten() for k, v in student.trainable_tensors().items()])
         runs[mode, precision] = (torch.tensor(_losses(run)), update)
     assert compiled == [torch.device("cpu")]  # only the "on" run compiled its step

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from engine.test_loop import Noisy, ce_loss, make_model
+from engine.engine_helpers import Noisy, ce_loss, make_model
 from torch import nn
 
 import promptkd.engine.loop as loop
@@ -83,6 +83,23 @@ def test_late_found_nan_stops_at_its_step_and_rolls_back(tmp_path, monkeypatch):
     assert logged == [1, 2]  # nothing from the NaN step on
     for k, v in model.state_dict().items():  # no checkpoint yet: back to the start, finite
         assert torch.equal(v, start[k]), k
+
+
+def test_nonfinite_stop_without_a_checkpoint_does_not_claim_one(tmp_path):
+    """A NaN at the very first step: the message says no checkpoint was written (none exists)."""
+
+    class Data:
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.zeros(2), 0, i
+
+    model = torch.nn.Linear(2, 1)
+    with pytest.raises(PromptKDError, match="No checkpoint was written yet") as e:
+        train_loop(model, lambda b: (model(b[0]).sum() * float("nan"), {}), Data(), TrainConfig(epochs=1, batch_size=2,
+                   progress=False), tmp_path)
+    assert "kept at" not in str(e.value) and not (tmp_path / "checkpoint.safetensors").exists()
 
 
 def test_compile_option_resolves_and_is_checked():

@@ -33,12 +33,10 @@ def test_tests_not_marked_gpu_see_only_the_cpu():
 def kd(tiny_configs, tmp_path):
     """Eight tiny PNGs of four classes, the student CLIP's (config, weights file), and a maker of
     (teacher, student, class vectors) on a device."""
-    from safetensors.torch import save_file
+    from reliability.reliability_helpers import clip_weights
 
     items, names = write_images(tmp_path / "images", per_class=2)
-    torch.manual_seed(2)
-    student_clip = (str(tiny_configs[1]), str(tmp_path / "student-clip.safetensors"))
-    save_file({k: v.contiguous() for k, v in load_clip(student_clip[0]).model.state_dict().items()}, student_clip[1])
+    student_clip = (str(tiny_configs[1]), str(clip_weights(tiny_configs[1], tmp_path / "student-clip.safetensors", 0)))
 
     def make(device):
         torch.manual_seed(0)  # the same models every call

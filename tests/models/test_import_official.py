@@ -9,9 +9,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from tinyclip import openai_config, openai_state_dict, reference_image_features, reference_text_features
+from tinyclip import (
+    OPENAI_BUFFERS,
+    openai_config,
+    openai_state_dict,
+    reference_image_features,
+    reference_text_features,
+)
 
-from promptkd.artifacts import load_artifact, read_artifact_meta
+from promptkd.artifacts import load_artifact, read_artifact_meta, save_artifact
 from promptkd.cli import main
 from promptkd.errors import PromptKDError
 from promptkd.models import load_clip
@@ -154,7 +160,6 @@ def test_checkpoint_for_other_architecture_or_unsafe_is_refused(tiny_configs, tm
 
 # ------------------------------------------------- frozen weights of a GPA checkpoint (official §1.2, §2.2)
 
-_OPENAI_BUFFERS = ("input_resolution", "context_length", "vocab_size")
 _GEOMETRY = {"width": 128, "layers": 3, "text_width": 128, "text_layers": 3, "embed": 64}  # 2 heads per tower
 
 
@@ -192,7 +197,7 @@ def official(tmp_path):
     archive = openai_state_dict(**_GEOMETRY, seed=5, dtype=torch.float16)  # OpenAI ships fp16 archives
     torch.save(archive, tmp_path / "tiny-L.pt")
     frozen = {k: _gpa_resum(v, _fp16_in_official_model(k)) for k, v in archive.items()
-              if k not in _OPENAI_BUFFERS and k != "token_embedding.weight"}
+              if k not in OPENAI_BUFFERS and k != "token_embedding.weight"}
     g = torch.Generator().manual_seed(7)
     text_prompts = {i: torch.randn(4, 128, generator=g).half() for i in range(3)}
     vision_prompts = {i: torch.randn(2, 128, generator=g).half() for i in range(3)}
@@ -204,10 +209,12 @@ def official(tmp_path):
         sd[f"text_encoder.transformer.resblocks.{i}.VPT_shallow"] = text_prompts[i]
         sd[f"image_encoder.transformer.resblocks.{i}.VPT_shallow"] = vision_prompts[i]
     _dassl_save(tmp_path / "model-best.pth.tar", sd, [torch.nn.Parameter(torch.zeros(2))])
-    plain = {k: v.float() for k, v in archive.items() if k not in _OPENAI_BUFFERS}
+    plain = {k: v.float() for k, v in archive.items() if k not in OPENAI_BUFFERS}
+    tokens = load_clip(str(cfg), str(tmp_path / "tiny-L.pt")).tokenizer([f"a photo of a {n}." for n in _NAMES])
     return SimpleNamespace(cfg=str(cfg), archive=str(tmp_path / "tiny-L.pt"), ckpt=tmp_path / "model-best.pth.tar",
                            plain=plain, official={**plain, **{k: v.float() for k, v in frozen.items()}},
-                           frozen=frozen, text_prompts=text_prompts, vision_prompts=vision_prompts, tmp=tmp_path)
+                           frozen=frozen, text_prompts=text_prompts, vision_prompts=vision_prompts, tokens=tokens,
+                           tmp=tmp_path)
 
 
 _NAMES = ["red circle", "blue square", "green star"]
@@ -215,8 +222,7 @@ _NAMES = ["red circle", "blue square", "green star"]
 
 def _official_logits(o, weights, images):
     """What the official CustomCLIP_teacher computes, written out by hand from `weights`."""
-    tokens = load_clip(o.cfg, o.archive).tokenizer([f"a photo of a {n}." for n in _NAMES])
-    text = F.normalize(reference_text_features(weights, tokens, heads=2, prompts=o.text_prompts), dim=-1)
+    text = F.normalize(reference_text_features(weights, o.tokens, heads=2, prompts=o.text_prompts), dim=-1)
     image = F.normalize(reference_image_features(weights, images, heads=2, prompts=o.vision_prompts), dim=-1)
     return weights["logit_scale"].exp() * image @ text.T
 
@@ -247,7 +253,7 @@ def test_teacher_import_runs_on_the_checkpoints_frozen_weights(official, caplog)
     assert f"largest deviation {worst:.2e}" in caplog.text
 
 
-def test_teacher_import_can_keep_the_archives_weights(official, capsys):
+def test_teacher_import_can_keep_the_archives_weights(official):
     o, images = official, torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     out = o.tmp / "archive-teacher.safetensors"
     assert main(["import-official", "teacher", str(o.ckpt), "--teacher-model", o.cfg, "--teacher-weights", o.archive,
@@ -273,9 +279,7 @@ def test_frozen_weights_apply_only_to_the_archive_they_were_taken_against(offici
     # An altered frozen tensor is caught before anything is written into the CLIP.
     t, m = load_artifact(ckpt_teacher)
     t["frozen.visual.proj"] = t["frozen.visual.proj"] * 1.01
-    from safetensors.torch import save_file
-
-    save_file(t, str(o.tmp / "altered.safetensors"), metadata={"promptkd": json.dumps(m)})
+    save_artifact(o.tmp / "altered.safetensors", t, m)
     clean = load_clip(o.cfg, o.archive)
     with pytest.raises(PromptKDError, match="altered.safetensors: its frozen tensors do not match the recorded"):
         Teacher.load(o.tmp / "altered.safetensors", clip=clean)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from tinyclip import (
+    OPENAI_BUFFERS,
     openai_config,
     openai_state_dict,
     reference_image_features,
@@ -156,7 +157,7 @@ def test_torchscript_archive_without_head_counts_matches_openai_rule(tmp_path):
     right["text_cfg"]["heads"], right["quick_gelu"] = 2, True
     (tmp_path / "tiny-right.json").write_text(json.dumps(right))
     original = load_clip(str(tmp_path / "tiny-right.json")).model
-    original.load_state_dict({k: v for k, v in sd.items() if k not in ("input_resolution", "context_length", "vocab_size")})
+    original.load_state_dict({k: v for k, v in sd.items() if k not in OPENAI_BUFFERS})
     torch.jit.save(torch.jit.script(original), tmp_path / "tiny.pt")
     loaded = load_clip(str(cfg_path), str(tmp_path / "tiny.pt")).model
     tokens = open_clip.get_tokenizer("ViT-B-32")(["a photo of a cat."])[:, :16]

@@ -3,7 +3,6 @@ artifact, a labelled image folder) and a way to SIGKILL a CLI run at a chosen po
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -15,8 +14,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tinyclip import tiny_config
 from tinyclip import write_images as shared_write_images
+from tinyclip import write_tiny_configs
 
 HERE = Path(__file__).resolve().parent
 KILLABLE = HERE / "killable.py"
@@ -68,10 +67,7 @@ def make_world(root: Path) -> World:
     from promptkd.models import load_clip
     from promptkd.models.wrappers import Teacher
 
-    root.mkdir(parents=True, exist_ok=True)
-    t_cfg, s_cfg = root / "tiny-teacher.json", root / "tiny-student.json"
-    t_cfg.write_text(json.dumps(tiny_config(width=48, layers=3, embed=32, text_layers=3)))
-    s_cfg.write_text(json.dumps(tiny_config(width=32, layers=2, embed=24)))
+    t_cfg, s_cfg = write_tiny_configs(root)
     t_w = clip_weights(t_cfg, root / "teacher-clip.safetensors", 11)
     s_w = clip_weights(s_cfg, root / "student-clip.safetensors", 12)
     torch.manual_seed(13)

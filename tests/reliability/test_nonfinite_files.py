@@ -12,7 +12,7 @@ import pytest
 import torch
 from tinyclip import write_images
 
-from promptkd.artifacts import load_artifact
+from promptkd.artifacts import load_artifact, save_artifact
 from promptkd.cli import main
 from promptkd.data.dataset import Item
 from promptkd.data.transforms import TestTransform
@@ -49,9 +49,7 @@ def files(world, tmp_path_factory):
     # Finite fp32 weights beyond fp16's range (65504): an fp16 ONNX export holds inf and computes NaN.
     t, meta = load_artifact(d / "student.safetensors")
     t["projector.fc2.weight"][:, 0] = 1e5
-    from safetensors.torch import save_file
-
-    save_file(t, str(d / "overflow.safetensors"), metadata={"promptkd": json.dumps(meta)})
+    save_artifact(d / "overflow.safetensors", t, meta)
     write_images(d / "images", per_class=1)
     return d
 
@@ -121,7 +119,7 @@ def test_eval_refuses_non_finite_features_naming_the_first_image(files):
         encode_items(encode, items, TestTransform(32), batch_size=3, progress=False)
 
 
-def test_teacher_and_checkpoint_with_a_nan_tensor_are_refused_naming_it(world, files, tmp_path, capsys):
+def test_teacher_and_checkpoint_with_a_nan_tensor_are_refused_naming_it(world, tmp_path, capsys):
     teacher = tmp_path / "teacher.safetensors"
     shutil.copy(world.teacher, teacher)
     overwrite_tensor(teacher, "vision.deep.1", float("inf"))

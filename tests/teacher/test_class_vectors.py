@@ -74,7 +74,7 @@ def test_cli_class_vectors_and_append(make_teacher, tiny_clip, tmp_path, capsys)
     assert main([*base, "--out", str(out)]) == 2  # no class names given
 
 
-def test_class_names_differing_only_in_case_are_refused(make_teacher, tmp_path, capsys):
+def test_class_names_differing_only_in_case_are_refused(make_teacher, tmp_path):
     """'Cat' and 'cat' tokenise alike (the CLIP tokenizer lower-cases): two rows for one class."""
     teacher = make_teacher()
     with pytest.raises(PromptKDError, match="duplicate class name 'cat'.*differing only in case"):
