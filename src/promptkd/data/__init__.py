@@ -6,7 +6,7 @@ choices) can be read without importing torch.
 
 from __future__ import annotations
 
-import importlib
+from promptkd.lazy import lazy_attributes
 
 _LAZY = {
     "DatasetSplits": "promptkd.data.dataset",
@@ -39,9 +39,4 @@ _LAZY = {
 }
 
 __all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'promptkd.data' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

@@ -6,18 +6,11 @@ CLI checks) does not import torch.
 
 from __future__ import annotations
 
-import importlib
+from promptkd.lazy import lazy_attributes
 
 _LAZY = {"TrainConfig": "promptkd.engine.config", "TrainResult": "promptkd.engine.loop",
          "lr_at_epoch": "promptkd.engine.loop", "train_loop": "promptkd.engine.loop",
          "distributed": "promptkd.engine.distributed"}
 
 __all__ = ["TrainConfig", "TrainResult", "lr_at_epoch", "train_loop"]
-
-
-def __getattr__(name: str):
-    if name == "distributed":
-        return importlib.import_module(_LAZY[name])
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'promptkd.engine' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

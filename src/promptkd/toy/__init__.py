@@ -8,7 +8,7 @@ Names are resolved on first use, so that the CLI can list the toy commands witho
 
 from __future__ import annotations
 
-import importlib
+from promptkd.lazy import lazy_attributes
 
 TOY_MODELS = ("toy-teacher", "toy-student")  # the shipped tiny CLIPs (assets/toy/NAME.json, .safetensors)
 
@@ -16,9 +16,4 @@ _LAZY = {"World": "promptkd.toy.world", "build_toy_clip": "promptkd.toy.models",
          "toy_model_names": "promptkd.toy.models"}
 
 __all__ = ["World", "build_toy_clip", "toy_model_names"]
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'promptkd.toy' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
