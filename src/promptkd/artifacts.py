@@ -9,9 +9,12 @@ artifact headers through this module before any heavy import.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import math
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,7 +50,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb"):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
-        raise _about(e, path) from e
+        raise about_file(e, path) from e
     try:
         if hasattr(os, "fchmod"):  # POSIX only
             with contextlib.suppress(OSError):
@@ -67,15 +70,19 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         if isinstance(e, OSError) and not isinstance(e, PromptKDError):
-            raise _about(e, path) from e
+            raise about_file(e, path) from e
         raise
 
 
-def _about(e: OSError, path: Path) -> OSError:
-    """The same error about `path`: the temporary file's random name means nothing to the user."""
+def about_file(e: OSError, path: str | os.PathLike) -> OSError:
+    """The same error about `path`: a temporary file's name means nothing to the user. Naming
+    another path replaces the name, not adds to it."""
     if e.errno is None:
         return e
-    return type(e)(e.errno, f"{e.strerror} (writing {path})")
+    bare = getattr(e, "bare_strerror", e.strerror)
+    named = type(e)(e.errno, f"{bare} (writing {path})")
+    named.bare_strerror = bare
+    return named
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -155,20 +162,32 @@ def _promptkd_meta(header: Any, path: Path, kind: str | None) -> dict[str, Any]:
     return meta
 
 
-def _dtypes() -> dict:
-    """safetensors dtype names -> torch dtypes (built on first use: this module imports no torch)."""
+_ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I16": 2, "I32": 4, "I64": 8, "U8": 1, "I8": 1, "BOOL": 1}
+
+
+@functools.cache
+def _torch_dtype(name: str) -> torch.dtype:
+    """A safetensors dtype name as a torch dtype (looked up on use: reading a header imports no torch)."""
     import torch
 
     return {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
             "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "U8": torch.uint8, "I8": torch.int8,
-            "BOOL": torch.bool}
+            "BOOL": torch.bool}[name]
 
 
+@dataclass(frozen=True)
 class TensorLayout:
-    """Where one tensor of a safetensors file lies: dtype, shape and byte offset of its data."""
+    """Where one tensor of a safetensors file lies: dtype (safetensors name), shape and byte offset of its data."""
 
-    def __init__(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], offset: int, nbytes: int):
-        self.name, self.dtype, self.shape, self.offset, self.nbytes = name, dtype, shape, offset, nbytes
+    name: str
+    dtype_name: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _torch_dtype(self.dtype_name)
 
     @property
     def row_bytes(self) -> int:
@@ -194,18 +213,15 @@ def artifact_layout(path: str | os.PathLike, kind: str | None = None) -> tuple[d
             header = json.loads(f.read(n))
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
-        layout, dtypes = {}, _dtypes()
+        layout = {}
         for name, info in header.items():
             if name == "__metadata__":
                 continue
-            dtype = dtypes.get(info.get("dtype")) if isinstance(info, dict) else None
+            dtype = info.get("dtype") if isinstance(info, dict) else None
             shape, (begin, end) = tuple(int(d) for d in info["shape"]), (int(x) for x in info["data_offsets"])
-            if dtype is None or any(d < 0 for d in shape):
+            if dtype not in _ITEMSIZE or any(d < 0 for d in shape):
                 raise ValueError(f"tensor {name!r} has an unsupported dtype or shape")
-            numel = 1
-            for d in shape:
-                numel *= d
-            if end - begin != numel * dtype.itemsize or begin < 0 or 8 + n + end > size:
+            if end - begin != math.prod(shape) * _ITEMSIZE[dtype] or begin < 0 or 8 + n + end > size:
                 raise ValueError(f"tensor {name!r} does not fit the file")
             layout[name] = TensorLayout(name, dtype, shape, 8 + n + begin, end - begin)
     except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as e:

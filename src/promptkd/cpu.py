@@ -20,14 +20,14 @@ import sys
 # builds that link it (the same effect there).
 PASSIVE_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
 # Variables through which a user already chose how OpenMP threads wait.
-_USER_CHOICE = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+USER_CHOICE_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 
 
 def use_passive_openmp(environ=None) -> bool:
     """Set the passive OpenMP wait policy unless the user chose one; False when it is too late
     (torch already imported in this process) or the user's choice was kept."""
     env = os.environ if environ is None else environ
-    if any(k in env for k in _USER_CHOICE):
+    if any(k in env for k in USER_CHOICE_ENV):
         return False
     env.update(PASSIVE_ENV)
     return "torch" not in sys.modules

@@ -28,8 +28,6 @@ def _number(kind, test, what):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected {what}") from None
-        if kind is float and value != value:  # NaN passes every comparison below
-            raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected {what}")
         if not test(value):
             raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected {what}")
         return value
@@ -41,7 +39,6 @@ positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
 non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = _number(float, lambda v: 0 < v < float("inf"), "a number > 0")
 non_negative_float = _number(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
-any_int = _number(int, lambda v: True, "an integer")
 
 
 def int_range(low: int, high: int):

@@ -127,16 +127,16 @@ def dataset_record(name: str, root, train_items, **settings) -> dict:
 # run.json
 
 
-def write_run_record(out_dir: str | os.PathLike, command: str, inputs: dict, *, status: str = "running",
-                     outputs: list[str] | None = None) -> Path:
-    """Write out_dir/run.json: the command, its inputs (paths and hashes) and its status."""
+def write_run_record(out_dir: str | os.PathLike, command: str, inputs: dict) -> Path:
+    """Write out_dir/run.json: the command and its inputs (paths and hashes), status running
+    (finish_run_record marks it finished)."""
     from promptkd import __version__
     from promptkd.artifacts import write_json
 
-    record = {"kind": "promptkd_run", "command": command, "status": status, "promptkd": __version__,
+    record = {"kind": "promptkd_run", "command": command, "status": "running", "promptkd": __version__,
               "command_line": shlex.join(COMMAND_LINE) if COMMAND_LINE else None,
               "cwd": os.getcwd(), "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "inputs": inputs, "outputs": outputs or []}
+              "inputs": inputs, "outputs": []}
     path = Path(out_dir) / RUN_FILE
     write_json(path, record)
     return path

@@ -191,8 +191,8 @@ class ImageSource:
         except Exception as e:  # PIL raises many types on bad files
             raise _unreadable(self.path, e) from None
 
-    def image(self, reduce: int = 1) -> Image.Image:
-        return self.decoded(reduce)[0]
+    def image(self) -> Image.Image:
+        return self.decoded()[0]
 
     def decoded(self, reduce: int = 1) -> tuple[Image.Image, float]:
         """(RGB PIL image, factor it is smaller than the file by): `reduce` for a JPEG, else 1."""
@@ -223,10 +223,16 @@ class ImageSource:
                 self._pixels[reduce] = (x, 1.0)
             else:
                 img, factor = self.decoded(reduce)
-                with warnings.catch_warnings():  # a read-only array: the renderer never writes to it
-                    warnings.simplefilter("ignore", UserWarning)
-                    self._pixels[reduce] = (torch.from_numpy(np.asarray(img)), factor)
+                self._pixels[reduce] = (hwc_tensor(img), factor)
         return self._pixels[reduce]
+
+
+def hwc_tensor(img: Image.Image) -> torch.Tensor:
+    """A PIL image's pixels as an (H, W, C) uint8 tensor without a copy (read-only: the renderer never
+    writes to it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.asarray(img))
 
 
 def _decode_jpeg(data: bytearray) -> torch.Tensor | None:
@@ -313,8 +319,8 @@ def augmentation_seed(seed: int, epoch: int, index: int) -> int:
 class ImageDataset(torch.utils.data.Dataset):
     """Items -> (image tensor, label, index).
 
-    In train mode `transform(img, generator)` must return (tensor, view) (see TrainTransform);
-    the generator is seeded from (seed, epoch, index) so a resumed run sees the same views.
+    In train mode `transform.draw(source, generator)` renders a view from the file and returns
+    (tensor, view) (see TrainTransform); the generator is seeded from (seed, epoch, index) so a resumed run sees the same views.
     Call set_epoch() each epoch; workers must be re-created per epoch (persistent_workers=False)
     for them to see it.
 
@@ -356,15 +362,11 @@ class ImageDataset(torch.utils.data.Dataset):
         return torch.Generator().manual_seed(augmentation_seed(self.seed, self.epoch, index))
 
     def __getitem__(self, index: int):
-        if self.train and hasattr(self.transform, "draw"):  # renders from the file (see transforms.TrainTransform)
+        if self.train:  # renders from the file (see transforms.TrainTransform.draw)
             # A substitute is augmented with this position's generator (no duplicate view), a fresh one per try.
             (tensor, _view), label, used = read_item(
                 self.items, index, self.on_bad_image, self.unreadable,
                 load=lambda j: self.transform.draw(ImageSource(self.items[j][0]), self.generator_for(index)))
             return tensor, label, used
         img, label, used = self.read(index)
-        if self.train:
-            tensor, _view = self.transform(img, self.generator_for(index))
-        else:
-            tensor = self.transform(img)
-        return tensor, label, used
+        return self.transform(img), label, used

@@ -9,17 +9,15 @@ torchvision's RandomResizedCrop + RandomHorizontalFlip draw for draw.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as nnf
 import torchvision.transforms.functional as F
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from promptkd.data.dataset import ImageSource
+from promptkd.data.dataset import ImageSource, hwc_tensor
 from promptkd.errors import PromptKDError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -169,9 +167,7 @@ class Uint8TrainTransform(TrainTransform):
 
     def apply_view(self, img: Image.Image, view: View) -> torch.Tensor:
         """(3, size, size) uint8: the view cropped from a PIL image and resized with antialiasing."""
-        with warnings.catch_warnings():  # read-only array: never written, the crop is a view of it
-            warnings.simplefilter("ignore", UserWarning)
-            return self._resized_crop(torch.from_numpy(np.asarray(img)), view)
+        return self._resized_crop(hwc_tensor(img), view)
 
     def _resized_crop(self, hwc: torch.Tensor, view: View) -> torch.Tensor:
         crop = hwc[view.top:view.top + view.h, view.left:view.left + view.w].permute(2, 0, 1)[None]

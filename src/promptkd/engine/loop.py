@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 import promptkd.engine.distributed as distributed
 from promptkd.artifacts import atomic_open, load_artifact, save_artifact
-from promptkd.engine.config import CHECKPOINT_NAME, COMPILE_MODES, TrainConfig  # noqa: F401 - re-exported
+from promptkd.engine.config import CHECKPOINT_NAME, TrainConfig
 from promptkd.errors import PromptKDError
 
 log = logging.getLogger(__name__)
@@ -233,10 +233,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         if k not in shapes or v.shape != shapes[k]:
             raise PromptKDError(f"{path}: checkpoint tensor {k} has shape {tuple(v.shape)}, this model has "
                                 f"{tuple(shapes[k]) if k in shapes else 'no such tensor'}")
-    with torch.no_grad():
-        full = model.state_dict()
-        for k, v in state.items():
-            full[k].copy_(v)
+    _restore(model, state)
     for k, v in tensors.items():
         if k.startswith("optim."):
             p = params[k.removeprefix("optim.")]
@@ -494,7 +491,8 @@ def train_loop(
     own_state = model.state_dict(keep_vars=True)
     buffers = [b for n, b in model.named_buffers() if n in own_state]
     t_start = time.perf_counter() - result.seconds
-    good = _snapshot(model)  # what a fast-path stop rolls the model back to: the last checkpointed state
+    snapshot = _snapshot if fast else lambda _model: None  # only a fast-path stop rolls back to a kept state
+    good = snapshot(model)  # the last checkpointed state
     try:
         for epoch in range(start_epoch, cfg.epochs):
             lr = lr_at_epoch(epoch, cfg)
@@ -577,7 +575,7 @@ def train_loop(
                 if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps_per_epoch:
                     log_.flush(dist_info.enabled)  # never checkpoint past a non-finite step
                     result.seconds = time.perf_counter() - t_start
-                    good = _snapshot(model)
+                    good = snapshot(model)
                     if dist_info.is_main:
                         save_checkpoint(ckpt_path, model, optimizer, epoch, step + 1, result, cfg, scaler, extra,
                                         {**(checkpoint_meta or {}), "partial": {"sums": log_.sums, "n": log_.n}})
@@ -600,7 +598,7 @@ def train_loop(
             result.history.append(record)
             result.seconds = time.perf_counter() - t_start
             metrics.write({"event": "epoch", "step": result.steps, **record})
-            good = _snapshot(model)
+            good = snapshot(model)
             if dist_info.is_main:
                 save_checkpoint(ckpt_path, model, optimizer, epoch + 1, 0, result, cfg, scaler, extra, checkpoint_meta or {})
             distributed.barrier()

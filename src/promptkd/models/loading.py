@@ -31,7 +31,7 @@ from promptkd.artifacts import check_finite
 from promptkd.errors import PromptKDError
 from promptkd.logs import quiet_open_clip
 from promptkd.models.torchscript import read_torchscript_state_dict
-from promptkd.runs import check_file_record, file_record, is_file_record
+from promptkd.runs import check_file_record, file_digest, file_record, is_file_record
 from promptkd.settings import random_weights
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,7 @@ class ClipBundle:
     pretrained: str | None
     tokenizer: Any
     preprocess_cfg: dict = field(default_factory=dict)
-    source: dict = field(default_factory=dict)  # what rebuilds it: see clip_source / clip_from_source
-    init_seed: int | None = None  # the seed of a random initialisation (pretrained None)
+    source: dict = field(default_factory=dict)  # what rebuilds it (with init_seed for random weights)
 
     def identity(self) -> dict:
         """Which CLIP this is, for matching a teacher and its outputs (`same_clip`): the model name, the
@@ -63,8 +62,8 @@ class ClipBundle:
         weights = self.source.get("weights")
         if is_file_record(weights):
             ident["sha256"] = weights["sha256"]
-        if pre is None and self.init_seed is not None:
-            ident["init_seed"] = self.init_seed
+        if pre is None and self.source.get("init_seed") is not None:
+            ident["init_seed"] = self.source["init_seed"]
         return ident
 
     @property
@@ -276,7 +275,7 @@ def _load_toy(model: str, pretrained: str | None, device, init_seed: int) -> Cli
             clip, preprocess_cfg, tokenizer = build_toy_clip(model, pretrained=False)
         _warn_random(model, init_seed)
         return ClipBundle(clip.to(device).eval(), model, None, tokenizer, preprocess_cfg,
-                          {"model": model, "weights": "none", "init_seed": init_seed}, init_seed)
+                          {"model": model, "weights": "none", "init_seed": init_seed})
     if pretrained in (None, "toy"):
         clip, preprocess_cfg, tokenizer = build_toy_clip(model)
         return ClipBundle(clip.to(device).eval(), model, "toy", tokenizer, preprocess_cfg,
@@ -348,8 +347,7 @@ def load_clip(model: str, pretrained: str | None = None, *, device: str | torch.
     visual = clip.visual
     preprocess_cfg = dict(getattr(visual, "preprocess_cfg", {}) or {})
     tokenizer = open_clip.get_tokenizer(name)
-    return ClipBundle(clip.to(device).eval(), name, pretrained, tokenizer, preprocess_cfg, source,
-                      init_seed if random else None)
+    return ClipBundle(clip.to(device).eval(), name, pretrained, tokenizer, preprocess_cfg, source)
 
 
 def clip_from_source(source: dict, *, where: str, role: str, device: str | torch.device = "cpu",
@@ -372,8 +370,6 @@ def clip_from_source(source: dict, *, where: str, role: str, device: str | torch
     if weights is None:
         weights = recorded(source.get("weights"), "weights", f"--{role}-weights")
     elif is_file_record(source.get("weights")) and Path(weights).is_file():
-        from promptkd.runs import file_digest
-
         want = source["weights"]
         if file_digest(weights) != want["sha256"]:
             raise PromptKDError(f"{weights}: not the {role} CLIP weights {where} was made with ({want['path']}, "

@@ -24,7 +24,7 @@ import logging
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -79,15 +79,13 @@ class _ViewRenderer:
         import torch
 
         from promptkd.data.dataset import ImageSource
-        from promptkd.data.transforms import sample_view
 
         i = self.indices[j]
         source = ImageSource(self.items[i][0])  # decoded once per JPEG reduction the K views need
         tensors, boxes = [], []
         for k in range(self.views):
-            v = sample_view(source.width, source.height, view_generator(self.seed, k, i), self.transform.scale,
-                            self.transform.ratio)
-            tensors.append(self.transform.render(source, v))
+            t, v = self.transform.draw(source, view_generator(self.seed, k, i))
+            tensors.append(t)
             boxes.append([v.top, v.left, v.h, v.w, int(v.flip)])
         return torch.stack(tensors), torch.tensor(boxes, dtype=torch.int32)
 
@@ -287,8 +285,7 @@ class TeacherCache:
         s, row = self._locate(index)
         path, layout = self._shards[s][0], self._shards[s][which]
         # the tensor seen as (N * K, ...) rows: one stored view is one row
-        per_view = TensorLayout(layout.name, layout.dtype, (self.views * layout.shape[0], *layout.shape[2:]),
-                                layout.offset, layout.nbytes)
+        per_view = replace(layout, shape=(self.views * layout.shape[0], *layout.shape[2:]))
         return read_rows(self._fd(path), per_view, row * self.views + k, row * self.views + k + 1)[0]
 
     def feature(self, index: int, k: int) -> torch.Tensor:

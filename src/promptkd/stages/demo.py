@@ -16,11 +16,12 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 from promptkd.artifacts import atomic_open, read_json, write_json
 from promptkd.errors import PromptKDError
+from promptkd.inputs import ARTIFACT_FILES, CLASS_VECTORS_FILE
 from promptkd.settings import apply_sets, check_field_types, check_known_keys, read_yaml
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,7 @@ QUICK = ["n_train=6", "n_val=2", "n_test=4", "teacher.shots=2", "teacher.gpa_mea
          "teacher.train.epochs=1", "teacher.train.batch_size=8", "distill.train.epochs=1",
          "distill.train.batch_size=8", "distill.n_ctx_vision=2", "cache_views=2"]
 # Where each stage writes, inside the demo folder.
-DATA, TEACHER_DIR, CLASS_VECTORS, CACHE_DIR, STUDENT_DIR = ("data", "teacher", "class_vectors.safetensors",
-                                                            "teacher_cache", "student")
+DATA, TEACHER_DIR, CLASS_VECTORS, CACHE_DIR, STUDENT_DIR = "data", "teacher", CLASS_VECTORS_FILE, "teacher_cache", "student"
 SPLIT_FILE = "split_zhou_Toy.json"
 TEACHER_ZERO_SHOT = "teacher_zero_shot.json"
 # What a demo writes into its folder (an --overwrite removes these first).
@@ -68,7 +68,7 @@ class DemoConfig:
         source = str(path or PRESET)
         data = apply_sets(read_yaml(path or PRESET), sets)
         check_known_keys(cls, data, source)
-        missing = [f.name for f in fields(cls) if f.name not in data and f.name not in ("threads", "progress")]
+        missing = [f.name for f in fields(cls) if f.name not in data and f.default is MISSING]
         if missing:
             raise PromptKDError(f"{source}: missing demo setting(s) {missing}")
         return cls(**data)
@@ -84,7 +84,7 @@ def stage_settings(cfg: DemoConfig, folder: str | Path) -> tuple[dict, dict]:
     folder = Path(folder)
     data = {"dataset": f"split:../{SPLIT_FILE}", "root": str(folder / DATA / "images")}  # images/../split file
     teacher = {**cfg.teacher, **data, "seed": cfg.seed + 1}
-    distill = {**cfg.distill, **data, "protocol": "base2novel", "teacher": str(folder / TEACHER_DIR / "teacher.safetensors"),
+    distill = {**cfg.distill, **data, "protocol": "base2novel", "teacher": str(folder / TEACHER_DIR / ARTIFACT_FILES["teacher"]),
                "class_vectors": str(folder / CLASS_VECTORS),
                "teacher_cache": str(folder / CACHE_DIR) if cfg.cache_views else None,
                "train": {**(cfg.distill.get("train") or {}), "seed": cfg.seed + 1}}
@@ -95,7 +95,7 @@ def stage_commands(cfg: DemoConfig) -> list[str]:
     """The CLI commands that redo the demo stage by stage, run from inside the demo folder (they
     replace its results: --overwrite)."""
     data = f"--dataset split:../{SPLIT_FILE} --root {DATA}/images"
-    teacher = f"{TEACHER_DIR}/teacher.safetensors"
+    teacher = f"{TEACHER_DIR}/{ARTIFACT_FILES['teacher']}"
     clip = (cfg.teacher.get("model", "toy-teacher"), cfg.teacher.get("weights", "toy"))
     commands = [
         f"promptkd toy domain --out {DATA} --n-train {cfg.n_train} --n-val {cfg.n_val} --n-test {cfg.n_test} "

@@ -37,7 +37,12 @@ from promptkd.settings import (
     read_yaml,
     rename_keys,
 )
-from promptkd.stages.cache import CachedViewDataset, TeacherCache, require_cache_folder
+from promptkd.stages.cache import (
+    CachedViewDataset,
+    TeacherCache,
+    require_cache_folder,
+    teacher_train_transform,
+)
 from promptkd.stages.class_vectors import compute_class_vectors
 
 if TYPE_CHECKING:  # torch and the models are imported where they run: `promptkd distill --help` stays fast
@@ -76,13 +81,9 @@ def official_kd_weight(dataset: str, protocol: str = "base2novel") -> float:
     """The KD weight the official scripts use for `dataset` under `protocol`."""
     from promptkd.data.registry import canonical_name
 
-    if protocol != "base2novel" or ":" in dataset:
+    if protocol != "base2novel" or not is_benchmark(dataset):
         return OFFICIAL_KD_WEIGHT
-    try:
-        name = canonical_name(dataset)
-    except PromptKDError:
-        return OFFICIAL_KD_WEIGHT
-    return 200.0 if name in OFFICIAL_KD_WEIGHT_200 else OFFICIAL_KD_WEIGHT
+    return 200.0 if canonical_name(dataset) in OFFICIAL_KD_WEIGHT_200 else OFFICIAL_KD_WEIGHT
 
 
 def is_benchmark(dataset: str) -> bool:
@@ -293,7 +294,7 @@ def distill_models(
 
     # Training views: the fast uint8 renderer (normalised on the device in loss_fn); evaluation: the official one.
     student_tf, student_test_tf = transforms_for(student.clip.preprocess_cfg, renderer="uint8")
-    teacher_tf = transforms_for(teacher.clip.preprocess_cfg, renderer="uint8")[0]
+    teacher_tf = teacher_train_transform(teacher)
     paired = not _same_input(student_tf, teacher_tf)
     cache = _open_cache(teacher_cache, teacher, train_items, teacher_tf)
     if cache is not None:  # the student renders the recorded crop with its own transform
@@ -419,7 +420,7 @@ def measure_baseline(teacher: Teacher, student: Student, classifier: torch.Tenso
     CLIP zero-shot (its text tower, "a photo of a {}.") and the teacher through the class vectors."""
     from promptkd.data.transforms import transforms_for
     from promptkd.engine.loop import autocast
-    from promptkd.metrics import evaluate_splits, zero_shot_scores
+    from promptkd.metrics import DEFAULT_TEMPLATES, evaluate_splits, zero_shot_scores
 
     log.info("baseline: student zero-shot and teacher on %d test images",
              sum(len(s.items) for s in protocol.test.values()))
@@ -431,7 +432,7 @@ def measure_baseline(teacher: Teacher, student: Student, classifier: torch.Tenso
         taught = evaluate_splits(teacher.encode_images, classifier, protocol.test,
                                  transforms_for(teacher.clip.preprocess_cfg)[1], batch_size=batch_size,
                                  device=t_device, num_workers=num_workers, progress=progress)
-    return {"student_zero_shot": zero_shot, "teacher": taught, "templates": ["a photo of a {}."]}
+    return {"student_zero_shot": zero_shot, "teacher": taught, "templates": list(DEFAULT_TEMPLATES)}
 
 
 def _headline(scores: dict) -> tuple[str, float] | None:

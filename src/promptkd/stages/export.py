@@ -27,7 +27,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from promptkd.artifacts import atomic_open, save_artifact
+from promptkd.artifacts import about_file, atomic_open, save_artifact
 from promptkd.errors import PromptKDError
 
 if TYPE_CHECKING:  # torch and the models are imported where they run: `promptkd export --help` stays fast
@@ -89,15 +89,20 @@ def onnx_bytes(module: nn.Module, image_size: int, *, fp16: bool = False, opset:
     return buf.getvalue()
 
 
+def _require_onnx():
+    try:
+        import onnx
+    except ImportError:
+        raise PromptKDError("exporting needs the onnx package (pip install 'promptkd[onnx]')") from None
+    return onnx
+
+
 def export_onnx(classifier: StudentClassifier, out: str | Path, *, fp16: bool = False,
                 opset: int = DEFAULT_OPSET) -> Path:
     """Write the classifier as ONNX with promptkd metadata, atomically."""
     from promptkd.deploy import onnx_metadata_props
 
-    try:
-        import onnx
-    except ImportError:
-        raise PromptKDError("exporting needs the onnx package (pip install 'promptkd[onnx]')") from None
+    onnx = _require_onnx()
     if not DEFAULT_OPSET <= opset <= _max_opset():
         raise PromptKDError(f"opset {opset} is not supported here; use {DEFAULT_OPSET} to {_max_opset()}")
     classifier = classifier.cpu().eval()
@@ -228,10 +233,7 @@ def _run(args) -> int:
     claim_file(out, overwrite=args.overwrite, what="exported model")
     check_clip_files(args.student_model, args.student_weights, "student")
     if fmt == "onnx":
-        try:
-            import onnx  # noqa: F401
-        except ImportError:
-            raise PromptKDError("exporting needs the onnx package (pip install 'promptkd[onnx]')") from None
+        _require_onnx()
         if args.opset > _max_opset():
             raise PromptKDError(f"--opset {args.opset}: this torch exports opsets {DEFAULT_OPSET} to {_max_opset()}")
     clf = load_classifier(str(student), str(cv), student_model=args.student_model, student_weights=args.student_weights)
@@ -266,7 +268,7 @@ def _run(args) -> int:
             if not getattr(args, "quiet", False):
                 print(f"max |logit diff| {runtime} vs PyTorch fp32: {diff:.2e} (limit {limit:.1e})", file=sys.stderr)
     except OSError as e:  # name the file asked for, not the temporary one checked first
-        raise OSError(e.errno, f"{e.strerror} (writing {out})") if e.errno else e from None
+        raise about_file(e, out) from None
     finally:
         if target != out:
             with contextlib.suppress(FileNotFoundError):

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from promptkd.artifacts import load_artifact, write_json
+from promptkd.artifacts import read_artifact_meta, write_json
 from promptkd.engine.config import CHECKPOINT_NAME, TrainConfig
 from promptkd.errors import PromptKDError
 from promptkd.settings import (
@@ -252,7 +252,7 @@ def _check_resume(out_dir: Path, cfg: TeacherConfig, classnames: list[str]) -> N
     path = out_dir / CHECKPOINT_NAME
     if not path.is_file():
         return  # train_loop reports the missing checkpoint
-    _, meta = load_artifact(path, kind="checkpoint")
+    meta = read_artifact_meta(path, kind="checkpoint")  # the header: train_loop loads the tensors
     saved = meta.get("teacher_config") or {}
     for key in _RESUME_KEYS:
         if key in saved and saved[key] != getattr(cfg, key):
