@@ -72,8 +72,9 @@ def _command(workload: str, out: Path, quick: bool = False) -> list[str]:
 def _run_once(workload: str, policy: str, busy: int, timeout: float, tmp: Path,
               quick: bool = False) -> tuple[float | None, float]:
     """(wall seconds or None on timeout, load average before the run)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME",
-                                                              "OMP_NUM_THREADS")}
+    from promptkd.cpu import USER_CHOICE_ENV
+
+    env = {k: v for k, v in os.environ.items() if k not in (*USER_CHOICE_ENV, "OMP_NUM_THREADS")}
     env.update(POLICIES[policy])
     hogs = [subprocess.Popen(["yes"], stdout=subprocess.DEVNULL) for _ in range(busy)]
     try:

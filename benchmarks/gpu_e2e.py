@@ -39,12 +39,11 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_OFFICIAL_STEP = HERE.parent.parent / "shared" / "tools" / "official_step_gpu.py"
 
 
-def _run(cmd: list[str], log: Path, env: dict | None = None, timeout: float | None = None) -> float:
+def _run(cmd: list[str], log: Path, env: dict | None = None) -> float:
     """Run a command, its output into `log`; returns its wall seconds; a failure raises with the log's tail."""
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                              timeout=timeout).returncode
+        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}).returncode
     if code:
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-25:])
         raise RuntimeError(f"{' '.join(cmd[:4])} ... failed with exit code {code}; end of {log}:\n{tail}")
@@ -212,8 +211,11 @@ def main(argv=None) -> int:
     text = table(report)
     print(text)
     out = Path(args.out)
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    (out / "report.md").write_text(text + "\n")
+    from promptkd.artifacts import atomic_open, write_json
+
+    write_json(out / "report.json", report)  # atomic: a crash never leaves half a report
+    with atomic_open(out / "report.md", "w") as f:
+        f.write(text + "\n")
     return 0
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import statistics
 import subprocess
@@ -255,7 +254,9 @@ def main(argv=None) -> int:
     r = run(args)
     print(table(r))
     if args.json:
-        Path(args.json).write_text(json.dumps(r, indent=1))
+        from promptkd.artifacts import write_json
+
+        write_json(args.json, r)  # atomic: a crash never leaves half a results file
     return 0
 
 

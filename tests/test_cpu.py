@@ -6,11 +6,11 @@ import os
 import subprocess
 import sys
 
-from promptkd.cpu import use_passive_openmp
+from promptkd.cpu import USER_CHOICE_ENV, use_passive_openmp
 
 
 def _run(code: str, **env) -> dict:
-    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")}
+    clean = {k: v for k, v in os.environ.items() if k not in USER_CHOICE_ENV}
     out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

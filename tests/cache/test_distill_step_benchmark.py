@@ -80,4 +80,3 @@ def test_cuda_meter_branch(bench, monkeypatch):
     cpu = bench.Meter(torch.device("cpu"))
     cpu.sync()
     assert log == ["reset", "sync"] and cpu.peak_mib() > 10  # max RSS of this process, in MiB
-

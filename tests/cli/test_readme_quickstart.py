@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from cli_helpers import dassl_teacher_checkpoint, make_clips
+from cli_helpers import dassl_teacher_checkpoint
 from tinyclip import write_images
 
 from promptkd.cli import main
@@ -66,8 +66,7 @@ def tiny_preset(source: str, out: Path, **changes) -> Path:
 
 
 @pytest.fixture
-def stand_ins(tmp_path) -> dict[str, str]:
-    clips = make_clips(tmp_path / "clips")
+def stand_ins(tmp_path, clips) -> dict[str, str]:
     tiny = {"vision_depth": 2, "n_ctx_vision": 2}
     quick = {"epochs": 1, "batch_size": 4, "num_workers": 0, "device": "cpu", "progress": False}
     photos = tmp_path / "photos"

@@ -89,17 +89,27 @@ def assert_same_tensors(a: Path, b: Path) -> None:
         assert torch.equal(ta[k], tb[k]), f"{k} differs between {a} and {b}"
 
 
-def start_killable(args: list[str], stop: str, ready: Path, env: dict | None = None) -> subprocess.Popen:
+def start_killable(args: list[str], stop: str, ready: Path, env: dict | None = None, **popen) -> subprocess.Popen:
     """Run `killable.py ARGS` (the promptkd CLI) so that it blocks at kill point `stop` (EVENT:N, see
-    killable.py) after creating the file `ready`."""
+    killable.py) after creating the file `ready`. `popen`: other subprocess.Popen arguments (stderr
+    apart from stdout, preexec_fn)."""
     env = {**os.environ, "RELIABILITY_STOP": stop, "RELIABILITY_READY": str(ready), "OMP_NUM_THREADS": "1",
            **(env or {})}
     return subprocess.Popen([sys.executable, str(KILLABLE), *args], env=env, cwd=HERE,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            **{"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True, **popen})
 
 
 def kill_when_ready(proc: subprocess.Popen, ready: Path, timeout: float = 180) -> None:
     """SIGKILL `proc` once it has reached its kill point (created `ready`; it is blocked there)."""
+    wait_until_ready(proc, ready, timeout)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL, proc.returncode
+
+
+def wait_until_ready(proc: subprocess.Popen, ready: Path, timeout: float = 180) -> None:
+    """Return once `proc` has reached its kill point (created `ready`); an earlier end or a timeout fails."""
     t0 = time.monotonic()
     while not ready.exists():
         if proc.poll() is not None:
@@ -109,10 +119,6 @@ def kill_when_ready(proc: subprocess.Popen, ready: Path, timeout: float = 180) -
             proc.kill()
             raise AssertionError(f"the kill point was not reached within {timeout}s")
         time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    proc.stdout.close()
-    assert proc.returncode == -signal.SIGKILL, proc.returncode
 
 
 def seeded_point(name: str, low: int, high: int) -> int:

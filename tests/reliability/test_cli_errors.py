@@ -15,7 +15,7 @@ import sys
 import time
 
 import pytest
-from reliability_helpers import KILL_SEED, KILLABLE
+from reliability_helpers import KILL_SEED, start_killable, wait_until_ready
 from tinyclip import one_line
 
 from promptkd.cli import build_parser, main
@@ -26,14 +26,12 @@ COMMANDS = ["teacher", "class-vectors", "cache", "distill", "eval", "export", "p
             "import-official", "demo", "toy"]
 
 
-def _commands() -> set[str]:
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-    return set(sub.choices)
+def _subparsers():
+    return next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
 
 
 def test_every_command_is_registered():
-    assert _commands() == set(COMMANDS)
+    assert set(_subparsers().choices) == set(COMMANDS)
 
 
 def _argv(command: str, tmp) -> list[str]:
@@ -106,8 +104,7 @@ def test_wrong_type(command, tmp_path, capsys):
 
 def test_commands_without_numbers_have_no_numeric_option():
     """Why report and import-official are not in WRONG_TYPE: they take no number at all."""
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    sub = _subparsers()
     for command in sorted(set(COMMANDS) - set(WRONG_TYPE)):
         typed = [a.option_strings for a in sub.choices[command]._actions if a.type not in (None, str)
                  and a.option_strings != ["--device"]]
@@ -274,13 +271,10 @@ def test_ctrl_c_while_training_advises_resume(world, tmp_path):
     """A real process interrupted mid-training: exit 130, the last stderr line advises --resume, and
     the checkpoint it names lets --resume finish."""
     out, ready = tmp_path / "run", tmp_path / "ready"
-    argv = [sys.executable, str(KILLABLE), "-q", *world.distill_args(out, "--checkpoint-every", "1")]
     # It blocks right after writing its first checkpoint, where the Ctrl-C then lands on any machine.
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_child_ctrl_c,
-                            env={**os.environ, "RELIABILITY_STOP": "checkpoint:1", "RELIABILITY_READY": str(ready)})
-    deadline = time.time() + 120
-    while not ready.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    proc = start_killable(["-q", *world.distill_args(out, "--checkpoint-every", "1")], "checkpoint:1", ready,
+                          stderr=subprocess.PIPE, preexec_fn=_child_ctrl_c)
+    wait_until_ready(proc, ready, timeout=120)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
