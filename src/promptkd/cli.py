@@ -93,6 +93,18 @@ def _one_line(e: BaseException) -> str:
     return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
 
 
+def _reader_left(program: bool) -> int:
+    """The reader of our output closed the pipe (`promptkd predict DIR | head -3`): stop quietly, as
+    Unix tools do, with the exit status of a process ended by SIGPIPE (128 + 13)."""
+    import os
+
+    if program:  # what is still buffered for stdout must not fail again at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return 141
+
+
 def _interrupted(args) -> str:
     """One line; it advises --resume only where the command has it and left something to resume."""
     from pathlib import Path
@@ -183,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
 
                 resolve_device(args.device)
             code = args.func(args)
+            if program:
+                sys.stdout.flush()  # a reader that left early (`| head`) is found here, not at exit
+        except BrokenPipeError:
+            return _reader_left(program)
         except (PromptKDError, OSError, MemoryError) as e:  # OSError: missing files, permissions, a full disk
             if debug or watch.seen:
                 raise

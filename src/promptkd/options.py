@@ -106,6 +106,13 @@ def add_config_options(p, *, several: bool = False, example: str = "configs/...y
                    help="any setting of the preset, e.g. --set train.lr=0.01 (repeatable; YAML values)")
 
 
+def add_other_teacher_option(p) -> None:
+    """--allow-other-teacher: the one override of the refusal of class vectors made by another teacher."""
+    p.add_argument("--allow-other-teacher", action="store_true",
+                   help="use class vectors made by another teacher than the student's (refused without it: "
+                        "the student was trained to match its own teacher's vectors)")
+
+
 def parse_set(items: list[str] | None) -> list[tuple[str, object]]:
     """--set KEY=VALUE pairs, the value read as YAML (`--set train.lr=0.01` is a number)."""
     import yaml

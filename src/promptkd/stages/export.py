@@ -206,16 +206,9 @@ def load_classifier(student: str, class_vectors: str, *, student_model: str | No
                                   allow_other_teacher=allow_other_teacher)
 
 
-def add_other_teacher_option(p) -> None:
-    """--allow-other-teacher: the one override of the refusal of class vectors made by another teacher."""
-    p.add_argument("--allow-other-teacher", action="store_true",
-                   help="use class vectors made by another teacher than the student's (refused without it: "
-                        "the student was trained to match its own teacher's vectors)")
-
-
 def register(subparsers) -> None:
     from promptkd.inputs import add_clip_args
-    from promptkd.options import add_output_options, deprecated, int_range
+    from promptkd.options import add_other_teacher_option, add_output_options, deprecated, int_range
 
     p = subparsers.add_parser(
         "export", help="export a student classifier (student + class vectors): ONNX, one safetensors file, "
