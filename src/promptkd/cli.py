@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "promptkd.stages.evaluate",
     "promptkd.stages.export",
     "promptkd.stages.predict",
+    "promptkd.stages.info",
     "promptkd.stages.report",
     "promptkd.stages.import_official",
     "promptkd.stages.demo",

@@ -154,6 +154,7 @@ def write_folder_files(folder: Path, meta: dict, *, metrics: dict | None,
         "dataset": (metrics or {}).get("dataset"), "protocol": (metrics or {}).get("protocol"),
         "selected_on": selected_on, "exported_with": made_by, "trained_with": trained_by,
     }
+    config["metrics"] = dict(score_rows(metrics, "val" if selected_on == "val" else "last"))
     write_json(folder / CONFIG_FILE, config)
     with atomic_open(folder / CLASSES_FILE, "w") as f:
         f.write("".join(f"{c}\n" for c in meta["classnames"]))
