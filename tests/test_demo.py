@@ -39,6 +39,10 @@ def test_quick_demo_writes_report_and_metrics(quick_demo):
     for artifact in ("teacher", "class_vectors", "student"):
         assert Path(metrics["artifacts"][artifact]).exists()
     assert "student, distilled (PromptKD)" in printed and "sh stages.sh" in printed
+    # it ends with a table of the four models (one decimal), not a JSON dump
+    last = printed.strip().splitlines()[-5:]
+    assert last[0].split()[-3:] == ["base", "novel", "HM"] and "{" not in printed.strip().splitlines()[-1]
+    assert last[-1].split()[-1] == f"{metrics['student']['hm']:.1f}"
     # the demo's student rows are the distillation's own baseline and result
     run = json.loads((out / "student" / "metrics.json").read_text())
     assert metrics["student_zeroshot"]["hm"] == run["baseline"]["student_zero_shot"]["hm"]

@@ -66,7 +66,7 @@ def build_parser():
     import importlib
 
     from promptkd import __version__
-    from promptkd.options import add_global_options
+    from promptkd.options import add_global_options, fill_missing_help
 
     Parser = _parser_class()
     parser = Parser(prog="promptkd", description="Unsupervised prompt distillation of CLIP (PromptKD). "
@@ -77,6 +77,7 @@ def build_parser():
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     _add_globals_everywhere(parser)
+    fill_missing_help(parser)
     return parser
 
 

@@ -115,7 +115,7 @@ def run_eval(args) -> dict:
 
     results = evaluate_splits(encode_amp, classifier, splits, transforms_for(preprocess)[1],
                               batch_size=args.batch_size, device=device, num_workers=args.num_workers,
-                              progress=not args.no_progress)
+                              progress=not args.no_progress, announce="eval")
     counts = {k: sum(1 for it in s.items if it.label >= 0) for k, s in splits.items()}
     out = {"kind": "eval_metrics", "dataset": protocol.dataset, "protocol": protocol_name, "split": args.split,
            "model": what, "results": results, "images": counts}
