@@ -40,9 +40,9 @@ def test_quick_demo_writes_report_and_metrics(quick_demo):
         assert Path(metrics["artifacts"][artifact]).exists()
     assert "student, distilled (PromptKD)" in printed and "sh stages.sh" in printed
     # it ends with a table of the four models (one decimal), not a JSON dump
-    last = printed.strip().splitlines()[-5:]
-    assert last[0].split()[-3:] == ["base", "novel", "HM"] and "{" not in printed.strip().splitlines()[-1]
-    assert last[-1].split()[-1] == f"{metrics['student']['hm']:.1f}"
+    *_, header, _, _, _, distilled, where = printed.strip().splitlines()
+    assert header.split() == ["model", "base", "novel", "HM"] and where.startswith("(all numbers: ")
+    assert distilled.split()[-3:] == [f"{metrics['student'][k]:.1f}" for k in ("base", "novel", "hm")]
     # the demo's student rows are the distillation's own baseline and result
     run = json.loads((out / "student" / "metrics.json").read_text())
     assert metrics["student_zeroshot"]["hm"] == run["baseline"]["student_zero_shot"]["hm"]
