@@ -104,7 +104,7 @@ def evaluate_splits(encode: Callable[[torch.Tensor], torch.Tensor], classifier: 
         w = classifier if split.classes is None else classifier[split.classes]
         out[name] = accuracy(feats, labels, w.float().cpu())
         if announce:
-            log.info("%s %s: %.2f%% of %d images (%.1f s)", announce, name, out[name], len(items),
+            log.info("%s: %s %.2f%% of %d images (%.1f s)", announce, name, out[name], len(items),
                      time.perf_counter() - started)
             started = time.perf_counter()
     if "base" in out and "novel" in out:

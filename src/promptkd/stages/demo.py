@@ -390,6 +390,9 @@ def summary_table(metrics: dict) -> str:
     """The demo's last word: test accuracy (%) of the four models, base / novel / HM, one decimal."""
     width = max(len(label) for _, label in SUMMARY_ROWS)
     lines = [f"{'model':<{width}}  {'base':>5}  {'novel':>5}  {'HM':>5}"]
-    lines += [f"{label:<{width}}  " + "  ".join(f"{metrics[key][k]:>5.1f}" for k in ("base", "novel", "hm"))
+    def cell(value) -> str:
+        return f"{value:>5.1f}" if isinstance(value, (int, float)) else f"{'-':>5}"
+
+    lines += [f"{label:<{width}}  " + "  ".join(cell((metrics.get(key) or {}).get(k)) for k in ("base", "novel", "hm"))
               for key, label in SUMMARY_ROWS]
     return "\n".join(lines)

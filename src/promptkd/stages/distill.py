@@ -428,12 +428,12 @@ def measure_baseline(teacher: Teacher, student: Student, classifier: torch.Tenso
     with autocast(device, precision):
         zero_shot = zero_shot_scores(student.clip, protocol.classnames, protocol.test, batch_size=batch_size,
                                      device=device, num_workers=num_workers, progress=progress,
-                                     announce="baseline: student zero-shot")
+                                     announce="baseline, student zero-shot")
     with autocast(t_device, precision):
         taught = evaluate_splits(teacher.encode_images, classifier, protocol.test,
                                  transforms_for(teacher.clip.preprocess_cfg)[1], batch_size=batch_size,
                                  device=t_device, num_workers=num_workers, progress=progress,
-                                 announce="baseline: teacher")
+                                 announce="baseline, teacher")
     return {"student_zero_shot": zero_shot, "teacher": taught, "templates": list(DEFAULT_TEMPLATES)}
 
 
