@@ -170,7 +170,13 @@ class StudentClassifier(nn.Module, _Predictor):
     def load(cls, student: str | Path, class_vectors: str | Path | None = None, *,
              device: str | torch.device = "cpu", clip=None, allow_other_teacher: bool = False) -> StudentClassifier:
         """From a one-file student (`promptkd export --format safetensors`) alone, or from a student
-        file and a class-vector file; `clip` overrides the student's CLIP (local weights)."""
+        file (or its run folder) and a class-vector file (default: those beside it in a run folder);
+        `clip` overrides the student's CLIP (local weights). `promptkd.load` takes every kind."""
+        if Path(student).is_dir():  # a run folder, as every command takes it
+            from promptkd.inputs import artifact_path, student_class_vectors
+
+            student = artifact_path(student, "student", "student")
+            class_vectors = student_class_vectors(student, class_vectors)
         if class_vectors is None:
             return _load_standalone(Path(student), device)
         s = Student.load(student, clip=clip, device=device)

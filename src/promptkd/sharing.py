@@ -155,11 +155,11 @@ def write_folder_files(folder: Path, meta: dict, *, metrics: dict | None,
         "selected_on": selected_on, "exported_with": made_by, "trained_with": trained_by,
     }
     config["metrics"] = dict(score_rows(metrics, "val" if selected_on == "val" else "last"))
-    write_json(folder / CONFIG_FILE, config)
     with atomic_open(folder / CLASSES_FILE, "w") as f:
         f.write("".join(f"{c}\n" for c in meta["classnames"]))
     with atomic_open(folder / CARD_FILE, "w") as f:
         f.write(model_card(config, metrics))
+    write_json(folder / CONFIG_FILE, config)  # last: a folder with config.json is a finished export
 
 
 def score_rows(metrics: dict | None, selected_on: str = "last") -> list[tuple[str, dict]]:

@@ -59,6 +59,9 @@ def test_load_takes_every_kind_of_student(runs, exported, images):
         assert clf.classes == reference.classes, given
         _same_predictions(clf.predict(images, topk=3), want, tol)
         assert clf.preprocess(images).shape == (3, 3, 32, 32)
+    from promptkd.deploy import StudentClassifier
+
+    _same_predictions(StudentClassifier.load(runs.student).predict(images, topk=3), want)  # a run folder too
 
 
 def test_image_features_score_against_the_class_vectors(runs, exported, images):
