@@ -222,12 +222,13 @@ def model_card(config: dict, metrics: dict | None) -> str:
     bases = base_models(student.get("clip"), teacher.get("clip"))
     if bases:
         front["base_model"] = bases
-    if dataset:
-        front["datasets"] = [str(dataset)]
+    benchmark = dataset if isinstance(dataset, str) and ":" not in dataset else None  # not folder:/images:/split:
+    if benchmark:  # a user's own folder is no Hub dataset (and its local path stays out of the metadata)
+        front["datasets"] = [benchmark]
     if rows:
         front["model-index"] = [{"name": f"promptkd-{student.get('clip', {}).get('model', 'student')}", "results": [{
             "task": {"type": PIPELINE_TAG, "name": "image classification"},
-            "dataset": {"name": str(dataset or "unknown"), "type": str(dataset or "unknown"),
+            "dataset": {"name": benchmark or "custom", "type": benchmark or "custom",
                         "split": f"test ({config.get('protocol') or 'protocol unknown'})"},
             "metrics": [{"type": "accuracy" if k != "hm" else "harmonic_mean", "name": f"{label}: {k}", "value": v}
                         for label, scores in rows for k, v in scores.items()]}]}]

@@ -97,7 +97,8 @@ def test_model_folder_card_holds_the_runs_metrics(runs, exported):
     card = (folder / "README.md").read_text()
     front = _front_matter(card)
     assert front["library_name"] == "promptkd" and front["pipeline_tag"] == "image-classification"
-    assert front["datasets"] == [metrics["dataset"]]
+    assert metrics["dataset"].startswith("folder:") and "datasets" not in front  # a local folder is no Hub dataset
+    assert front["model-index"][0]["results"][0]["dataset"]["name"] == "custom"
     reported = {m["name"]: m["value"] for m in front["model-index"][0]["results"][0]["metrics"]}
     want = {"student CLIP, zero-shot: accuracy": metrics["baseline"]["student_zero_shot"]["accuracy"],
             "teacher (class vectors): accuracy": metrics["baseline"]["teacher"]["accuracy"],
@@ -177,3 +178,24 @@ def test_new_class_vectors_pair_with_the_image_side_export(runs, exported, tmp_p
     torch.testing.assert_close(two.logits(x), full.logits(x)[:, [2, 0]])
     folder_two = promptkd.load(exported["folder"], class_vectors=subset)
     torch.testing.assert_close(folder_two.logits(x), two.logits(x), atol=1e-3, rtol=0)
+
+
+def test_card_of_a_base_to_novel_run_on_open_clip_weights():
+    """A paper-style run: base, novel and HM rows, Hub ids of the open_clip weights as base models."""
+    config = {"num_classes": 37, "dataset": "OxfordPets", "protocol": "base2novel",
+              "student": {"clip": {"model": "ViT-B-16", "pretrained": "openai"}},
+              "teacher": {"clip": {"model": "ViT-L-14", "pretrained": "openai"}, "prompts_hash": "ab12"}}
+    metrics = {"baseline": {"student_zero_shot": {"base": 70.1, "novel": 72.3, "hm": 71.18},
+                            "teacher": {"base": 95.0, "novel": 97.2, "hm": 96.09}},
+               "results": {"last": {"epoch": 20, "base": 92.5, "novel": 96.8, "hm": 94.6},
+                           "best_val": {"epoch": 12, "val": 90.0, "base": 92.0, "novel": 96.0, "hm": 93.96}}}
+    front = _front_matter(sharing.model_card(config, metrics))
+    assert front["base_model"] == ["timm/vit_base_patch16_clip_224.openai", "timm/vit_large_patch14_clip_224.openai"]
+    assert front["datasets"] == ["OxfordPets"]
+    got = {m["name"]: (m["type"], m["value"]) for m in front["model-index"][0]["results"][0]["metrics"]}
+    assert got["this student (distilled, last epoch): hm"] == ("harmonic_mean", 94.6)
+    assert got["teacher (class vectors): novel"] == ("accuracy", 97.2)
+    assert len(got) == 9  # three rows of base, novel, HM; the best-val epoch is not the exported student
+    best = _front_matter(sharing.model_card({**config, "selected_on": "val"}, metrics))
+    names = {m["name"] for m in best["model-index"][0]["results"][0]["metrics"]}
+    assert "this student (distilled, best validation epoch): hm" in names
