@@ -336,9 +336,9 @@ def train_loop(
                     break
                 run.train_step(epoch, step, batch)
                 if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < run.steps_per_epoch:
-                    run.save(epoch, step + 1)
+                    run.checkpoint(epoch, step + 1)
             run.end_epoch(epoch, on_epoch_end)
-            run.save(epoch + 1, 0)
+            run.checkpoint(epoch + 1, 0)
             distributed.barrier()
     except _NonFinite as e:
         raise run.stopped(e) from None
@@ -350,7 +350,7 @@ def train_loop(
 class _Training:
     """One train_loop call's state and its named phases: set-up (__init__, resume, start), the
     epoch (begin_epoch, train_step with its two update paths and the compile attempt, end_epoch)
-    and save."""
+    and checkpoint."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable, dataset: Dataset, cfg: TrainConfig, out_dir: Path,
                  extra: list[Stateful], desc: str, checkpoint_meta: dict, compile_default: bool):
@@ -540,7 +540,7 @@ class _Training:
                         "(on_bad_image='error' makes this fatal)", record["unreadable_images"])
         return record
 
-    def save(self, epoch: int, step: int) -> None:
+    def checkpoint(self, epoch: int, step: int) -> None:
         """Checkpoint at (epoch, step) on the main process and keep this state as the last good one.
         Mid-epoch (step > 0) the pending steps are read first, so no checkpoint is written past a
         non-finite step, and the header keeps the epoch's sums so far."""
