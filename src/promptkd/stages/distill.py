@@ -51,6 +51,7 @@ from promptkd.settings import (
 from promptkd.stages.cache import (
     CachedViewDataset,
     TeacherCache,
+    require_cache_folder,
     teacher_train_transform,
 )
 from promptkd.stages.class_vectors import compute_class_vectors
@@ -388,6 +389,8 @@ def distill_models(
             "teacher": settings["teacher"], "student": settings["student"], "classes": len(protocol.classnames),
             "train_images": len(train_items), "teacher_cache": settings["teacher_cache"], "results": results,
             "baseline": before, "history": result.history,
+            **({k: settings[k] for k in ("teachers", "ensemble", "ensemble_weights")} if more_teachers else {}),
+            "projector_init": projector_init,
             "train": {"steps": result.steps, "skipped_steps": result.skipped_steps, "seconds": result.seconds,
                       "config": asdict(cfg)}, **(meta or {}),
         }
@@ -482,7 +485,10 @@ def baseline_table(metrics: dict) -> str:
     with the warning line under it when the student ended below its zero-shot baseline."""
     base = metrics.get("baseline") or {}
     results = metrics.get("results") or {}
-    rows = [("student zero-shot", base.get("student_zero_shot")), ("teacher", base.get("teacher")),
+    more = base.get("more_teachers") or []
+    rows = [("student zero-shot", base.get("student_zero_shot")), ("teacher 1" if more else "teacher", base.get("teacher")),
+            *((f"teacher {i + 2}", r) for i, r in enumerate(more)),
+            *([(f"teachers combined ({metrics.get('ensemble', 'mean')})", base.get("ensemble"))] if more else []),
             ("distilled student (last epoch)", results.get("last"))]
     best = results.get("best_val")
     if best and best.get("epoch") != (results.get("last") or {}).get("epoch"):
@@ -504,12 +510,15 @@ def baseline_table(metrics: dict) -> str:
 
 def _open_cache(cache, teacher: Teacher, items, teacher_tf) -> TeacherCache | None:
     """The cache, checked against this teacher, image list and teacher transform."""
+    from promptkd.models.teachers import image_identity
+
     if cache is None:
         return None
+    ident = image_identity(teacher.identity())  # a plain CLIP's templates do not change its image features
     if isinstance(cache, TeacherCache):
-        cache.check(teacher.identity(), items, teacher_tf)
+        cache.check(ident, items, teacher_tf)
         return cache
-    cache = TeacherCache(cache, teacher.identity(), items)
+    cache = TeacherCache(cache, ident, items)
     cache.check(transform=teacher_tf)
     return cache
 
@@ -644,6 +653,8 @@ def _check_required(cfg: DistillConfig) -> None:
     if not cfg.dataset:
         raise PromptKDError("distill: no dataset (--dataset or `dataset:` in a config)")
     for choice in teacher_choices(cfg):
+        if choice.teacher_cache:
+            require_cache_folder(choice.teacher_cache, "--teacher-cache")
         check_teacher_choice(choice)
     if cfg.classes_file and not Path(cfg.classes_file).is_file():
         raise PromptKDError(f"--classes-file {cfg.classes_file}: file not found")

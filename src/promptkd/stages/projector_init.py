@@ -82,7 +82,7 @@ def fit_projector_on_text(student: Student, teacher: Teacher, classifier: torch.
         (ce + cos).backward()
         opt.step()
     recompute_bn_stats(student, images, device=device, seed=seed, batch_size=batch_size, num_workers=num_workers)
-    out = {"cross_entropy": float(ce), "cosine_distance": float(cos), "pairs": len(labels)}
+    out = {"cross_entropy": ce.detach().item(), "cosine_distance": cos.detach().item(), "pairs": len(labels)}
     log.info("projector fitted on %d text pairs (cross-entropy %.3f, cosine distance %.3f)", len(labels),
              out["cross_entropy"], out["cosine_distance"])
     return out

@@ -64,13 +64,11 @@ def cache_teacher_record(cache_dir: str | Path) -> dict:
 
 
 def check_teacher_choice(choice: TeacherChoice, where: str = "distill") -> None:
-    """Everything about a teacher choice that needs no torch: which kind, files present, templates."""
+    """Everything about a teacher choice that needs no torch: which kind, files present, templates
+    (its cache folder is the caller's to check: promptkd.stages.cache.require_cache_folder)."""
     from promptkd.inputs import artifact_path, check_clip_files, class_vectors_path
-    from promptkd.stages.cache import require_cache_folder
     from promptkd.templates import resolve_templates
 
-    if choice.teacher_cache:
-        require_cache_folder(choice.teacher_cache, "--teacher-cache")
     if not choice.teacher and not choice.teacher_model:
         if not (choice.teacher_cache and cache_teacher_record(choice.teacher_cache).get("teacher_clip")):
             raise PromptKDError(f"{where}: no teacher (--teacher FILE|DIR, or a plain CLIP with --teacher-model M "
@@ -121,7 +119,7 @@ def load_teacher_choice(choice: TeacherChoice, *, device, seed: int = 0, dataset
             return load_teacher_choice(TeacherChoice(teacher=str(path), class_vectors=choice.class_vectors),
                                        device=device, seed=seed, dataset=dataset)
         clip = clip_from_source(recorded["teacher_clip"], where=where, role="teacher", device=device)
-        templates = choice.templates or recorded.get("teacher_templates")
+        templates = choice.templates or _recorded_templates(choice.class_vectors) or recorded.get("teacher_templates")
     templates = resolve_templates(templates or _recorded_templates(choice.class_vectors), dataset)
     teacher = ZeroShotTeacher(clip, templates).to(device).eval()
     return teacher, {"teacher": None, "teacher_clip": clip.source, "teacher_templates": templates}
