@@ -148,3 +148,24 @@ def test_projector_fit_brings_text_to_its_class_and_bn_stats_come_from_the_image
     assert torch.allclose(bn.running_var, h.var(0, unbiased=True), rtol=1e-4, atol=1e-6)
     assert bn.momentum == 0.1
     assert text_accuracy() > max(before, 0.9)
+
+
+def test_a_text_fitted_projector_learns_at_a_tenth_of_the_rate(tiny_configs):
+    from promptkd.stages.projector_init import PROJECTOR_LR_SCALE, slow_down_projector
+
+    t_cfg, s_cfg = tiny_configs
+    steps = []
+    for slowed in (False, True):
+        student = tiny_student(s_cfg, 32)
+        if slowed:
+            slow_down_projector(student)
+            slow_down_projector(student)  # once only
+        before = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
+        opt = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+        student(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))).sum().backward()
+        opt.step()
+        steps.append({n: p.detach() - before[n] for n, p in student.named_parameters() if p.requires_grad})
+    full, slow = steps
+    for name in full:
+        want = full[name] * (PROJECTOR_LR_SCALE if name.startswith("projector.") else 1.0)
+        assert torch.allclose(slow[name], want, rtol=1e-4, atol=1e-8), name

@@ -30,7 +30,7 @@ PRESET = Path(__file__).resolve().parents[1] / "configs" / "demo" / "toy.yaml"
 # `--quick`: tiny sizes for smoke tests (seconds), not for numbers.
 QUICK = ["n_train=6", "n_val=2", "n_test=4", "teacher.shots=2", "teacher.gpa_mean=1", "teacher.gpa_std=1",
          "teacher.train.epochs=1", "teacher.train.batch_size=8", "distill.train.epochs=1",
-         "distill.train.batch_size=8", "distill.n_ctx_vision=2", "cache_views=2"]
+         "distill.train.batch_size=8", "distill.n_ctx_vision=2", "cache_views=2", "no_labels.train.epochs=1"]
 # Where each stage writes, inside the demo folder.
 DATA, TEACHER_DIR, CLASS_VECTORS, CACHE_DIR, STUDENT_DIR = "data", "teacher", CLASS_VECTORS_FILE, "teacher_cache", "student"
 SPLIT_FILE = "split_zhou_Toy.json"
@@ -106,12 +106,15 @@ def label_free_settings(cfg: DemoConfig, folder: str | Path) -> dict:
     zero_shot = {"teacher_model": cfg.teacher.get("model", "toy-teacher"),
                  "teacher_weights": cfg.teacher.get("weights", "toy"), "class_vectors": str(folder / ZS_CLASS_VECTORS),
                  "teacher_cache": str(folder / ZS_CACHE_DIR) if cfg.cache_views else None}
+    def changed(base: dict, changes: dict) -> dict:  # the `train:` section key by key, as in a preset
+        return {**base, **changes, "train": {**base["train"], **(changes.get("train") or {})}}
+
     out = {}
     if cfg.no_labels is not None:
-        out["no_labels"] = {**distill, "teacher": "", **zero_shot, **cfg.no_labels}
+        out["no_labels"] = changed({**distill, "teacher": "", **zero_shot}, cfg.no_labels)
     if cfg.both_teachers is not None:
-        out["two_teachers"] = {**distill, "teachers": [{k: v for k, v in zero_shot.items() if v is not None}],
-                               **cfg.both_teachers}
+        out["two_teachers"] = changed({**distill, "teachers": [{k: v for k, v in zero_shot.items() if v is not None}]},
+                                      cfg.both_teachers)
     return out
 
 

@@ -327,12 +327,14 @@ def distill_models(
             if more_teachers:
                 before.update(_ensemble_baseline(members, protocol, temperature, ensemble_weights, ensemble,
                                                  eval_batch_size, cfg))
-    if projector_init == "text" and not (resume and ckpt.is_file()):
-        from promptkd.stages.projector_init import fit_projector_on_text
+    if projector_init == "text":
+        from promptkd.stages.projector_init import fit_projector_on_text, slow_down_projector
 
-        with torch.random.fork_rng(devices=[]):
-            fit_projector_on_text(student, teacher, W, protocol.classnames, train_items, device=device,
-                                  seed=cfg.seed, batch_size=eval_batch_size, num_workers=cfg.num_workers)
+        if not (resume and ckpt.is_file()):  # a resumed run restores the projector from its checkpoint
+            with torch.random.fork_rng(devices=[]):
+                fit_projector_on_text(student, teacher, W, protocol.classnames, train_items, device=device,
+                                      seed=cfg.seed, batch_size=eval_batch_size, num_workers=cfg.num_workers)
+        slow_down_projector(student)
     for (t, _, _), c in zip(members, caches):
         if c is not None and device.type != "cpu":  # its image tower never runs: free the device
             t.cpu()
