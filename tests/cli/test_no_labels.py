@@ -123,6 +123,13 @@ def test_eval_of_a_plain_clip_teacher_with_templates(clips, data, tmp_path, caps
     # the same CLIP, classifier and images: the same accuracy either way
     a = json.loads(out.read_text())["results"]["accuracy"]
     assert json.loads((tmp_path / "clip.json").read_text())["results"]["accuracy"] == pytest.approx(a, abs=1e-9)
+    # a student of a plain CLIP teacher: its run folder alone is enough to evaluate it
+    run = tmp_path / "student"
+    assert main(["-q", "distill", *_teacher(clips), "--templates", "imagenet80", "--dataset", f"folder:{data}",
+                 "--protocol", "cross", *_student(clips), "--device", "cpu", "--no-progress", "--out", str(run)]) == 0
+    assert main(["-q", "eval", str(run), "--no-progress", "--out", str(tmp_path / "student.json")]) == 0
+    scored = json.loads((tmp_path / "student.json").read_text())
+    assert scored["dataset"].endswith("colours") and "accuracy" in scored["results"]
 
 
 def test_two_teachers_a_promptsrc_artifact_and_a_plain_clip(clips, data, runs, tmp_path, capsys):
