@@ -25,7 +25,7 @@ def quick_demo(tmp_path_factory):
     with contextlib.redirect_stdout(printed):
         # the both-teachers row is off in the preset (time budget): switched on here to test it
         assert main(["demo", "--quick", "--no-progress", "--out", str(out),
-                     "--set", "both_teachers={ensemble_weights: [3, 1]}"]) == 0
+                     "--set", "both_teachers={ensemble_weights: [4, 1]}"]) == 0
     return out, printed.getvalue()
 
 
