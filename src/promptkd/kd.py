@@ -8,6 +8,7 @@ tests call it directly; promptkd.stages.distill re-exports the names it always h
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING
 
 from promptkd.errors import PromptKDError
@@ -100,6 +101,36 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, t
     kl = F.kl_div(log_p_s, log_p_t, reduction="sum", log_target=True)
     denom = student_logits.numel() if reduction == "official" else student_logits.shape[0]
     return weight * t * t * kl / denom
+
+
+@dataclass(frozen=True)
+class KDSettings:
+    """Every setting of the KD loss, named as in the distill config (DistillConfig's fields of the
+    same names). A new KD option is a field here and a parameter of `kd_loss`: the distill recipe
+    passes `loss_args()` to the loss and records `record()` in its checkpoint, student and metrics."""
+
+    temperature: float = 1.0
+    kd_weight: float = OFFICIAL_KD_WEIGHT
+    kd_reduction: str = "official"
+
+    def __post_init__(self):
+        if self.kd_reduction not in KD_REDUCTIONS:
+            raise PromptKDError(f"kd reduction must be one of {KD_REDUCTIONS}, got {self.kd_reduction!r}")
+        object.__setattr__(self, "temperature", float(self.temperature))
+        object.__setattr__(self, "kd_weight", float(self.kd_weight))
+
+    @classmethod
+    def from_config(cls, config, **overrides) -> KDSettings:
+        """The settings of a config object with fields of the same names (e.g. DistillConfig)."""
+        return cls(**{f.name: overrides.get(f.name, getattr(config, f.name)) for f in fields(cls)})
+
+    def loss_args(self) -> dict:
+        """Keyword arguments of `kd_loss` after the logits."""
+        return {"temperature": self.temperature, "weight": self.kd_weight, "reduction": self.kd_reduction}
+
+    def record(self) -> dict:
+        """The settings as recorded in a run (a resumed run must match them)."""
+        return asdict(self)
 
 
 def ensemble_weights(n: int, weights: Sequence[float] | None) -> list[float]:
