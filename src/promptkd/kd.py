@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     import torch
 
 KD_REDUCTIONS = ("official", "batchmean")
+# kl: KL(teacher || student), the paper's; sym-kl: KL(t || s) + KL(s || t), the symmetric KL of KDPL.
+KD_LOSSES = ("kl", "sym-kl")
 # How the targets of several teachers are combined (ensemble_log_probs).
 ENSEMBLE_MODES = ("mean", "confidence")
 
@@ -79,8 +81,8 @@ def class_logits(features: torch.Tensor, class_vectors: torch.Tensor, logit_scal
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, temperature: float = 1.0,
             weight: float = 1.0, reduction: str = "official", *,
-            teacher_log_probs: torch.Tensor | None = None) -> torch.Tensor:
-    """weight * T^2 * KL(teacher || student).
+            teacher_log_probs: torch.Tensor | None = None, loss: str = "kl") -> torch.Tensor:
+    """weight * T^2 * KL(teacher || student); with loss="sym-kl", weight * T^2 * (KL(t || s) + KL(s || t)).
 
     official: the summed KL divided by B*C (the official code's `kl_div(sum) / numel`);
     batchmean: the summed KL divided by B (the paper's Eq. 3), i.e. official * C.
@@ -92,6 +94,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, t
 
     if reduction not in KD_REDUCTIONS:
         raise PromptKDError(f"kd reduction must be one of {KD_REDUCTIONS}, got {reduction!r}")
+    if loss not in KD_LOSSES:
+        raise PromptKDError(f"kd loss must be one of {', '.join(KD_LOSSES)}, got {loss!r}")
     t = float(temperature)
     log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
     if teacher_log_probs is None:
@@ -99,6 +103,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, t
     else:
         log_p_t = teacher_log_probs.float()
     kl = F.kl_div(log_p_s, log_p_t, reduction="sum", log_target=True)
+    if loss == "sym-kl":  # the reverse direction: the student's mass where the teacher puts little
+        kl = kl + F.kl_div(log_p_t, log_p_s, reduction="sum", log_target=True)
     denom = student_logits.numel() if reduction == "official" else student_logits.shape[0]
     return weight * t * t * kl / denom
 
@@ -112,10 +118,13 @@ class KDSettings:
     temperature: float = 1.0
     kd_weight: float = OFFICIAL_KD_WEIGHT
     kd_reduction: str = "official"
+    kd_loss: str = "kl"
 
     def __post_init__(self):
         if self.kd_reduction not in KD_REDUCTIONS:
             raise PromptKDError(f"kd reduction must be one of {KD_REDUCTIONS}, got {self.kd_reduction!r}")
+        if self.kd_loss not in KD_LOSSES:
+            raise PromptKDError(f"kd loss must be one of {', '.join(KD_LOSSES)}, got {self.kd_loss!r}")
         object.__setattr__(self, "temperature", float(self.temperature))
         object.__setattr__(self, "kd_weight", float(self.kd_weight))
 
@@ -126,7 +135,8 @@ class KDSettings:
 
     def loss_args(self) -> dict:
         """Keyword arguments of `kd_loss` after the logits."""
-        return {"temperature": self.temperature, "weight": self.kd_weight, "reduction": self.kd_reduction}
+        return {"temperature": self.temperature, "weight": self.kd_weight, "reduction": self.kd_reduction,
+                "loss": self.kd_loss}
 
     def record(self) -> dict:
         """The settings as recorded in a run (a resumed run must match them)."""

@@ -30,6 +30,7 @@ from promptkd.engine.config import CHECKPOINT_NAME, COMPILE_MODES, TrainConfig
 from promptkd.errors import PromptKDError
 from promptkd.kd import (  # noqa: F401  (re-exported: the names this module always had)
     CUSTOM_KD_PER_IMAGE,
+    KD_LOSSES,
     KD_REDUCTIONS,
     OFFICIAL_KD_WEIGHT,
     OFFICIAL_KD_WEIGHT_200,
@@ -684,6 +685,7 @@ class DistillConfig:
     temperature: float = 1.0
     kd_weight: float | None = None  # None: official on the paper's datasets, else per image (default_kd_weight)
     kd_reduction: str = "official"
+    kd_loss: str = "kl"  # kl: KL(teacher || student); sym-kl: KL(t || s) + KL(s || t) (KDPL)
     precision: str = "auto"  # auto: bf16 (fp16 without bf16) on CUDA, fp32 elsewhere
     select_on_val: bool = True
     official_best_on_test: bool = False
@@ -701,6 +703,8 @@ class DistillConfig:
             raise PromptKDError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
         if self.kd_reduction not in KD_REDUCTIONS:
             raise PromptKDError(f"kd_reduction must be one of {', '.join(KD_REDUCTIONS)}, got {self.kd_reduction!r}")
+        if self.kd_loss not in KD_LOSSES:
+            raise PromptKDError(f"kd_loss must be one of {', '.join(KD_LOSSES)}, got {self.kd_loss!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise PromptKDError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         check_ranges(self, "distill settings", {"shots": (">=", 0), "vision_depth": (">=", 0),
@@ -919,6 +923,18 @@ def _run(args) -> int:
     return 0
 
 
+def _add_kd_options(p) -> None:
+    """The KD loss's settings (promptkd.kd.KDSettings)."""
+    from promptkd.options import non_negative_float, positive_float
+
+    p.add_argument("--temperature", type=positive_float)
+    p.add_argument("--kd-weight", type=non_negative_float, help="default: the official per-dataset weight on the 11 benchmarks, 1 per image elsewhere")
+    p.add_argument("--kd-reduction", choices=KD_REDUCTIONS)
+    p.add_argument("--kd-loss", choices=KD_LOSSES,
+                   help="kl: KL(teacher || student), the paper's (default); sym-kl: KL(t || s) + KL(s || t), the "
+                        "symmetric KL of KDPL")
+
+
 def register(sub) -> None:
     from promptkd.inputs import add_clip_args
     from promptkd.kd import ENSEMBLE_MODES
@@ -928,7 +944,6 @@ def register(sub) -> None:
         add_model_options,
         add_output_options,
         deprecated,
-        non_negative_float,
         non_negative_int,
         positive_float,
         positive_int,
@@ -970,9 +985,7 @@ def register(sub) -> None:
     add_model_options(p, "student", default_note="default ViT-B-16 / openai")
     p.add_argument("--vision-depth", type=non_negative_int)
     p.add_argument("--n-ctx-vision", type=positive_int)
-    p.add_argument("--temperature", type=positive_float)
-    p.add_argument("--kd-weight", type=non_negative_float, help="default: the official per-dataset weight on the 11 benchmarks, 1 per image elsewhere")
-    p.add_argument("--kd-reduction", choices=KD_REDUCTIONS)
+    _add_kd_options(p)
     p.add_argument("--precision", choices=PRECISIONS)
     p.add_argument("--epochs", type=positive_int)
     p.add_argument("--batch-size", type=positive_int)
