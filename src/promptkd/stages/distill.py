@@ -248,7 +248,8 @@ def distill_models(
 class DistillRecipe:
     """One distillation run in named phases, torchtune's recipe shape: `setup` (checks, classifier,
     teachers and training views), `prepare` (resume header, baseline, projector start), `loss` (the
-    step's forward, run by the engine), `evaluate` / `on_epoch_end`, and `save` (student, metrics).
+    step's forward, run by the engine), `evaluate` / `on_epoch_end`, and `save_outputs` (student,
+    metrics).
     The run's state lives on this object; the engine (promptkd.engine.loop) owns the loop itself."""
 
     def __init__(self, teacher: Teacher, student: Student, class_vectors: ClassVectors, train_items: Sequence[Item],
@@ -266,7 +267,7 @@ class DistillRecipe:
                             on_epoch_end=self.on_epoch_end, desc="distill",
                             checkpoint_meta={"distill": self.settings, "baseline": self.before},
                             compile_default=self.cache is not None)  # auto: the cached step compiles on CUDA
-        return self.save(result)
+        return self.save_outputs(result)
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -379,8 +380,8 @@ class DistillRecipe:
                           **(o.meta or {})}
         if self.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            ClassVectors(self.classifier.cpu(), self.protocol.classnames,
-                         self.class_vectors.teacher).save(self.out_dir / CLASS_VECTORS_FILE)
+            cv = ClassVectors(self.classifier.cpu(), self.protocol.classnames, self.class_vectors.teacher)
+            cv.save(self.out_dir / CLASS_VECTORS_FILE)
 
     def _resumed_header(self, ckpt: Path) -> tuple[list[dict], dict | None]:
         """The checkpoint's history and baseline, once its settings match this run's (header only)."""
@@ -455,7 +456,7 @@ class DistillRecipe:
 
     # -- save -----------------------------------------------------------------------------------
 
-    def save(self, result: TrainResult) -> DistillResult:
+    def save_outputs(self, result: TrainResult) -> DistillResult:
         """The last-epoch student, its test scores (and the best-on-val student's), metrics.json."""
         from promptkd.engine import distributed
 
