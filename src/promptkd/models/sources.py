@@ -9,6 +9,8 @@ on the first load of one of its names: registering costs no import, so the packa
 `promptkd.load`, the demo, a test calling `load_clip` directly) registers the toy world's source
 without importing torch or the toy package, and models/ never imports the layers above it.
 
+`random_weights` (whether a weights setting asks for a random initialisation) lives here too, so that
+models/ and the settings above it read weights settings alike (promptkd.settings re-exports it).
 No torch here, and nothing from promptkd but errors.
 """
 
