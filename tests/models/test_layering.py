@@ -1,7 +1,7 @@
-"""Dependencies point down: nothing under promptkd/models/ imports a promptkd module above it (run
-folders, settings, stages, the toy world, the CLI), not even inside a function, and the few low-level
-modules it may use import nothing above them either. Model sources from above (the toy world) reach
-models/ through its registry (models/sources.py)."""
+"""Dependencies point down: nothing under promptkd/models/ reaches a promptkd module above it (run
+folders, settings, inputs, the engine, stages, deploy, the CLI, the toy world, the package's entry
+layer), neither directly nor through the modules it imports, and not even inside a function. Model
+sources from above (the toy world) reach models/ through its registry (models/sources.py)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,12 @@ from promptkd.errors import PromptKDError
 from promptkd.models import sources
 
 SRC = Path(__file__).resolve().parents[2] / "src"
-MODELS = SRC / "promptkd" / "models"
-# Leaf helpers models/ may use: errors, artifact files, content hashes, logging, lazy package attributes.
+# What models/ may reach: the leaf helpers (errors, artifact files, content hashes, logging, lazy package
+# attributes) and the components the design puts beside models/ (the KD maths, prompt templates, dataset
+# names), which import nothing but leaves and each other.
 LOW_LEVEL = ("promptkd.errors", "promptkd.artifacts", "promptkd.files", "promptkd.logs", "promptkd.lazy")
+COMPONENTS = ("promptkd.models", "promptkd.kd", "promptkd.templates", "promptkd.data")
+ALLOWED = LOW_LEVEL + COMPONENTS
 
 
 def _module_name(path: Path) -> str:
@@ -52,26 +55,47 @@ def _is_module(name: str) -> bool:
     return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
 
 
+def _allowed(module: str) -> bool:
+    return any(module == a or module.startswith(a + ".") for a in ALLOWED)
+
+
 def _violations(module: str, source: str, is_package: bool = False) -> list[str]:
-    allowed = [*LOW_LEVEL, "promptkd.models"]
-    bad = [m for m in _imported(source, module, is_package)
-           if not any(m == a or m.startswith(a + ".") for a in allowed)]
-    return [f"{module} imports {m}" for m in sorted(bad)]
+    """The imports of `source` (the text of `module`) that leave ALLOWED."""
+    return [f"{module} imports {m}" for m in sorted(_imported(source, module, is_package)) if not _allowed(m)]
 
 
-def test_models_import_nothing_above_them():
-    found = []
-    for path in sorted(MODELS.rglob("*.py")):
-        found += _violations(_module_name(path), path.read_text(), path.name == "__init__.py")
-    assert found == []
+def _import_graph() -> dict[str, set[str]]:
+    graph = {}
+    for path in sorted((SRC / "promptkd").rglob("*.py")):
+        name = _module_name(path)
+        graph[name] = _imported(path.read_text(), name, path.name == "__init__.py")
+    return graph
 
 
-def test_the_low_level_modules_models_use_import_nothing_above_them():
-    found = []
-    for module in LOW_LEVEL:
-        path = SRC.joinpath(*module.split(".")).with_suffix(".py")
-        found += _violations(module, path.read_text())
-    assert found == []
+def _reached_from_models(graph: dict[str, set[str]]) -> list[str]:
+    """Each module outside ALLOWED that a models/ module reaches, with the chain of imports."""
+    chains = {m: [m] for m in graph if m == "promptkd.models" or m.startswith("promptkd.models.")}
+    todo, out = list(chains), []
+    while todo:
+        module = todo.pop()
+        for target in sorted(graph.get(module, ())):
+            if target in chains:
+                continue
+            chains[target] = [*chains[module], target]
+            if _allowed(target):
+                todo.append(target)  # an allowed module may still lead upward
+            else:
+                out.append(" -> ".join(chains[target]))
+    return sorted(out)
+
+
+def test_models_reach_nothing_above_them():
+    assert _reached_from_models(_import_graph()) == []
+
+
+def test_the_chain_check_finds_an_import_from_above_through_an_allowed_module():
+    graph = {"promptkd.models.a": {"promptkd.kd"}, "promptkd.kd": {"promptkd.runs"}, "promptkd.runs": set()}
+    assert _reached_from_models(graph) == ["promptkd.models.a -> promptkd.kd -> promptkd.runs"]
 
 
 @pytest.mark.parametrize("line", [
