@@ -65,7 +65,9 @@ def run_eval(args) -> dict:
         raise PromptKDError("no dataset: pass --dataset NAME (or folder:PATH)")
     root = args.root if args.dataset else args.root or recorded.get("root")
     protocol_name = args.protocol or (recorded.get("protocol") if not args.dataset else None) or "base2novel"
-    device = resolve_device(args.device)
+    from promptkd.engine import distributed
+
+    device, info = distributed.join_ranks(resolve_device(args.device))  # torchrun: each rank takes test batches
     precision = resolve_precision(args.precision, device)
     cv = ClassVectors.load(cv_path) if cv_path else None
     protocol = build_protocol(protocol_name, dataset, root, num_shots=args.shots, seed=args.seed,
@@ -106,10 +108,12 @@ def run_eval(args) -> dict:
 
     results = evaluate_splits(encode_amp, classifier, splits, transforms_for(preprocess)[1],
                               batch_size=args.batch_size, device=device, num_workers=args.num_workers,
-                              progress=not args.no_progress)
+                              progress=not args.no_progress and info.is_main, shard=True)
     counts = {k: sum(1 for it in s.items if it.label >= 0) for k, s in splits.items()}
     out = {"kind": "eval_metrics", "dataset": protocol.dataset, "protocol": protocol_name, "split": args.split,
            "model": what, "results": results, "images": counts}
+    if not info.is_main:
+        return out
     print(_format_table(f"{protocol.dataset} ({protocol_name}, {args.split})", results, counts))
     if args.out:
         write_json(args.out, out)
