@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "promptkd.stages.export",
     "promptkd.stages.predict",
     "promptkd.stages.report",
+    "promptkd.stages.sweep",
     "promptkd.stages.import_official",
     "promptkd.stages.demo",
     "promptkd.toy.commands",
