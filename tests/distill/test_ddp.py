@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 from ddp_worker import run
-from distill_helpers import free_port, tiny_student, write_images
+from distill_helpers import tiny_student, write_images
+from launch import free_port, torchrun
 
 from promptkd.artifacts import load_artifact
 
@@ -42,8 +43,6 @@ def test_two_process_gloo_run_equals_single_process(tiny_configs, tmp_path):
 def test_two_nodes_equal_two_processes_on_one_node_and_one_process(tiny_configs, tmp_path):
     """torchrun with --nnodes 2 (two launches meeting at a c10d rendezvous on 127.0.0.1) trains the
     same student as --nproc-per-node 2 on one node and as one process with the same global batch."""
-    from launch import torchrun
-
     t_cfg, s_cfg = tiny_configs
     write_images(tmp_path / "images", per_class=4)
     run(t_cfg, s_cfg, tmp_path / "images", tmp_path / "single")

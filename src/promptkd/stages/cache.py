@@ -422,6 +422,7 @@ def cache_complete(folder: Path) -> bool:
 
 def _run(args) -> int:
     from promptkd.data.protocols import build_protocol
+    from promptkd.engine import distributed
     from promptkd.engine.loop import resolve_device, resolve_precision
     from promptkd.inputs import artifact_path, check_clip_files, load_teacher
     from promptkd.runs import (
@@ -432,8 +433,6 @@ def _run(args) -> int:
         promptkd_files,
         write_run_record,
     )
-
-    from promptkd.engine import distributed
 
     teacher_path = artifact_path(args.teacher, "teacher")
     check_clip_files(args.teacher_model, args.teacher_weights, "teacher")

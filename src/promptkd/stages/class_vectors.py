@@ -147,6 +147,7 @@ def register(subparsers) -> None:
 
 
 def _run(args) -> int:
+    from promptkd.engine import distributed
     from promptkd.engine.loop import resolve_device
     from promptkd.inputs import artifact_path, check_clip_files, class_vectors_path, load_teacher, one_of
     from promptkd.runs import claim_file
@@ -163,8 +164,6 @@ def _run(args) -> int:
     in_place = bool(args.append_to) and Path(out).resolve() == Path(args.append_to).resolve()
     claim_file(out, overwrite=args.overwrite, what="class-vector file", in_place=in_place)
     check_clip_files(args.teacher_model, args.teacher_weights, "teacher")
-    from promptkd.engine import distributed
-
     device, info = distributed.join_ranks(resolve_device(args.device))  # torchrun: each rank takes class chunks
     names = classnames_from_args(args)
     teacher = load_teacher(teacher_path, args.teacher_model, args.teacher_weights, device=device)

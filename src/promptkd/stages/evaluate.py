@@ -40,6 +40,7 @@ def run_eval(args) -> dict:
     from promptkd.artifacts import write_json
     from promptkd.data.protocols import align_class_vectors, build_protocol
     from promptkd.data.transforms import transforms_for
+    from promptkd.engine import distributed
     from promptkd.engine.loop import autocast, resolve_device, resolve_precision
     from promptkd.inputs import (
         check_clip_files,
@@ -65,8 +66,6 @@ def run_eval(args) -> dict:
         raise PromptKDError("no dataset: pass --dataset NAME (or folder:PATH)")
     root = args.root if args.dataset else args.root or recorded.get("root")
     protocol_name = args.protocol or (recorded.get("protocol") if not args.dataset else None) or "base2novel"
-    from promptkd.engine import distributed
-
     device, info = distributed.join_ranks(resolve_device(args.device))  # torchrun: each rank takes test batches
     precision = resolve_precision(args.precision, device)
     cv = ClassVectors.load(cv_path) if cv_path else None
