@@ -177,6 +177,9 @@ def plan(args) -> list[Job]:
         tables = out / "tables" / protocol
         add(Job(f"report/{protocol}", ["report", str(out / protocol), "--out", str(tables)],
                 tables, runs))
+    if getattr(args, "device", None):  # the global --device applies to every job
+        for job in jobs.values():
+            job.argv += ["--device", args.device]
     return list(jobs.values())
 
 
@@ -388,8 +391,8 @@ def register(sub) -> None:
     p.add_argument("--official-teachers", metavar="PATTERN",
                    help="import missing teachers from official checkpoints, e.g. 'ckpt/{teacher}/model-best.pth.tar'"
                         " ({teacher}: the teacher folder's name) instead of training them")
-    p.add_argument("--teacher-weights", help="the teachers' CLIP weights (e.g. clip/ViT-L-14.pt)")
-    p.add_argument("--student-weights", help="the student's CLIP weights (e.g. clip/ViT-B-16.pt)")
+    p.add_argument("--teacher-weights", metavar="TAG|PATH|none", help="the teachers' CLIP weights (e.g. clip/ViT-L-14.pt)")
+    p.add_argument("--student-weights", metavar="TAG|PATH|none", help="the student's CLIP weights (e.g. clip/ViT-B-16.pt)")
     p.add_argument("--nproc", type=positive_int, default=1, help="GPUs (torchrun processes) per job")
     p.add_argument("--executor", choices=EXECUTORS, default="local",
                    help="local: processes here; slurm: submitit to Slurm; submitit-local: submitit's local executor")
