@@ -338,8 +338,6 @@ def _run(args) -> int:
     from promptkd.options import parse_set
 
     parse_set([s for s in args.slurm_arg or []])  # KEY=VALUE shape, one line if not
-    if args.nproc > 1 and args.executor == "local" and args.gpus is not None and args.gpus < args.nproc:
-        raise PromptKDError(f"--nproc {args.nproc} needs at least that many --gpus (got {args.gpus})")
     jobs = plan(args)
     out = Path(args.out)
     log_dir = out / "logs"
@@ -354,6 +352,8 @@ def _run(args) -> int:
             import torch
 
             gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if 0 < gpus < args.nproc:
+            raise PromptKDError(f"--nproc {args.nproc} needs at least that many GPUs here ({gpus})")
         runner = _Local(gpus, args.nproc, args.parallel)
     else:
         runner = _Submitit(args, out / "submitit")
@@ -371,7 +371,7 @@ def _run(args) -> int:
 
 
 def register(sub) -> None:
-    from promptkd.options import positive_int
+    from promptkd.options import non_negative_int, positive_int
 
     p = sub.add_parser(
         "sweep", help="run the paper's protocols as a graph of jobs (locally, one per GPU, or on Slurm)",
@@ -382,24 +382,25 @@ def register(sub) -> None:
     p.add_argument("--teachers", required=True, metavar="DIR",
                    help="teacher folders (the protocol files' {teachers}); a missing teacher is trained (or imported)")
     p.add_argument("--out", default="runs/paper", metavar="DIR", help="runs, class vectors, caches, tables, logs")
-    p.add_argument("--protocols", nargs="+", choices=list(PROTOCOL_FILES), default=list(PROTOCOL_FILES))
+    p.add_argument("--protocols", nargs="+", choices=list(PROTOCOL_FILES), default=list(PROTOCOL_FILES),
+                   help="which of the paper's protocols (default: all three)")
     p.add_argument("--protocol-file", action="append", metavar="YAML",
                    help="a protocol file instead of configs/protocols/ (repeatable)")
-    p.add_argument("--seeds", nargs="+", type=int, help="override the protocol files' seeds")
-    p.add_argument("--cache-views", type=int, default=0, metavar="K",
+    p.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="override the protocol files' seeds")
+    p.add_argument("--cache-views", type=non_negative_int, default=0, metavar="K",
                    help="build a teacher cache of K views per dataset and distil from it (default 0: online)")
     p.add_argument("--official-teachers", metavar="PATTERN",
                    help="import missing teachers from official checkpoints, e.g. 'ckpt/{teacher}/model-best.pth.tar'"
                         " ({teacher}: the teacher folder's name) instead of training them")
     p.add_argument("--teacher-weights", metavar="TAG|PATH|none", help="the teachers' CLIP weights (e.g. clip/ViT-L-14.pt)")
     p.add_argument("--student-weights", metavar="TAG|PATH|none", help="the student's CLIP weights (e.g. clip/ViT-B-16.pt)")
-    p.add_argument("--nproc", type=positive_int, default=1, help="GPUs (torchrun processes) per job")
+    p.add_argument("--nproc", type=positive_int, default=1, metavar="N", help="GPUs (torchrun processes) per job")
     p.add_argument("--executor", choices=EXECUTORS, default="local",
                    help="local: processes here; slurm: submitit to Slurm; submitit-local: submitit's local executor")
-    p.add_argument("--gpus", type=int, metavar="N", help="local: GPUs to share out (default: all visible)")
+    p.add_argument("--gpus", type=non_negative_int, metavar="N", help="local: GPUs to share out (default: all visible)")
     p.add_argument("--parallel", type=positive_int, default=1, metavar="N",
                    help="jobs at once without GPUs (local, submitit-local)")
-    p.add_argument("--slurm-partition")
+    p.add_argument("--slurm-partition", metavar="NAME", help="slurm: the partition to submit to")
     p.add_argument("--slurm-timeout", type=positive_int, default=24 * 60, metavar="MIN", help="per job (default 1 day)")
     p.add_argument("--slurm-arg", action="append", metavar="KEY=VALUE",
                    help="any other submitit Slurm parameter, e.g. account=abc or constraint=a100 (repeatable)")
