@@ -274,6 +274,7 @@ class _Submitit:
             ex = submitit.LocalExecutor(folder=folder)
             ex.update_parameters(timeout_min=args.slurm_timeout)
         self.executor, self.parallel = ex, args.parallel if args.executor == "submitit-local" else 10**6
+        self.slurm = args.executor == "slurm"
         self.running = 0
 
     def free(self) -> bool:
@@ -281,6 +282,8 @@ class _Submitit:
 
     def start(self, job: Job, log: Path):
         self.running += 1
+        if self.slurm:  # a job with --nproc processes asks for that many GPUs; reports and class vectors one
+            self.executor.update_parameters(gpus_per_node=job.nproc)
         return self.executor.submit(run_job, job, str(log))
 
     def poll(self, handle) -> bool | None:
