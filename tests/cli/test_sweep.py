@@ -67,6 +67,18 @@ def test_toy_sweep_through_submitit_reports_a_failed_job_then_resumes_it(toy_swe
     assert [r["dataset"] for r in rows] == [f"folder:{data}", f"folder:{late}"]
 
 
+def test_slurm_without_slurm_is_one_line(toy_sweep, capsys):
+    import shutil as sh
+
+    if sh.which("srun"):
+        pytest.skip("this machine has Slurm")
+    args, _, _, out = toy_sweep
+    assert main([*args[:-4], "--executor", "slurm"]) == 2
+    assert capsys.readouterr().err.strip() == ('promptkd: error: --executor slurm: Could not detect "srun", '
+                                               'are you indeed on a slurm cluster?')
+    assert not (out / "logs").exists()  # nothing ran
+
+
 def test_interrupted_run_continues_with_resume(toy_sweep, capsys):
     args, _, _, out = toy_sweep
     run = out / "cross" / "colours" / "seed1"

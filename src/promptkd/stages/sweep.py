@@ -261,7 +261,10 @@ class _Submitit:
         except ImportError:
             raise PromptKDError("--executor slurm needs submitit: pip install 'promptkd[cluster]'") from None
         if args.executor == "slurm":
-            ex = submitit.AutoExecutor(folder=folder, cluster="slurm")
+            try:
+                ex = submitit.AutoExecutor(folder=folder, cluster="slurm")
+            except RuntimeError as e:  # no srun/sbatch here
+                raise PromptKDError(f"--executor slurm: {e}") from None
             params = {"timeout_min": args.slurm_timeout, "gpus_per_node": args.nproc, "tasks_per_node": 1,
                       "nodes": 1, "name": "promptkd"}
             if args.slurm_partition:
