@@ -8,6 +8,7 @@ tests call it directly; promptkd.stages.distill re-exports the names it always h
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING
 
 from promptkd.errors import PromptKDError
@@ -16,6 +17,8 @@ if TYPE_CHECKING:
     import torch
 
 KD_REDUCTIONS = ("official", "batchmean")
+# kl: KL(teacher || student), the paper's; sym-kl: KL(t || s) + KL(s || t), the symmetric KL of KDPL.
+KD_LOSSES = ("kl", "sym-kl")
 # How the targets of several teachers are combined (ensemble_log_probs).
 ENSEMBLE_MODES = ("mean", "confidence")
 
@@ -78,8 +81,8 @@ def class_logits(features: torch.Tensor, class_vectors: torch.Tensor, logit_scal
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, temperature: float = 1.0,
             weight: float = 1.0, reduction: str = "official", *,
-            teacher_log_probs: torch.Tensor | None = None) -> torch.Tensor:
-    """weight * T^2 * KL(teacher || student).
+            teacher_log_probs: torch.Tensor | None = None, loss: str = "kl") -> torch.Tensor:
+    """weight * T^2 * KL(teacher || student); with loss="sym-kl", weight * T^2 * (KL(t || s) + KL(s || t)).
 
     official: the summed KL divided by B*C (the official code's `kl_div(sum) / numel`);
     batchmean: the summed KL divided by B (the paper's Eq. 3), i.e. official * C.
@@ -91,6 +94,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, t
 
     if reduction not in KD_REDUCTIONS:
         raise PromptKDError(f"kd reduction must be one of {KD_REDUCTIONS}, got {reduction!r}")
+    if loss not in KD_LOSSES:
+        raise PromptKDError(f"kd loss must be one of {', '.join(KD_LOSSES)}, got {loss!r}")
     t = float(temperature)
     log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
     if teacher_log_probs is None:
@@ -98,8 +103,44 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, t
     else:
         log_p_t = teacher_log_probs.float()
     kl = F.kl_div(log_p_s, log_p_t, reduction="sum", log_target=True)
+    if loss == "sym-kl":  # the reverse direction: the student's mass where the teacher puts little
+        kl = kl + F.kl_div(log_p_t, log_p_s, reduction="sum", log_target=True)
     denom = student_logits.numel() if reduction == "official" else student_logits.shape[0]
     return weight * t * t * kl / denom
+
+
+@dataclass(frozen=True)
+class KDSettings:
+    """Every setting of the KD loss, named as in the distill config (DistillConfig's fields of the
+    same names). A new KD option is a field here and a parameter of `kd_loss`: the distill recipe
+    passes `loss_args()` to the loss and records `record()` in its checkpoint, student and metrics."""
+
+    temperature: float = 1.0
+    kd_weight: float = OFFICIAL_KD_WEIGHT
+    kd_reduction: str = "official"
+    kd_loss: str = "kl"
+
+    def __post_init__(self):
+        if self.kd_reduction not in KD_REDUCTIONS:
+            raise PromptKDError(f"kd reduction must be one of {KD_REDUCTIONS}, got {self.kd_reduction!r}")
+        if self.kd_loss not in KD_LOSSES:
+            raise PromptKDError(f"kd loss must be one of {', '.join(KD_LOSSES)}, got {self.kd_loss!r}")
+        object.__setattr__(self, "temperature", float(self.temperature))
+        object.__setattr__(self, "kd_weight", float(self.kd_weight))
+
+    @classmethod
+    def from_config(cls, config, **overrides) -> KDSettings:
+        """The settings of a config object with fields of the same names (e.g. DistillConfig)."""
+        return cls(**{f.name: overrides.get(f.name, getattr(config, f.name)) for f in fields(cls)})
+
+    def loss_args(self) -> dict:
+        """Keyword arguments of `kd_loss` after the logits."""
+        return {"temperature": self.temperature, "weight": self.kd_weight, "reduction": self.kd_reduction,
+                "loss": self.kd_loss}
+
+    def record(self) -> dict:
+        """The settings as recorded in a run (a resumed run must match them)."""
+        return asdict(self)
 
 
 def ensemble_weights(n: int, weights: Sequence[float] | None) -> list[float]:

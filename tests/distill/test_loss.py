@@ -80,3 +80,60 @@ def test_projector_batchnorm_is_plain_batchnorm_without_process_group():
     torch.testing.assert_close(ours(x), ref(x))
     torch.testing.assert_close(ours.running_var, ref.running_var)
     assert list(ours.state_dict()) == list(ref.state_dict())
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_symmetric_kl_equals_hand_computation(T):
+    """sym-kl: KL(t || s) + KL(s || t), scaled like the KL (weight, T^2, reduction); float32 softmax
+    of logits ~N(0, 16) keeps the relative error near 1e-6, so rel=1e-5."""
+    from promptkd.kd import KDSettings
+
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(3, 5, generator=g) * 4, torch.randn(3, 5, generator=g) * 4
+    both = hand_kl(s, t, T) + hand_kl(t, s, T)
+    assert hand_kl(t, s, T) != pytest.approx(hand_kl(s, t, T), rel=1e-2)  # the two directions differ here
+    official = kd_loss(s, t, temperature=T, weight=1000.0, reduction="official", loss="sym-kl")
+    assert official.item() == pytest.approx(1000 * T * T * both / (3 * 5), rel=1e-5)
+    batchmean = kd_loss(s, t, **KDSettings(T, 1.0, "batchmean", "sym-kl").loss_args())
+    assert batchmean.item() == pytest.approx(T * T * both / 3, rel=1e-5)
+    # several teachers' combined target comes as log-probabilities: the same loss
+    log_p_t = torch.log_softmax(t / T, dim=-1)
+    assert kd_loss(s, None, T, 1.0, "batchmean", teacher_log_probs=log_p_t, loss="sym-kl").item() == pytest.approx(
+        batchmean.item(), rel=1e-6)
+
+
+def test_kl_default_is_the_loss_as_it_was():
+    """The default (`kl`, and KDSettings' default) computes the same float32 ops as before the
+    option existed: bit-identical, not just close."""
+    import torch.nn.functional as F
+
+    from promptkd.kd import KDSettings
+
+    g = torch.Generator().manual_seed(2)
+    s, t = torch.randn(8, 7, generator=g) * 4, torch.randn(8, 7, generator=g) * 4
+    T, w = 2.0, 1000.0
+    before = w * T * T * F.kl_div(F.log_softmax(s / T, dim=-1), F.log_softmax(t / T, dim=-1), reduction="sum",
+                                  log_target=True) / s.numel()
+    assert torch.equal(kd_loss(s, t, T, w, "official"), before)
+    assert torch.equal(kd_loss(s, t, **KDSettings(T, w).loss_args()), before)
+    assert KDSettings().kd_loss == "kl"
+
+
+def test_a_run_resumes_only_with_the_kd_loss_it_started_with(tiny_configs, tmp_path):
+    from distill_helpers import write_images
+
+    from promptkd.engine import TrainConfig
+    from promptkd.errors import PromptKDError
+    from promptkd.kd import KDSettings
+    from promptkd.stages.distill import distill_models
+
+    items, names = write_images(tmp_path / "images", per_class=2)
+    teacher, student = make_models(tiny_configs)
+    cv = text_class_vectors(teacher, names)
+    cfg = TrainConfig(epochs=1, batch_size=4, warmup_epochs=0, progress=False)
+    sym = KDSettings(kd_weight=100.0, kd_loss="sym-kl")
+    res = distill_models(teacher, student, cv, items, tmp_path / "run", train=cfg, kd=sym, baseline=False)
+    assert res.metrics["kd_loss"] == "sym-kl" and res.metrics["kd_weight"] == 100.0
+    with pytest.raises(PromptKDError, match="cannot resume.*kd_loss"):
+        distill_models(teacher, student, cv, items, tmp_path / "run", train=cfg, resume=True, baseline=False,
+                       kd=KDSettings(kd_weight=100.0))

@@ -217,19 +217,13 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> dict:
     from promptkd.metrics import zero_shot_scores
     from promptkd.models import load_clip
     from promptkd.stages.class_vectors import write_class_vectors
-    from promptkd.stages.distill import METRICS_FILE, DistillConfig, baseline_table, below_baseline, distill
-    from promptkd.stages.teacher import TeacherConfig, train_teacher
+    from promptkd.stages.distill import METRICS_FILE, baseline_table, below_baseline, distill
+    from promptkd.stages.teacher import train_teacher
     from promptkd.toy.world import World
 
     cfg = cfg or DemoConfig.load()
     out = Path(out_dir)
-    t_set, d_set = stage_settings(cfg, out.resolve())
-    # both stages' settings are checked before any work
-    tcfg = TeacherConfig.from_dict({**t_set, "train": {**(t_set.get("train") or {}), "progress": cfg.progress}},
-                                   "demo teacher settings")
-    dcfg = DistillConfig.from_dict({**d_set, "train": {**d_set["train"], "progress": cfg.progress}})
-    extra_cfgs = {k: DistillConfig.from_dict({**v, "train": {**v["train"], "progress": cfg.progress}})
-                  for k, v in label_free_settings(cfg, out.resolve()).items()}
+    tcfg, dcfg, extra_cfgs = _stage_configs(cfg, out)  # every stage's settings are checked before any work
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out.mkdir(parents=True, exist_ok=True)
@@ -289,6 +283,20 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> dict:
     write_json(out / "metrics.json", metrics)
     write_report(out, metrics, cfg)
     return metrics
+
+
+def _stage_configs(cfg: DemoConfig, out: Path):
+    """The teacher's, the student's and the label-free students' configs, each checked."""
+    from promptkd.stages.distill import DistillConfig
+    from promptkd.stages.teacher import TeacherConfig
+
+    t_set, d_set = stage_settings(cfg, out.resolve())
+    tcfg = TeacherConfig.from_dict({**t_set, "train": {**(t_set.get("train") or {}), "progress": cfg.progress}},
+                                   "demo teacher settings")
+    dcfg = DistillConfig.from_dict({**d_set, "train": {**d_set["train"], "progress": cfg.progress}})
+    extra_cfgs = {k: DistillConfig.from_dict({**v, "train": {**v["train"], "progress": cfg.progress}})
+                  for k, v in label_free_settings(cfg, out.resolve()).items()}
+    return tcfg, dcfg, extra_cfgs
 
 
 def _label_free_students(cfg: DemoConfig, out: Path, protocol, extra_cfgs: dict) -> dict:

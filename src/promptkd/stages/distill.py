@@ -30,9 +30,11 @@ from promptkd.engine.config import CHECKPOINT_NAME, COMPILE_MODES, TrainConfig
 from promptkd.errors import PromptKDError
 from promptkd.kd import (  # noqa: F401  (re-exported: the names this module always had)
     CUSTOM_KD_PER_IMAGE,
+    KD_LOSSES,
     KD_REDUCTIONS,
     OFFICIAL_KD_WEIGHT,
     OFFICIAL_KD_WEIGHT_200,
+    KDSettings,
     class_logits,
     default_kd_weight,
     is_benchmark,
@@ -162,6 +164,28 @@ def _check_teacher_match(cv: ClassVectors, teacher: Teacher, student: Student) -
         check_same_teacher(cv.teacher, teacher.identity(), "class vectors come from another teacher", "vectors")
 
 
+@dataclass
+class DistillOptions:
+    """distill_models's keyword options as plain values (see its docstring)."""
+
+    val_items: Sequence[Item] = ()
+    test_items: Sequence[Item] = ()
+    protocol: Protocol | None = None
+    train: TrainConfig | None = None
+    kd: KDSettings = field(default_factory=KDSettings)
+    select_on_val: bool = True
+    official_best_on_test: bool = False
+    eval_batch_size: int = 100
+    resume: bool = False
+    meta: dict | None = None
+    teacher_cache: TeacherCache | str | Path | None = None
+    baseline: bool = True
+    more_teachers: Sequence[tuple[Teacher, ClassVectors, TeacherCache | str | Path | None]] = ()
+    ensemble: str = "mean"
+    ensemble_weights: Sequence[float] | None = None
+    projector_init: str = "random"
+
+
 def distill_models(
     teacher: Teacher,
     student: Student,
@@ -187,6 +211,7 @@ def distill_models(
     ensemble: str = "mean",
     ensemble_weights: Sequence[float] | None = None,
     projector_init: str = "random",
+    kd: KDSettings | None = None,
 ) -> DistillResult:
     """Distil `teacher` into `student` (both already on their device) on `train_items`.
 
@@ -206,200 +231,291 @@ def distill_models(
     `projector_init`: "random" (the official start) or "text": fit the projector on paired student and
     teacher text features first (promptkd.stages.projector_init), so distillation starts near the
     student's zero-shot instead of chance.
+    `kd` (promptkd.kd.KDSettings): every KD setting at once; when given it replaces `temperature`,
+    `kd_weight` and `kd_reduction`.
     Writes student.safetensors (last epoch, the reported model), student-best-val.safetensors,
     class_vectors.safetensors, checkpoint, metrics.jsonl and metrics.json into `out_dir`.
     """
-    import torch
+    options = DistillOptions(
+        val_items=val_items, test_items=test_items, protocol=protocol, train=train,
+        kd=kd or KDSettings(temperature=temperature, kd_weight=kd_weight, kd_reduction=kd_reduction),
+        select_on_val=select_on_val, official_best_on_test=official_best_on_test, eval_batch_size=eval_batch_size,
+        resume=resume, meta=meta, teacher_cache=teacher_cache, baseline=baseline, more_teachers=more_teachers,
+        ensemble=ensemble, ensemble_weights=ensemble_weights, projector_init=projector_init)
+    return DistillRecipe(teacher, student, class_vectors, train_items, out_dir, options).run()
 
-    from promptkd.data.dataset import ImageDataset
-    from promptkd.data.transforms import transforms_for
-    from promptkd.engine import distributed
-    from promptkd.engine.loop import autocast, train_loop
-    from promptkd.kd import ENSEMBLE_MODES
-    from promptkd.kd import ensemble_weights as normalised_weights
-    from promptkd.metrics import evaluate_splits
-    from promptkd.models.teachers import CachedTargets, EnsembleTargets, OnlineTargets
-    from promptkd.models.wrappers import ClassVectors
-    from promptkd.stages.ensemble import EnsembleViews
 
-    cfg = train or TrainConfig()
-    if ensemble not in ENSEMBLE_MODES:
-        raise PromptKDError(f"ensemble must be one of {', '.join(ENSEMBLE_MODES)}, got {ensemble!r}")
-    if projector_init not in PROJECTOR_INITS:
-        raise PromptKDError(f"projector_init must be one of {', '.join(PROJECTOR_INITS)}, got {projector_init!r}")
-    if more_teachers or ensemble_weights:
-        ensemble_weights = normalised_weights(1 + len(more_teachers), ensemble_weights)
-    out_dir = Path(out_dir)
-    if kd_reduction not in KD_REDUCTIONS:
-        raise PromptKDError(f"kd reduction must be one of {KD_REDUCTIONS}, got {kd_reduction!r}")
-    if kd_reduction == "batchmean" and kd_weight > 10:
-        log.warning("kd_reduction=batchmean with kd weight %g: batchmean is C times the official loss, so the "
-                    "official weights (1000/200) are far too large; the paper's formula is weight 1", kd_weight)
-    if protocol is None:
-        protocol = Protocol("cross", "custom", list(class_vectors.classnames), list(train_items),
-                            {"val": EvalSplit(list(val_items))} if val_items else {},
-                            {"accuracy": EvalSplit(list(test_items))} if test_items else {})
-    _check_teacher_match(class_vectors, teacher, student)
-    classifier = align_class_vectors(class_vectors, protocol)
-    device = next(student.parameters()).device
-    W = classifier.to(device)
-    dist_info = distributed.current()
-    main = dist_info.is_main
+class DistillRecipe:
+    """One distillation run in named phases, torchtune's recipe shape: `setup` (checks, classifier,
+    teachers and training views), `prepare` (resume header, baseline, projector start), `loss` (the
+    step's forward, run by the engine), `evaluate` / `on_epoch_end`, and `save_outputs` (student,
+    metrics).
+    The run's state lives on this object; the engine (promptkd.engine.loop) owns the loop itself."""
 
-    # Training views: the fast uint8 renderer (normalised on the device in loss_fn); evaluation: the official one.
-    student_tf, student_test_tf = transforms_for(student.clip.preprocess_cfg, renderer="uint8")
-    members = [(teacher, W, teacher_cache)] + [(t, _extra_classifier(cv, t, class_vectors, protocol).to(device), c)
-                                               for t, cv, c in more_teachers]
-    targets, parts, caches = [], [], []
-    for t, w, c in members:  # each teacher's logits for the views: online or from its cache
-        t_tf = teacher_train_transform(t)
-        opened = _open_cache(c, t, train_items, t_tf)
-        caches.append(opened)
-        t.eval()
-        if opened is not None:  # stored in fp16: renormalised in CachedTargets
-            targets.append(CachedTargets(w, t.logit_scale))
-            parts.append(("cache", opened))
-        else:
-            same = _same_input(student_tf, t_tf)
-            targets.append(OnlineTargets(t, w, None if same else t_tf.normalizer(device)))
-            parts.append(("online", None if same else t_tf))
-    cache = caches[0]
-    if len(members) > 1:
-        dataset = EnsembleViews(train_items, student_tf, parts, cfg.seed)
-        target = EnsembleTargets(targets, ensemble_weights, ensemble, temperature)
-    elif cache is not None:  # the student renders the recorded crop with its own transform
-        dataset = CachedViewDataset(train_items, student_tf, cache, cfg.seed)
-    elif parts[0][1] is not None:
-        dataset = PairedViews(train_items, student_tf, parts[0][1], cfg.seed)
-    else:
-        dataset = ImageDataset(train_items, student_tf, seed=cfg.seed, train=True)
-    normalize_s = student_tf.normalizer(device)
+    def __init__(self, teacher: Teacher, student: Student, class_vectors: ClassVectors, train_items: Sequence[Item],
+                 out_dir: str | Path, options: DistillOptions):
+        self.teacher, self.student, self.class_vectors = teacher, student, class_vectors
+        self.train_items, self.out_dir, self.opts = train_items, Path(out_dir), options
+        self.cfg, self.kd = options.train or TrainConfig(), options.kd
 
-    def loss_fn(batch):  # the whole step's forward; train_loop may compile it (cfg.compile)
-        x_s = normalize_s(batch[0])  # uint8 from the loader -> normalised, on the device
-        with torch.no_grad():
-            if len(members) == 1:  # batch[1]: the teacher's view or cached feature (unused on a shared input)
-                t_logits, log_p_t = targets[0].logits(batch[1], x_s), None
+    def run(self) -> DistillResult:
+        from promptkd.engine.loop import train_loop
+
+        self.setup()
+        self.prepare()
+        result = train_loop(self.student, self.loss, self.dataset, self.cfg, self.out_dir, resume=self.opts.resume,
+                            on_epoch_end=self.on_epoch_end, desc="distill",
+                            checkpoint_meta={"distill": self.settings, "baseline": self.before},
+                            compile_default=self.cache is not None)  # auto: the cached step compiles on CUDA
+        return self.save_outputs(result)
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Check the options, align the classifier to the protocol, open every teacher's targets."""
+        from promptkd.data.transforms import transforms_for
+        from promptkd.engine import distributed
+        from promptkd.kd import ensemble_weights as normalised_weights
+
+        o = self.opts
+        _check_options(o, self.kd)
+        self.weights = o.ensemble_weights
+        if o.more_teachers or o.ensemble_weights:
+            self.weights = normalised_weights(1 + len(o.more_teachers), o.ensemble_weights)
+        self.protocol = o.protocol or Protocol(
+            "cross", "custom", list(self.class_vectors.classnames), list(self.train_items),
+            {"val": EvalSplit(list(o.val_items))} if o.val_items else {},
+            {"accuracy": EvalSplit(list(o.test_items))} if o.test_items else {})
+        _check_teacher_match(self.class_vectors, self.teacher, self.student)
+        self.classifier = align_class_vectors(self.class_vectors, self.protocol)
+        self.device = next(self.student.parameters()).device
+        self.W = self.classifier.to(self.device)
+        self.main = distributed.current().is_main
+        # Training views: the fast uint8 renderer (normalised on the device in `loss`); evaluation: the official one.
+        self.student_tf, self.student_test_tf = transforms_for(self.student.clip.preprocess_cfg, renderer="uint8")
+        self.normalize_s = self.student_tf.normalizer(self.device)
+        self._setup_teachers()
+        self.settings = self._settings()
+
+    def _setup_teachers(self) -> None:
+        """Each teacher's logits for the views (online, or from its cache), and the dataset that serves them."""
+        from promptkd.data.dataset import ImageDataset
+        from promptkd.models.teachers import CachedTargets, EnsembleTargets, OnlineTargets
+        from promptkd.stages.ensemble import EnsembleViews
+
+        o, items, seed = self.opts, self.train_items, self.cfg.seed
+        self.members = [(self.teacher, self.W, o.teacher_cache)] + [
+            (t, _extra_classifier(cv, t, self.class_vectors, self.protocol).to(self.device), c)
+            for t, cv, c in o.more_teachers]
+        self.targets, parts, self.caches = [], [], []
+        for t, w, c in self.members:
+            t_tf = teacher_train_transform(t)
+            opened = _open_cache(c, t, items, t_tf)
+            self.caches.append(opened)
+            t.eval()
+            if opened is not None:  # stored in fp16: renormalised in CachedTargets
+                self.targets.append(CachedTargets(w, t.logit_scale))
+                parts.append(("cache", opened))
             else:
-                log_p_t = target.log_probs(batch[1: 1 + len(members)], x_s)
-        s_logits = class_logits(student(x_s), W, student.logit_scale)
+                same = _same_input(self.student_tf, t_tf)
+                self.targets.append(OnlineTargets(t, w, None if same else t_tf.normalizer(self.device)))
+                parts.append(("online", None if same else t_tf))
+        self.cache = self.caches[0]
+        self.target = None
+        if len(self.members) > 1:
+            self.dataset = EnsembleViews(items, self.student_tf, parts, seed)
+            self.target = EnsembleTargets(self.targets, self.weights, o.ensemble, self.kd.temperature)
+        elif self.cache is not None:  # the student renders the recorded crop with its own transform
+            self.dataset = CachedViewDataset(items, self.student_tf, self.cache, seed)
+        elif parts[0][1] is not None:
+            self.dataset = PairedViews(items, self.student_tf, parts[0][1], seed)
+        else:
+            self.dataset = ImageDataset(items, self.student_tf, seed=seed, train=True)
+
+    def _settings(self) -> dict:
+        """What a resumed run must share with the run it continues (checked against the checkpoint)."""
+        o = self.opts
+        settings = {**self.kd.record(), "teacher": self.teacher.identity(),
+                    "classnames": list(self.protocol.classnames),
+                    "teacher_cache": self.cache.identity() if self.cache is not None else None,
+                    "student": {"clip": self.student.clip.identity(), "prompts": self.student.prompt_config}}
+        if o.more_teachers:  # absent for one teacher: its runs resume as before
+            settings.update(teachers=[t.identity() for t, _, _ in self.members], ensemble=o.ensemble,
+                            ensemble_weights=list(self.weights),
+                            teacher_caches=[c.identity() if c is not None else None for c in self.caches])
+        if o.projector_init != "random":
+            settings["projector_init"] = o.projector_init
+        return settings
+
+    def prepare(self) -> None:
+        """Before the first step: the resumed run's header, the baseline, the projector's start, class vectors."""
+        import torch
+
+        from promptkd.engine import distributed
+        from promptkd.models.wrappers import ClassVectors
+
+        o, cfg, ckpt = self.opts, self.cfg, self.out_dir / CHECKPOINT_NAME
+        resuming = o.resume and ckpt.is_file()
+        history, self.before = self._resumed_header(ckpt) if resuming else ([], None)
+        if self.main and o.baseline and self.before is None and _labelled(self.protocol.test):
+            with torch.random.fork_rng(devices=[]):  # a run with or without a baseline trains the same
+                self.before = self._measure_baseline()
+        if o.projector_init == "text":
+            from promptkd.stages.projector_init import fit_projector_on_text, slow_down_projector
+
+            if not resuming:  # a resumed run restores the projector from its checkpoint
+                with torch.random.fork_rng(devices=[]):
+                    fit_projector_on_text(self.student, self.teacher, self.W, self.protocol.classnames,
+                                          self.train_items, device=self.device, seed=cfg.seed,
+                                          batch_size=o.eval_batch_size, num_workers=cfg.num_workers)
+            slow_down_projector(self.student)
+        for (t, _, _), c in zip(self.members, self.caches):
+            if c is not None and self.device.type != "cpu":  # its image tower never runs: free the device
+                t.cpu()
+        distributed.barrier()
+        self.has_val = o.select_on_val and _labelled(self.protocol.val)
+        self.best_val = (_best_epoch(history, "val") or {}).get("val", float("-inf"))
+        self.file_meta = {"teacher": self.settings["teacher"], "classnames": list(self.protocol.classnames),
+                          "dataset": self.protocol.dataset, "protocol": self.protocol.name, "kd": self.kd.record(),
+                          **(o.meta or {})}
+        if self.main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            cv = ClassVectors(self.classifier.cpu(), self.protocol.classnames, self.class_vectors.teacher)
+            cv.save(self.out_dir / CLASS_VECTORS_FILE)
+
+    def _resumed_header(self, ckpt: Path) -> tuple[list[dict], dict | None]:
+        """The checkpoint's history and baseline, once its settings match this run's (header only)."""
+        from promptkd.artifacts import read_artifact_meta
+
+        ck_meta = read_artifact_meta(ckpt, kind="checkpoint")
+        saved = ck_meta.get("distill") or {}
+        diff = [k for k in self.settings if k in saved and saved[k] != self.settings[k]]
+        if diff:
+            raise PromptKDError(f"{ckpt}: cannot resume: the run was started with other {', '.join(diff)}")
+        return list(ck_meta.get("history") or []), ck_meta.get("baseline")
+
+    def _measure_baseline(self) -> dict:
+        o, cfg = self.opts, self.cfg
+        before = measure_baseline(self.teacher, self.student, self.W, self.protocol, device=self.device,
+                                  precision=cfg.precision, batch_size=o.eval_batch_size,
+                                  num_workers=cfg.num_workers, progress=cfg.progress)
+        if o.more_teachers:
+            before.update(_ensemble_baseline(self.members, self.protocol, self.kd.temperature, self.weights,
+                                             o.ensemble, o.eval_batch_size, cfg))
+        return before
+
+    # -- step -----------------------------------------------------------------------------------
+
+    def loss(self, batch) -> tuple[torch.Tensor, dict]:
+        """The whole step's forward (the engine may compile it, cfg.compile): the KD loss of the
+        student's logits against the teachers' targets for the same views."""
+        import torch
+
+        x_s = self.normalize_s(batch[0])  # uint8 from the loader -> normalised, on the device
+        with torch.no_grad():
+            if self.target is None:  # batch[1]: the teacher's view or cached feature (unused on a shared input)
+                t_logits, log_p_t = self.targets[0].logits(batch[1], x_s), None
+            else:
+                log_p_t = self.target.log_probs(batch[1: 1 + len(self.members)], x_s)
+        s_logits = class_logits(self.student(x_s), self.W, self.student.logit_scale)
         if log_p_t is None:
-            loss = kd_loss(s_logits, t_logits, temperature, kd_weight, kd_reduction)
+            loss = kd_loss(s_logits, t_logits, **self.kd.loss_args())
             agreement = (s_logits.argmax(-1) == t_logits.argmax(-1)).float().mean()
         else:
-            loss = kd_loss(s_logits, None, temperature, kd_weight, kd_reduction, teacher_log_probs=log_p_t)
+            loss = kd_loss(s_logits, None, teacher_log_probs=log_p_t, **self.kd.loss_args())
             agreement = (s_logits.argmax(-1) == log_p_t.argmax(-1)).float().mean()
         return loss, {"agreement": agreement.detach()}
 
-    def evaluate(splits):
-        def encode(x):
-            with autocast(device, cfg.precision):
-                return student(x)
-        return evaluate_splits(encode, W, splits, student_test_tf, batch_size=eval_batch_size, device=device,
-                               num_workers=cfg.num_workers, progress=cfg.progress)
+    # -- evaluate -------------------------------------------------------------------------------
 
-    settings = {"temperature": float(temperature), "kd_weight": float(kd_weight), "kd_reduction": kd_reduction,
-                "teacher": teacher.identity(), "classnames": list(protocol.classnames),
-                "teacher_cache": cache.identity() if cache is not None else None,
-                "student": {"clip": student.clip.identity(), "prompts": student.prompt_config}}
-    if more_teachers:  # absent for one teacher: its runs resume as before
-        settings.update(teachers=[t.identity() for t, _, _ in members], ensemble=ensemble,
-                        ensemble_weights=list(ensemble_weights),
-                        teacher_caches=[c.identity() if c is not None else None for c in caches])
-    if projector_init != "random":
-        settings["projector_init"] = projector_init
-    ckpt = out_dir / CHECKPOINT_NAME
-    history: list[dict] = []
-    before = None
-    if resume and ckpt.is_file():
-        _, ck_meta = load_artifact(ckpt, kind="checkpoint")
-        saved = ck_meta.get("distill") or {}
-        diff = [k for k in settings if k in saved and saved[k] != settings[k]]
-        if diff:
-            raise PromptKDError(f"{ckpt}: cannot resume: the run was started with other {', '.join(diff)}")
-        history = list(ck_meta.get("history") or [])
-        before = ck_meta.get("baseline")
-    if main and baseline and before is None and _labelled(protocol.test):
-        with torch.random.fork_rng(devices=[]):  # a run with or without a baseline trains the same
-            before = measure_baseline(teacher, student, W, protocol, device=device, precision=cfg.precision,
-                                      batch_size=eval_batch_size, num_workers=cfg.num_workers,
-                                      progress=cfg.progress)
-            if more_teachers:
-                before.update(_ensemble_baseline(members, protocol, temperature, ensemble_weights, ensemble,
-                                                 eval_batch_size, cfg))
-    if projector_init == "text":
-        from promptkd.stages.projector_init import fit_projector_on_text, slow_down_projector
+    def evaluate(self, splits: dict[str, EvalSplit]) -> dict:
+        from promptkd.metrics import evaluate_splits
 
-        if not (resume and ckpt.is_file()):  # a resumed run restores the projector from its checkpoint
-            with torch.random.fork_rng(devices=[]):
-                fit_projector_on_text(student, teacher, W, protocol.classnames, train_items, device=device,
-                                      seed=cfg.seed, batch_size=eval_batch_size, num_workers=cfg.num_workers)
-        slow_down_projector(student)
-    for (t, _, _), c in zip(members, caches):
-        if c is not None and device.type != "cpu":  # its image tower never runs: free the device
-            t.cpu()
-    distributed.barrier()
-    has_val = select_on_val and _labelled(protocol.val)
-    best = {"val": (_best_epoch(history, "val") or {}).get("val", float("-inf"))}
-    file_meta = {"teacher": settings["teacher"], "classnames": list(protocol.classnames),
-                 "dataset": protocol.dataset, "protocol": protocol.name, "kd": {k: settings[k] for k in
-                 ("temperature", "kd_weight", "kd_reduction")}, **(meta or {})}
+        return evaluate_splits(self._encode, self.W, splits, self.student_test_tf, batch_size=self.opts.eval_batch_size,
+                               device=self.device, num_workers=self.cfg.num_workers, progress=self.cfg.progress)
 
-    def on_epoch_end(epoch: int) -> dict:
-        if not main:
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        from promptkd.engine.loop import autocast
+
+        with autocast(self.device, self.cfg.precision):
+            return self.student(x)
+
+    def on_epoch_end(self, epoch: int) -> dict:
+        """Val score (and the best-on-val student), and the test scores with official_best_on_test."""
+        if not self.main:
             return {}
         record = {}
-        if has_val:
-            record["val"] = evaluate(protocol.val).get("val", float("nan"))
-            if record["val"] > best["val"]:
-                best["val"] = record["val"]
-                student.save(out_dir / BEST_VAL_FILE, epoch=epoch + 1, selected_on="val", **file_meta)
-        if official_best_on_test:
-            record.update({f"test_{k}": v for k, v in evaluate(protocol.test).items()})
+        if self.has_val:
+            record["val"] = self.evaluate(self.protocol.val).get("val", float("nan"))
+            if record["val"] > self.best_val:
+                self.best_val = record["val"]
+                self.student.save(self.out_dir / BEST_VAL_FILE, epoch=epoch + 1, selected_on="val", **self.file_meta)
+        if self.opts.official_best_on_test:
+            record.update({f"test_{k}": v for k, v in self.evaluate(self.protocol.test).items()})
         return record
 
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        ClassVectors(classifier.cpu(), protocol.classnames, class_vectors.teacher).save(out_dir / CLASS_VECTORS_FILE)
-    result = train_loop(student, loss_fn, dataset, cfg, out_dir, resume=resume, on_epoch_end=on_epoch_end,
-                        desc="distill", checkpoint_meta={"distill": settings, "baseline": before},
-                        compile_default=cache is not None)  # auto: the cached step compiles on CUDA
+    # -- save -----------------------------------------------------------------------------------
 
-    student_path = out_dir / STUDENT_FILE
-    metrics: dict = {}
-    if main:
-        student.eval()
-        student.save(student_path, epoch=cfg.epochs, selected_on="last", **file_meta)
-        results: dict = {}
-        if _labelled(protocol.test):
-            results["last"] = {"epoch": cfg.epochs, **evaluate(protocol.test)}
-            chosen = _best_epoch(result.history, "val") if has_val else None
-            if chosen is not None:
-                if chosen["epoch"] == cfg.epochs:
-                    scores = {k: v for k, v in results["last"].items() if k != "epoch"}
-                else:
-                    last_state = _trainable(student)
-                    _load_trainable(student, load_artifact(out_dir / BEST_VAL_FILE, kind="student")[0], BEST_VAL_FILE)
-                    scores = evaluate(protocol.test)
-                    _load_trainable(student, last_state, "last epoch")
-                results["best_val"] = {"epoch": chosen["epoch"], "val": chosen["val"], **scores}
-            if official_best_on_test:
-                results["official_best_on_test"] = _official_best(result.history, protocol.name)
-        metrics = {
-            "kind": "distill_metrics", "dataset": protocol.dataset, "protocol": protocol.name, "seed": cfg.seed,
-            **{k: settings[k] for k in ("temperature", "kd_weight", "kd_reduction")},
-            "teacher": settings["teacher"], "student": settings["student"], "classes": len(protocol.classnames),
-            "train_images": len(train_items), "teacher_cache": settings["teacher_cache"], "results": results,
-            "baseline": before, "history": result.history,
-            **({k: settings[k] for k in ("teachers", "ensemble", "ensemble_weights")} if more_teachers else {}),
-            "projector_init": projector_init,
+    def save_outputs(self, result: TrainResult) -> DistillResult:
+        """The last-epoch student, its test scores (and the best-on-val student's), metrics.json."""
+        from promptkd.engine import distributed
+
+        student_path = self.out_dir / STUDENT_FILE
+        metrics: dict = {}
+        if self.main:
+            self.student.eval()
+            self.student.save(student_path, epoch=self.cfg.epochs, selected_on="last", **self.file_meta)
+            metrics = self._metrics(result, self._test_results(result))
+            write_json(self.out_dir / METRICS_FILE, metrics)
+            _warn_if_below_baseline(metrics)
+        distributed.barrier()
+        return DistillResult(student_path, metrics, result)
+
+    def _test_results(self, result: TrainResult) -> dict:
+        if not _labelled(self.protocol.test):
+            return {}
+        epochs = self.cfg.epochs
+        results = {"last": {"epoch": epochs, **self.evaluate(self.protocol.test)}}
+        chosen = _best_epoch(result.history, "val") if self.has_val else None
+        if chosen is not None:
+            if chosen["epoch"] == epochs:
+                scores = {k: v for k, v in results["last"].items() if k != "epoch"}
+            else:
+                last_state = _trainable(self.student)
+                _load_trainable(self.student, load_artifact(self.out_dir / BEST_VAL_FILE, kind="student")[0],
+                                BEST_VAL_FILE)
+                scores = self.evaluate(self.protocol.test)
+                _load_trainable(self.student, last_state, "last epoch")
+            results["best_val"] = {"epoch": chosen["epoch"], "val": chosen["val"], **scores}
+        if self.opts.official_best_on_test:
+            results["official_best_on_test"] = _official_best(result.history, self.protocol.name)
+        return results
+
+    def _metrics(self, result: TrainResult, results: dict) -> dict:
+        o, s = self.opts, self.settings
+        return {
+            "kind": "distill_metrics", "dataset": self.protocol.dataset, "protocol": self.protocol.name,
+            "seed": self.cfg.seed, **self.kd.record(), "teacher": s["teacher"], "student": s["student"],
+            "classes": len(self.protocol.classnames), "train_images": len(self.train_items),
+            "teacher_cache": s["teacher_cache"], "results": results, "baseline": self.before,
+            "history": result.history,
+            **({k: s[k] for k in ("teachers", "ensemble", "ensemble_weights")} if o.more_teachers else {}),
+            "projector_init": o.projector_init,
             "train": {"steps": result.steps, "skipped_steps": result.skipped_steps, "seconds": result.seconds,
-                      "config": asdict(cfg)}, **(meta or {}),
+                      "config": asdict(self.cfg)}, **(o.meta or {}),
         }
-        write_json(out_dir / METRICS_FILE, metrics)
-        _warn_if_below_baseline(metrics)
-    distributed.barrier()
-    return DistillResult(student_path, metrics, result)
+
+
+def _check_options(o: DistillOptions, kd: KDSettings) -> None:
+    from promptkd.kd import ENSEMBLE_MODES
+
+    if o.ensemble not in ENSEMBLE_MODES:
+        raise PromptKDError(f"ensemble must be one of {', '.join(ENSEMBLE_MODES)}, got {o.ensemble!r}")
+    if o.projector_init not in PROJECTOR_INITS:
+        raise PromptKDError(f"projector_init must be one of {', '.join(PROJECTOR_INITS)}, got {o.projector_init!r}")
+    if kd.kd_reduction == "batchmean" and kd.kd_weight > 10:
+        log.warning("kd_reduction=batchmean with kd weight %g: batchmean is C times the official loss, so the "
+                    "official weights (1000/200) are far too large; the paper's formula is weight 1", kd.kd_weight)
 
 
 def _ensemble_baseline(members, protocol: Protocol, temperature: float, weights, mode: str, batch_size: int,
@@ -570,6 +686,7 @@ class DistillConfig:
     temperature: float = 1.0
     kd_weight: float | None = None  # None: official on the paper's datasets, else per image (default_kd_weight)
     kd_reduction: str = "official"
+    kd_loss: str = "kl"  # kl: KL(teacher || student); sym-kl: KL(t || s) + KL(s || t) (KDPL)
     precision: str = "auto"  # auto: bf16 (fp16 without bf16) on CUDA, fp32 elsewhere
     select_on_val: bool = True
     official_best_on_test: bool = False
@@ -587,6 +704,8 @@ class DistillConfig:
             raise PromptKDError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
         if self.kd_reduction not in KD_REDUCTIONS:
             raise PromptKDError(f"kd_reduction must be one of {', '.join(KD_REDUCTIONS)}, got {self.kd_reduction!r}")
+        if self.kd_loss not in KD_LOSSES:
+            raise PromptKDError(f"kd_loss must be one of {', '.join(KD_LOSSES)}, got {self.kd_loss!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise PromptKDError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         check_ranges(self, "distill settings", {"shots": (">=", 0), "vision_depth": (">=", 0),
@@ -733,8 +852,7 @@ def distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = False) -> Pa
     config.update(kd_weight=kd_weight, precision=train_cfg.precision, train=asdict(train_cfg))
     result = distill_models(
         teacher, student, cv, protocol.train, out_dir, protocol=protocol, train=train_cfg,
-        temperature=cfg.temperature, kd_weight=kd_weight, kd_reduction=cfg.kd_reduction,
-        select_on_val=cfg.select_on_val, official_best_on_test=cfg.official_best_on_test,
+        kd=KDSettings.from_config(cfg, kd_weight=kd_weight), select_on_val=cfg.select_on_val, official_best_on_test=cfg.official_best_on_test,
         eval_batch_size=cfg.eval_batch_size, resume=resume, meta={"config": config},
         teacher_cache=cfg.teacher_cache, baseline=cfg.baseline, more_teachers=more, ensemble=cfg.ensemble,
         ensemble_weights=cfg.ensemble_weights, projector_init=cfg.projector_init,
@@ -806,6 +924,18 @@ def _run(args) -> int:
     return 0
 
 
+def _add_kd_options(p) -> None:
+    """The KD loss's settings (promptkd.kd.KDSettings)."""
+    from promptkd.options import non_negative_float, positive_float
+
+    p.add_argument("--temperature", type=positive_float)
+    p.add_argument("--kd-weight", type=non_negative_float, help="default: the official per-dataset weight on the 11 benchmarks, 1 per image elsewhere")
+    p.add_argument("--kd-reduction", choices=KD_REDUCTIONS)
+    p.add_argument("--kd-loss", choices=KD_LOSSES,
+                   help="kl: KL(teacher || student), the paper's (default); sym-kl: KL(t || s) + KL(s || t), the "
+                        "symmetric KL of KDPL")
+
+
 def register(sub) -> None:
     from promptkd.inputs import add_clip_args
     from promptkd.kd import ENSEMBLE_MODES
@@ -815,7 +945,6 @@ def register(sub) -> None:
         add_model_options,
         add_output_options,
         deprecated,
-        non_negative_float,
         non_negative_int,
         positive_float,
         positive_int,
@@ -857,9 +986,7 @@ def register(sub) -> None:
     add_model_options(p, "student", default_note="default ViT-B-16 / openai")
     p.add_argument("--vision-depth", type=non_negative_int)
     p.add_argument("--n-ctx-vision", type=positive_int)
-    p.add_argument("--temperature", type=positive_float)
-    p.add_argument("--kd-weight", type=non_negative_float, help="default: the official per-dataset weight on the 11 benchmarks, 1 per image elsewhere")
-    p.add_argument("--kd-reduction", choices=KD_REDUCTIONS)
+    _add_kd_options(p)
     p.add_argument("--precision", choices=PRECISIONS)
     p.add_argument("--epochs", type=positive_int)
     p.add_argument("--batch-size", type=positive_int)
