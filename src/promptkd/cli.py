@@ -119,8 +119,11 @@ class _SigintWatch:
     def __init__(self, program: bool):
         import signal
 
+        from promptkd.errors import note_interrupt
+
         self.program, self.seen, self.redeliver = program, 0, False
         self.previous = self.unraisable = None
+        note_interrupt(reset=True)
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not under a caller's handler
             self.previous = signal.signal(signal.SIGINT, self._handle)
             self.unraisable, sys.unraisablehook = sys.unraisablehook, self._unraisable
@@ -128,7 +131,10 @@ class _SigintWatch:
     def _handle(self, signum, frame):
         import os
 
+        from promptkd.errors import note_interrupt
+
         self.seen += 1
+        note_interrupt()
         if self.seen > 1 and self.program and not self.redeliver:
             print("promptkd: interrupted", file=sys.stderr, flush=True)
             os._exit(130)
@@ -183,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
 
                 resolve_device(args.device)
             code = args.func(args)
+            if watch.seen:  # a Ctrl-C that some code swallowed: still an interrupted command
+                raise KeyboardInterrupt
         except (PromptKDError, OSError, MemoryError) as e:  # OSError: missing files, permissions, a full disk
             if debug or watch.seen:
                 raise
@@ -203,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         print(_interrupted(args), file=sys.stderr)
         return 130
     finally:
+        if "promptkd.runs" in sys.modules:
+            sys.modules["promptkd.runs"].release_folders()  # one writer per run folder, for this command's life
         watch.close(interrupted)
 
 

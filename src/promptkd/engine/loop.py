@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 import promptkd.engine.distributed as distributed
 from promptkd.artifacts import atomic_open, load_artifact, save_artifact
 from promptkd.engine.config import CHECKPOINT_NAME, TrainConfig
-from promptkd.errors import PromptKDError
+from promptkd.errors import PromptKDError, raise_if_interrupted
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +267,8 @@ class MetricsLog:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(out_dir / "tensorboard"))
-            except Exception:  # tensorboard is optional
+            except Exception:  # tensorboard is optional (but a Ctrl-C that cut its import short is not lost)
+                raise_if_interrupted()
                 self.tb = None
 
     def write(self, record: dict) -> None:

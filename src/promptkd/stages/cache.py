@@ -397,8 +397,9 @@ def cache_complete(folder: Path) -> bool:
 def _run(args) -> int:
     from promptkd.data.protocols import build_protocol
     from promptkd.engine.loop import resolve_device, resolve_precision
-    from promptkd.inputs import artifact_path, check_clip_files, load_teacher
+    from promptkd.inputs import artifact_path, check_clip_files, clip_inputs, dataset_inputs, load_teacher
     from promptkd.runs import (
+        check_apart,
         claim_folder,
         dataset_record,
         file_record,
@@ -410,8 +411,11 @@ def _run(args) -> int:
     teacher_path = artifact_path(args.teacher, "teacher")
     check_clip_files(args.teacher_model, args.teacher_weights, "teacher")
     device = resolve_device(args.device)
+    data, roots = dataset_inputs(args.dataset, args.root)
+    check_apart(args.out, {"teacher": teacher_path, **data,
+                           **clip_inputs(args.teacher_model, args.teacher_weights, "teacher")}, roots=roots)
     claim = claim_folder(args.out, CACHE_OUTPUTS, overwrite=args.overwrite, resume=args.resume, what="teacher cache",
-                         finished=cache_complete, marker="manifest.json")
+                         finished=cache_complete, marker="manifest.json", command="cache")
     # The same image list `promptkd distill` trains on (same protocol, shots and seed).
     protocol = build_protocol(args.protocol, args.dataset, args.root, num_shots=args.shots, seed=args.seed)
     items = protocol.train

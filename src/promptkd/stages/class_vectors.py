@@ -127,8 +127,16 @@ def register(subparsers) -> None:
 
 def _run(args) -> int:
     from promptkd.engine.loop import resolve_device
-    from promptkd.inputs import artifact_path, check_clip_files, class_vectors_path, load_teacher, one_of
-    from promptkd.runs import claim_file
+    from promptkd.inputs import (
+        artifact_path,
+        check_clip_files,
+        class_vectors_path,
+        clip_inputs,
+        dataset_inputs,
+        load_teacher,
+        one_of,
+    )
+    from promptkd.runs import check_apart, claim_file
 
     given = one_of(args.teacher_run, args.teacher, "--teacher")
     if not given:
@@ -140,6 +148,10 @@ def _run(args) -> int:
     if args.append_to:
         class_vectors_path(args.append_to, "--append-to")
     in_place = bool(args.append_to) and Path(out).resolve() == Path(args.append_to).resolve()
+    data, roots = dataset_inputs(args.dataset, args.root)
+    check_apart(out, {"teacher": teacher_path, "class-name file": args.classes_file, **data,
+                      "class vectors to extend": None if in_place else args.append_to,
+                      **clip_inputs(args.teacher_model, args.teacher_weights, "teacher")}, roots=roots)
     claim_file(out, overwrite=args.overwrite, what="class-vector file", in_place=in_place)
     check_clip_files(args.teacher_model, args.teacher_weights, "teacher")
     device = resolve_device(args.device)

@@ -691,21 +691,31 @@ def config_from_args(args) -> DistillConfig:
 def _run(args) -> int:
     from promptkd.engine import distributed
     from promptkd.engine.loop import resolve_device
-    from promptkd.inputs import artifact_path, check_clip_files, class_vectors_path
-    from promptkd.runs import claim_folder
+    from promptkd.inputs import (
+        artifact_path,
+        check_clip_files,
+        class_vectors_path,
+        clip_inputs,
+        dataset_inputs,
+    )
+    from promptkd.runs import check_apart, claim_folder
 
     cfg = config_from_args(args)  # types and ranges of every setting
     _check_required(cfg)
     resolve_device(cfg.train.device)
-    artifact_path(cfg.teacher, "teacher")
+    teacher = artifact_path(cfg.teacher, "teacher")
     if cfg.class_vectors:
         class_vectors_path(cfg.class_vectors)
     if cfg.teacher_cache:
         require_cache_folder(cfg.teacher_cache, "--teacher-cache")
     check_clip_files(cfg.teacher_model, cfg.teacher_weights, "teacher")
     check_clip_files(cfg.student_model, cfg.student_weights, "student")
+    data, roots = dataset_inputs(cfg.dataset, cfg.root)
+    check_apart(args.out, {"teacher": teacher, "class vectors": cfg.class_vectors, "teacher cache": cfg.teacher_cache,
+                           **data, **clip_inputs(cfg.teacher_model, cfg.teacher_weights, "teacher"),
+                           **clip_inputs(cfg.student_model, cfg.student_weights, "student")}, roots=roots)
     claim = claim_folder(args.out, DISTILL_OUTPUTS, overwrite=args.overwrite, resume=args.resume,
-                         what="distillation run", finished=STUDENT_FILE, marker=CHECKPOINT_NAME)
+                         what="distillation run", finished=STUDENT_FILE, marker=CHECKPOINT_NAME, command="distill")
     path = distill(cfg, claim.prepare(), resume=args.resume)
     if distributed.current().is_main:
         metrics = read_json(Path(args.out) / METRICS_FILE)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from promptkd.artifacts import about_file, atomic_open, save_artifact
-from promptkd.errors import PromptKDError
+from promptkd.errors import PromptKDError, optional_import
 
 if TYPE_CHECKING:  # torch and the models are imported where they run: `promptkd export --help` stays fast
     import torch
@@ -218,8 +218,8 @@ def default_out(student: str | Path, fmt: str) -> Path:
 
 def _run(args) -> int:
     from promptkd.deploy import StudentClassifier
-    from promptkd.inputs import artifact_path, check_clip_files, one_of, student_class_vectors
-    from promptkd.runs import claim_file
+    from promptkd.inputs import artifact_path, check_clip_files, clip_inputs, one_of, student_class_vectors
+    from promptkd.runs import check_apart, claim_file
 
     fmt = getattr(args, "format", "onnx")
     given = one_of(args.student_run, args.student, "--student")
@@ -228,8 +228,8 @@ def _run(args) -> int:
     student = artifact_path(given, "student")
     cv = student_class_vectors(student, args.class_vectors)
     out = Path(args.out or default_out(student, fmt))
-    if out.resolve() in (student.resolve(), cv.resolve()):
-        raise PromptKDError(f"--out {out} would overwrite an input file; choose another path")
+    check_apart(out, {"student": student, "class vectors": cv,
+                      **clip_inputs(args.student_model, args.student_weights, "student")})
     claim_file(out, overwrite=args.overwrite, what="exported model")
     check_clip_files(args.student_model, args.student_weights, "student")
     if fmt == "onnx":
@@ -239,12 +239,9 @@ def _run(args) -> int:
     clf = load_classifier(str(student), str(cv), student_model=args.student_model, student_weights=args.student_weights)
     ref = reference_logits(clf, source=str(student))  # nothing is written for a broken model
     check = not args.no_check
-    if check and fmt == "onnx":
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError:
-            check = False
-            print("parity check skipped: onnxruntime is not installed (pip install 'promptkd[onnx]')", file=sys.stderr)
+    if check and fmt == "onnx" and optional_import("onnxruntime") is None:  # a Ctrl-C here is one, not "missing"
+        check = False
+        print("parity check skipped: onnxruntime is not installed (pip install 'promptkd[onnx]')", file=sys.stderr)
     target = out.with_name(f".{out.name}.unchecked") if check else out
     try:
         if fmt == "onnx":

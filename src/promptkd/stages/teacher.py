@@ -475,15 +475,17 @@ def register(subparsers) -> None:
 
 def _run(args) -> int:
     from promptkd.engine.loop import resolve_device
-    from promptkd.inputs import check_clip_files
-    from promptkd.runs import claim_folder
+    from promptkd.inputs import check_clip_files, clip_inputs, dataset_inputs
+    from promptkd.runs import check_apart, claim_folder
 
     cfg = config_from_args(args)  # types and ranges of every setting
     resolve_device(cfg.train.device)  # the device exists here
     if not cfg.dataset:
         raise PromptKDError("no dataset: pass --dataset NAME (or folder:PATH) or set 'dataset' in the config")
+    data, roots = dataset_inputs(cfg.dataset, cfg.root)
+    check_apart(args.out, {**data, **clip_inputs(cfg.model, cfg.weights, "teacher")}, roots=roots)
     claim = claim_folder(args.out, TEACHER_OUTPUTS, overwrite=args.overwrite, resume=args.resume,
-                         what="teacher run", finished=TEACHER_NAME, marker=CHECKPOINT_NAME)
+                         what="teacher run", finished=TEACHER_NAME, marker=CHECKPOINT_NAME, command="teacher")
     check_clip_files(cfg.model, cfg.weights, "teacher")
     path = train_teacher(cfg, claim.prepare(), resume=args.resume)
     print(path)
