@@ -107,10 +107,11 @@ def add_config_options(p, *, several: bool = False, example: str = "configs/...y
 
 
 def parse_set(items: list[str] | None) -> list[tuple[str, object]]:
-    """--set KEY=VALUE pairs, the value read as YAML (`--set train.lr=0.01` is a number)."""
+    """--set KEY=VALUE pairs, the value read as YAML (`--set train.lr=0.01` and `1e-3` are numbers)."""
     import yaml
 
     from promptkd.errors import PromptKDError
+    from promptkd.settings import yaml_value
 
     out = []
     for item in items or []:
@@ -118,7 +119,7 @@ def parse_set(items: list[str] | None) -> list[tuple[str, object]]:
         if not sep or not key.strip():
             raise PromptKDError(f"--set {item!r}: expected KEY=VALUE (e.g. train.lr=0.01)")
         try:
-            out.append((key.strip(), yaml.safe_load(value)))
+            out.append((key.strip(), yaml_value(value)))
         except yaml.YAMLError:
             raise PromptKDError(f"--set {item!r}: the value is not valid YAML") from None
     return out

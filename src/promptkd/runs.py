@@ -38,7 +38,7 @@ LOCK_FILE = ".promptkd.lock"
 # outputs (run.json, written when it finishes) is not there yet.
 RUN_FOLDER_FILES = ("teacher.safetensors", "student.safetensors", "student-best-val.safetensors",
                     "class_vectors.safetensors", "checkpoint.safetensors", "metrics.json", "metrics.jsonl",
-                    "manifest.json", "shard-*.safetensors", RUN_FILE)
+                    "manifest.json", "images.json", "shard-*.safetensors", RUN_FILE)
 # What each command's run folder is called in messages.
 RUN_KINDS = {"teacher": "teacher run", "distill": "distillation run", "cache": "teacher cache",
              "import-official": "imported artifact", "demo": "demo"}

@@ -37,6 +37,26 @@ def _check_names(names: list[str], source: str, existing: list[str] = ()) -> lis
     return names
 
 
+def _shown(name: str) -> str:
+    return repr(name if len(name) <= 60 else f"{name[:36]}...{name[-20:]}")
+
+
+def warn_cut_names(tokens, names: list[str]) -> list[str]:
+    """One warning naming the class names whose prompt fills the text tower's context (CLIP: 77
+    tokens), where the tokenizer cuts it, and the names that thereby become one text (one vector).
+    Returns the cut names."""
+    cut = [n for n, row in zip(names, tokens) if int(row[-1]) != 0]  # no padding left: the text was cut
+    if cut:
+        texts: dict[tuple, list[str]] = {}
+        for n, row in zip(names, tokens):
+            texts.setdefault(tuple(row.tolist()), []).append(n)
+        same = ["; ".join(" = ".join(_shown(n) for n in group) for group in texts.values() if len(group) > 1)]
+        log.warning("%d class name(s) cut at the text tower's %d-token limit: %s%s", len(cut), tokens.shape[1],
+                    ", ".join(_shown(n) for n in cut[:5]) + (", ..." if len(cut) > 5 else ""),
+                    f"; these become identical (one vector for several classes): {same[0]}" if same[0] else "")
+    return cut
+
+
 def compute_class_vectors(teacher: Teacher, classnames: list[str], chunk_size: int | None = 256) -> ClassVectors:
     """Normalised teacher text features, one row per class name, in order."""
     import torch
@@ -44,6 +64,7 @@ def compute_class_vectors(teacher: Teacher, classnames: list[str], chunk_size: i
     from promptkd.models.wrappers import ClassVectors
 
     names = _check_names(list(classnames), "class vectors")
+    warn_cut_names(teacher.text.tokenize_classnames(names), names)
     was_training = teacher.training
     teacher.eval()
     with torch.no_grad():

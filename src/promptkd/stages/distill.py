@@ -36,6 +36,7 @@ from promptkd.settings import (
     random_weights,
     read_yaml,
     rename_keys,
+    require_two_classes,
 )
 from promptkd.stages.cache import (
     CachedViewDataset,
@@ -628,6 +629,7 @@ def distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = False) -> Pa
                               reference_classnames=cv.classnames if cv is not None else None)
     if not protocol.classnames:
         raise PromptKDError(f"{cfg.dataset}: no class names; give --class-vectors for unlabelled images")
+    require_two_classes(protocol.classnames, cfg.dataset)
     if cv is None:  # pre-store once, after the teacher's prompts are loaded (§6.1)
         cv = compute_class_vectors(teacher, protocol.classnames)
     kd_weight = cfg.kd_weight

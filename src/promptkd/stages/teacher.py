@@ -32,6 +32,7 @@ from promptkd.settings import (
     random_weights,
     read_yaml,
     rename_keys,
+    require_two_classes,
 )
 from promptkd.stages.templates import IMAGENET_TEMPLATES
 
@@ -185,6 +186,9 @@ class TeacherObjective:
         self.teacher, self.cfg = teacher, cfg
         device = teacher.logit_scale.device
         self.tokens = teacher.text.tokenize_classnames(classnames).to(device)
+        from promptkd.stages.class_vectors import warn_cut_names
+
+        warn_cut_names(self.tokens, classnames)
         self.text_reference = None
         if cfg.mode == "promptsrc":
             log.info("frozen text reference: %d classes x %d templates", len(classnames), len(IMAGENET_TEMPLATES))
@@ -366,6 +370,7 @@ def train_teacher(cfg: TeacherConfig, out_dir: str | Path, resume: bool = False)
     split = teacher_split(ds, cfg.shots, cfg.seed)
     if not split.train:
         raise PromptKDError(f"{cfg.dataset}: no training images for the base classes")
+    require_two_classes(split.classnames, cfg.dataset, "base classes")
     if resume:
         _check_resume(Path(out_dir), cfg, split.classnames)
     set_random_seed(cfg.seed)  # prompt initialisation depends on the seed alone
