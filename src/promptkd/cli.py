@@ -98,10 +98,20 @@ def _interrupted(args) -> str:
     from pathlib import Path
 
     marker, out = getattr(args, "resume_marker", None), getattr(args, "out", None)
-    if marker and out and (Path(out) / marker).is_file():
+    if marker and out and (Path(out) / marker).is_file() and not _finished(Path(out)):
         return (f"promptkd: interrupted; {out} holds the last checkpoint: rerun the same command with --resume "
                 "to continue")
     return "promptkd: interrupted"
+
+
+def _finished(folder) -> bool:
+    """Whether a run folder holds a finished run (an --overwrite interrupted before it removed it)."""
+    import json
+
+    try:
+        return json.loads((folder / "run.json").read_text()).get("status") == "finished"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 class _SigintWatch:
