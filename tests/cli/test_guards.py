@@ -138,3 +138,14 @@ def test_1e_3_is_a_number_in_set_and_yaml(clips, data, tmp_path):
     assert (cfg.train.lr, cfg.train.weight_decay) == (0.002, 0.0005)
     args = parser.parse_args(distill_command(clips, data, tmp_path / "t", tmp_path / "s", "--set", "train.lr=3e-2"))
     assert distill_config(args).train.lr == 0.03
+
+
+def test_the_same_run_twice_gives_bit_identical_weights(clips, data, runs, tmp_path):
+    """What holds on one machine (and what a resume relies on): the same command twice gives the same
+    bits. Across machines only a tolerance holds (README: the demo's spread on machines of one kind)."""
+    from safetensors.torch import load_file
+
+    assert main(distill_command(clips, data, runs.teacher, tmp_path / "again")) == 0
+    for name in ("student.safetensors", "class_vectors.safetensors", "checkpoint.safetensors"):
+        a, b = load_file(str(runs.student / name)), load_file(str(tmp_path / "again" / name))
+        assert set(a) == set(b) and all(a[k].equal(b[k]) for k in a), name
