@@ -68,7 +68,7 @@ def test_no_accident_with_out_changes_a_finished_file(clips, data, runs, copies,
                                         "--overwrite"], "is a file of the distillation run"),
         "eval metrics over the student": (["-q", "eval", str(s), "--out", str(s / "student.safetensors")],
                                           "is the student"),
-        "report into a run it reads": (["-q", "report", str(s), "--out", str(s)], "is the run"),
+        "report into a run it reads": (["-q", "report", str(s), "--out", str(s)], "is the run folder"),
         "teacher inside its image folder": (teacher_command(clips, data, data / "train" / "run"),
                                             "lies inside the image folder"),
     }

@@ -242,6 +242,7 @@ def register(sub) -> None:
 def _run(args) -> int:
     from promptkd.runs import check_apart
 
-    check_apart(args.out, {f"run {d}": d for d in args.run_dirs})
+    for run in args.run_dirs:  # `report runs --out runs/report` is fine: out may lie inside a run folder
+        check_apart(args.out, {}, roots={"run folder": run})
     report(args.run_dirs, args.out, args.select, not args.no_plot)
     return 0
