@@ -247,6 +247,7 @@ def _decode_jpeg(data: bytearray) -> torch.Tensor | None:
             warnings.simplefilter("ignore")
             return tio.decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=tio.ImageReadMode.RGB).permute(1, 2, 0)
     except Exception:
+        raise_if_interrupted()  # an interrupted torchvision import is no undecodable JPEG
         return None
 
 

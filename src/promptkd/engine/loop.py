@@ -371,6 +371,7 @@ def _compiled_step_works(step_loss: Callable, batch: tuple, params: list, buffer
     except (torch.cuda.OutOfMemoryError, PromptKDError):
         raise  # not the compiler's fault: eager would fail the same way
     except Exception as e:
+        raise_if_interrupted()  # a Ctrl-C that cut the compiler's imports short is no compiler failure
         text = str(e).strip()
         reason = f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
         if cfg.compile == "on":
