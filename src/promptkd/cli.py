@@ -164,6 +164,9 @@ class _SigintWatch:
         import os
         import signal
 
+        from promptkd.errors import note_interrupt
+
+        note_interrupt(reset=True)  # the count is this command's (main() may be called again)
         if self.previous is None:
             return
         sys.unraisablehook = self.unraisable

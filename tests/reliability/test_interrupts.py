@@ -129,3 +129,38 @@ def test_ctrl_c_inside_import_onnxruntime_is_no_missing_package(student_run, exp
     assert code == 130
     assert one_line(capsys.readouterr().err) == INTERRUPTED
     assert _digests(student_run) == before
+
+
+def test_a_ctrl_c_that_some_code_swallowed_is_still_no_success(tmp_path, capsys, monkeypatch):
+    """If code anywhere swallows the KeyboardInterrupt (a broad except in a library) and the command
+    returns, the CLI still ends with 130 and one line, never with exit 0."""
+    import promptkd.stages.report as report
+
+    def swallows(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except BaseException:  # noqa: BLE001 (what a careless library does)
+            pass
+        return {}
+
+    monkeypatch.setattr(report, "report", swallows)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code = main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "o")])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert code == 130
+    assert one_line(capsys.readouterr().err) == INTERRUPTED
+
+
+def test_an_optional_package_is_missing_only_without_a_ctrl_c():
+    from promptkd.errors import note_interrupt, optional_import
+
+    assert optional_import("promptkd_no_such_package") is None
+    note_interrupt()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            optional_import("promptkd_no_such_package")
+    finally:
+        note_interrupt(reset=True)
