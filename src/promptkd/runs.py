@@ -364,19 +364,22 @@ def claim_folder(path: str | os.PathLike, outputs: tuple[str, ...], *, overwrite
         return FolderClaim(path)
     if path.is_dir():  # at once, before any work: a folder in use is refused by its lock
         lock_folder(path, option)
-    record = read_run_record(path) if command else None
-    if record is not None and record.get("command") != command:
-        verb = "--resume" if resume else "--overwrite" if overwrite else option
-        raise PromptKDError(f"{verb}: {path} holds a {_made_by(record)}, not a {what}; a command only continues "
-                            f"or replaces its own kind of run: choose another {option}")
-    claim = _inspect_folder(path, outputs, overwrite=overwrite, resume=resume, what=what, finished=finished,
-                            marker=marker, option=option)
-    claim.recheck = lambda: _inspect_folder(path, outputs, overwrite=overwrite, resume=resume, what=what,
-                                            finished=finished, marker=marker, option=option)
+
+    def inspect() -> FolderClaim:
+        return _inspect_folder(path, outputs, overwrite=overwrite, resume=resume, what=what, finished=finished,
+                               marker=marker, option=option, command=command)
+
+    claim = inspect()
+    claim.recheck = inspect  # again under the lock, where the folder was made after this check
     return claim
 
 
-def _inspect_folder(path: Path, outputs, *, overwrite, resume, what, finished, marker, option) -> FolderClaim:
+def _inspect_folder(path: Path, outputs, *, overwrite, resume, what, finished, marker, option, command) -> FolderClaim:
+    record = read_run_record(path) if command else None
+    if record is not None and record.get("command") != command:
+        verb = "--resume" if resume else "--overwrite" if overwrite else option
+        raise PromptKDError(f"{verb}: {path} holds {_a(_made_by(record))}, not {_a(what)}; a command only continues "
+                            f"or replaces its own kind of run: choose another {option}")
     present = promptkd_files(path, outputs)
     has_marker = marker is not None and (path / marker).exists()
     if resume:
