@@ -50,10 +50,10 @@ def warn_cut_names(tokens, names: list[str]) -> list[str]:
         texts: dict[tuple, list[str]] = {}
         for n, row in zip(names, tokens):
             texts.setdefault(tuple(row.tolist()), []).append(n)
-        same = ["; ".join(" = ".join(_shown(n) for n in group) for group in texts.values() if len(group) > 1)]
+        same = "; ".join(" = ".join(_shown(n) for n in group) for group in texts.values() if len(group) > 1)
         log.warning("%d class name(s) cut at the text tower's %d-token limit: %s%s", len(cut), tokens.shape[1],
                     ", ".join(_shown(n) for n in cut[:5]) + (", ..." if len(cut) > 5 else ""),
-                    f"; these become identical (one vector for several classes): {same[0]}" if same[0] else "")
+                    f"; these become identical (one vector for several classes): {same}" if same else "")
     return cut
 
 
