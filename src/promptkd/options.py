@@ -106,12 +106,26 @@ def add_config_options(p, *, several: bool = False, example: str = "configs/...y
                    help="any setting of the preset, e.g. --set train.lr=0.01 (repeatable; YAML values)")
 
 
+def yaml_value(text: str):
+    """YAML as safe_load reads it (no Python objects), except that `1e-3` is a number: YAML 1.1 wants
+    a dot (`1.0e-3`), which nobody writing a learning rate expects."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789."))
+    return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader)
+
+
 def parse_set(items: list[str] | None) -> list[tuple[str, object]]:
     """--set KEY=VALUE pairs, the value read as YAML (`--set train.lr=0.01` and `1e-3` are numbers)."""
     import yaml
 
     from promptkd.errors import PromptKDError
-    from promptkd.settings import yaml_value
 
     out = []
     for item in items or []:

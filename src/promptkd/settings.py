@@ -41,21 +41,6 @@ def check_field_types(obj: Any, source: str) -> None:
             raise PromptKDError(f"{source}: {f.name} must be {expected}, got {value!r}")
 
 
-def yaml_value(text: str):
-    """YAML as safe_load reads it (no Python objects), except that `1e-3` is a number: YAML 1.1 wants
-    a dot (`1.0e-3`), which nobody writing a learning rate expects."""
-    import re
-
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        pass
-
-    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
-                                 list("-+0123456789."))
-    return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader)
-
-
 def require_two_classes(classnames, dataset: str, what: str = "classes") -> None:
     """Training needs two classes at least: over one class every softmax is 1, the loss is 0 and
     the accuracy 100% whatever was learnt."""
@@ -72,6 +57,8 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise PromptKDError(f"{path}: config file not found")
     try:
+        from promptkd.options import yaml_value
+
         data = yaml_value(path.read_text(encoding="utf-8-sig")) or {}
     except yaml.YAMLError as e:
         raise PromptKDError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
