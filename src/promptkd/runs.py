@@ -303,6 +303,11 @@ def release_folders() -> None:
         os.close(_HELD.popitem()[1])
 
 
+# A forked child (a DataLoader worker) shares the lock with its parent until it closes its copy: it
+# closes it at once, so a killed run's folder is free even while its workers are still exiting.
+os.register_at_fork(after_in_child=release_folders)
+
+
 @dataclass
 class FolderClaim:
     """An output folder a command may write: `prepare()` locks it, checks it again under the lock (a

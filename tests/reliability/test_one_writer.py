@@ -59,3 +59,32 @@ def test_two_runs_started_together_exactly_one_proceeds(world, tmp_path):
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "finished" and f"--seed {winner}" in record["command_line"]
     assert json.loads((out / "metrics.json").read_text())["config"]["train"]["seed"] == winner
+
+
+def test_a_forked_worker_does_not_keep_a_killed_runs_folder_locked(tmp_path):
+    """DataLoader workers are forked: a worker still exiting after its run was killed must not hold
+    the run's lock (a flock lives as long as any process keeps a descriptor of it)."""
+    import fcntl
+    import os
+    import time
+
+    from promptkd import runs
+
+    runs.lock_folder(tmp_path)
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the worker: alive, doing nothing
+        os.write(write, b"up")
+        time.sleep(60)
+        os._exit(0)
+    try:
+        assert os.read(read, 2) == b"up"
+        runs.release_folders()  # the run itself is gone
+        fd = os.open(tmp_path / runs.LOCK_FILE, os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free although the worker lives
+        os.close(fd)
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        os.close(read)
+        os.close(write)
