@@ -186,9 +186,10 @@ def build_teacher_cache(teacher, items: Sequence[Item], transform: TrainTransfor
     shards: list[dict] = []
     if manifest_path.exists():
         old = check_manifest(read_json(manifest_path), out)
-        same = {k: v for k, v in old.items() if k != "shards"} == header
-        if not same:
-            raise PromptKDError(f"{out}: holds a cache for another teacher, image list or settings; use a new folder")
+        differ = sorted(k for k in {*old, *header} - {"shards"} if old.get(k) != header.get(k))
+        if differ:
+            raise PromptKDError(f"{out}: holds a cache for another teacher, image list or settings ({', '.join(differ)} "
+                                "differ); use a new folder")
         shards = [s for s in old.get("shards", []) if (out / s["file"]).is_file()]
     write_image_list(out, items)
     done = {s["start"] for s in shards}
