@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "promptkd.stages.evaluate",
     "promptkd.stages.export",
     "promptkd.stages.predict",
+    "promptkd.stages.info",
     "promptkd.stages.report",
     "promptkd.stages.import_official",
     "promptkd.stages.demo",
@@ -65,7 +66,7 @@ def build_parser():
     import importlib
 
     from promptkd import __version__
-    from promptkd.options import add_global_options
+    from promptkd.options import add_global_options, fill_missing_help
 
     Parser = _parser_class()
     parser = Parser(prog="promptkd", description="Unsupervised prompt distillation of CLIP (PromptKD). "
@@ -76,6 +77,7 @@ def build_parser():
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     _add_globals_everywhere(parser)
+    fill_missing_help(parser)
     return parser
 
 
@@ -91,6 +93,18 @@ def _setup_logging(args) -> None:
 
 def _one_line(e: BaseException) -> str:
     return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+
+
+def _reader_left(program: bool) -> int:
+    """The reader of our output closed the pipe (`promptkd predict DIR | head -3`): stop quietly, as
+    Unix tools do, with the exit status of a process ended by SIGPIPE (128 + 13)."""
+    import os
+
+    if program:  # what is still buffered for stdout must not fail again at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return 141
 
 
 def _interrupted(args) -> str:
@@ -204,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
             code = args.func(args)
             if watch.seen:  # a Ctrl-C that some code swallowed: still an interrupted command
                 raise KeyboardInterrupt
+            if program:
+                sys.stdout.flush()  # a reader that left early (`| head`) is found here, not at exit
+        except BrokenPipeError:
+            return _reader_left(program)
         except (PromptKDError, OSError, MemoryError) as e:  # OSError: missing files, permissions, a full disk
             if debug or watch.seen:
                 raise

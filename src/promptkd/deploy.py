@@ -32,6 +32,8 @@ from promptkd.models.wrappers import ClassVectors, Student, Teacher
 log = logging.getLogger(__name__)
 
 ONNX_FORMAT = "promptkd-onnx/1"
+FEATURES_FORMAT = "promptkd-onnx-features/1"  # image -> normalised feature; class vectors in a file beside it
+FEATURES_OUTPUT = "features"
 STANDALONE_KIND, STANDALONE_FORMAT = "student_classifier", "promptkd-student/1"
 # The tensors of a one-file student (each other name is refused).
 _STANDALONE_PREFIXES = ("visual.", "vision.", "projector.")
@@ -53,8 +55,18 @@ class _Predictor:
     def image_size(self) -> int:
         return self.transform.size
 
+    @property
+    def classes(self) -> list[str]:
+        """The class names, in logit order."""
+        return list(self.classnames)
+
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def image_features(self, images: ImageLike | Sequence[ImageLike]) -> torch.Tensor:
+        """(B, D) L2-normalised image features in the teacher's class-vector space."""
+        raise PromptKDError(f"{self.source}: an ONNX logits graph gives no image features; use the one-file student "
+                            "or model folder, or `promptkd export --format image-features`")
 
     def preprocess(self, images: ImageLike | Sequence[ImageLike]) -> torch.Tensor:
         """A normalised (B, 3, S, S) batch: PIL images and paths get the test transform, tensors are
@@ -105,6 +117,25 @@ def check_scores(logits: torch.Tensor, source: str) -> None:
                             "image(s); the model's weights are damaged or overflow at this precision")
 
 
+OTHER_TEACHER_HINT = "pass --allow-other-teacher (Python: allow_other_teacher=True) to use them anyway"
+
+
+def other_teacher(student: Student | dict, made_by: dict) -> str:
+    """How the teacher that made some class vectors (`made_by`) differs from the one `student` (a
+    Student, or the `teacher` identity it recorded) was distilled from; '' when it is the same or
+    either side does not say."""
+    from promptkd.models.loading import same_clip
+
+    made_for = student if isinstance(student, dict) else (getattr(student, "meta", None) or {}).get("teacher") or {}
+    if not isinstance(made_for, dict) or not isinstance(made_by, dict):
+        return ""
+    if made_for.get("clip") and made_by.get("clip") and not same_clip(made_for["clip"], made_by["clip"]):
+        return f"teacher CLIP {made_by['clip']} vs {made_for['clip']}"
+    if made_for.get("prompts_hash") and made_by.get("prompts_hash") != made_for["prompts_hash"]:
+        return f"prompts hash {made_by.get('prompts_hash')} vs {made_for['prompts_hash']}"
+    return ""
+
+
 class StudentClassifier(nn.Module, _Predictor):
     """Student image tower + deep prompts + projector + class vectors -> logits.
 
@@ -114,20 +145,20 @@ class StudentClassifier(nn.Module, _Predictor):
     (its projector has BatchNorm).
     """
 
-    def __init__(self, student: Student, class_vectors: ClassVectors):
+    def __init__(self, student: Student, class_vectors: ClassVectors, *, allow_other_teacher: bool = False):
         super().__init__()
         want = student.projector.out_dim
         if class_vectors.dim != want:
             raise PromptKDError(f"class vectors have dim {class_vectors.dim}, but the student projects to "
                                 f"dim {want} (they come from a different teacher than the student's)")
-        made_for = (getattr(student, "meta", None) or {}).get("teacher") or {}
-        if made_for.get("clip") and class_vectors.teacher.get("clip") and \
-                made_for["clip"] != class_vectors.teacher["clip"]:
-            raise PromptKDError(f"class vectors come from teacher CLIP {class_vectors.teacher['clip']}, but the "
-                                f"student was distilled from {made_for['clip']}")
-        if made_for.get("prompts_hash") not in (None, class_vectors.teacher.get("prompts_hash")):
-            log.warning("class vectors come from another prompted teacher than the one the student was "
-                        "distilled from (same CLIP); accuracy may differ")
+        other = other_teacher(student, class_vectors.teacher)
+        if other and not allow_other_teacher:
+            raise PromptKDError(f"class vectors come from another teacher than the one the student was distilled "
+                                f"from ({other}); {OTHER_TEACHER_HINT}")
+        if other:
+            log.warning("class vectors come from another teacher than the student's (%s); used as asked "
+                        "(--allow-other-teacher): accuracy may differ", other)
+        self.other_teacher = other  # recorded in exported files, which then load without the option
         self.student = student.eval()
         device = student.logit_scale.device
         self.register_buffer("class_vectors", class_vectors.vectors.to(device), persistent=False)
@@ -137,15 +168,21 @@ class StudentClassifier(nn.Module, _Predictor):
 
     @classmethod
     def load(cls, student: str | Path, class_vectors: str | Path | None = None, *,
-             device: str | torch.device = "cpu", clip=None) -> StudentClassifier:
+             device: str | torch.device = "cpu", clip=None, allow_other_teacher: bool = False) -> StudentClassifier:
         """From a one-file student (`promptkd export --format safetensors`) alone, or from a student
-        file and a class-vector file; `clip` overrides the student's CLIP (local weights)."""
+        file (or its run folder) and a class-vector file (default: those beside it in a run folder);
+        `clip` overrides the student's CLIP (local weights). `promptkd.load` takes every kind."""
+        if Path(student).is_dir():  # a run folder, as every command takes it
+            from promptkd.inputs import artifact_path, student_class_vectors
+
+            student = artifact_path(student, "student", "student")
+            class_vectors = student_class_vectors(student, class_vectors)
         if class_vectors is None:
             return _load_standalone(Path(student), device)
         s = Student.load(student, clip=clip, device=device)
         cv = ClassVectors.load(class_vectors)
         try:
-            clf = cls(s, cv)
+            clf = cls(s, cv, allow_other_teacher=allow_other_teacher)
         except PromptKDError as e:  # say which files do not belong together
             raise PromptKDError(f"{class_vectors} vs {student}: {e}") from None
         clf.source = str(student)
@@ -163,11 +200,28 @@ class StudentClassifier(nn.Module, _Predictor):
         return self(images.to(self.class_vectors.device))
 
     @torch.no_grad()
-    def with_classes(self, classnames: Sequence[str], teacher: Teacher) -> StudentClassifier:
+    def with_classes(self, classnames: Sequence[str], teacher: Teacher, *,
+                     allow_other_teacher: bool = False) -> StudentClassifier:
         """A classifier for other classes: their vectors from the teacher's text tower (shares the student)."""
         from promptkd.stages.class_vectors import compute_class_vectors
 
-        return StudentClassifier(self.student, compute_class_vectors(teacher, list(classnames)))
+        return StudentClassifier(self.student, compute_class_vectors(teacher, list(classnames)),
+                                 allow_other_teacher=allow_other_teacher)
+
+    def with_class_vectors(self, class_vectors: ClassVectors | str | Path, *,
+                           allow_other_teacher: bool = False) -> StudentClassifier:
+        """A classifier for the classes of a class-vector file made elsewhere (`promptkd class-vectors`
+        with the student's teacher): open vocabulary without re-exporting. Shares the student."""
+        cv = class_vectors if isinstance(class_vectors, ClassVectors) else ClassVectors.load(class_vectors)
+        clf = StudentClassifier(self.student, cv, allow_other_teacher=allow_other_teacher)
+        clf.source = self.source
+        return clf
+
+    @torch.no_grad()
+    def image_features(self, images: ImageLike | Sequence[ImageLike]) -> torch.Tensor:
+        """(B, D) L2-normalised image features in the teacher's class-vector space: logits are
+        `logit_scale * features @ class_vectors.T` for any class vectors of the student's teacher."""
+        return self.student(self.preprocess(images).to(self.class_vectors.device)).float()
 
     def metadata(self) -> dict:
         """What a deployed file must say about this classifier (stored in ONNX metadata_props)."""
@@ -199,6 +253,8 @@ class StudentClassifier(nn.Module, _Predictor):
         from promptkd.models.loading import vision_tower_config
 
         meta = {**self.metadata(), "kind": STANDALONE_KIND, "format": STANDALONE_FORMAT, "precision": precision}
+        if self.other_teacher:  # exported with --allow-other-teacher: the file says so, and loads as made
+            meta["class_vectors_other_teacher"] = self.other_teacher
         meta["student"] = {**meta["student"], "tower": vision_tower_config(self.student.clip)}
         return meta
 
@@ -209,7 +265,7 @@ def onnx_metadata_props(meta: dict) -> dict[str, str]:
 
 
 def parse_onnx_metadata(props: dict[str, str], source: str) -> dict:
-    if props.get("promptkd.format") != ONNX_FORMAT:
+    if props.get("promptkd.format") not in (ONNX_FORMAT, FEATURES_FORMAT):
         raise PromptKDError(f"{source}: ONNX file without promptkd metadata (export it with `promptkd export`)")
     meta = {}
     for key, raw in props.items():
@@ -282,7 +338,7 @@ def _load_standalone(path: Path, device) -> StudentClassifier:
     teacher = meta.get("class_vectors_teacher")
     try:
         cv = ClassVectors(tensors["class_vectors"], meta["classnames"], teacher if isinstance(teacher, dict) else {})
-        clf = StudentClassifier(student, cv)
+        clf = StudentClassifier(student, cv, allow_other_teacher=bool(meta.get("class_vectors_other_teacher")))
     except PromptKDError as e:
         raise PromptKDError(f"{source}: {e}") from None
     if len(set(cv.classnames)) != len(cv.classnames):
@@ -304,9 +360,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> _Predict
 
 
 class OnnxClassifier(_Predictor):
-    """An exported classifier on onnxruntime, with the same `predict` as StudentClassifier."""
+    """An exported classifier on onnxruntime, with the same `predict` as StudentClassifier.
 
-    def __init__(self, path: str | Path, providers: Sequence[str] | None = None):
+    An image-features export (`--format image-features`) runs the image side on onnxruntime and
+    scores against class vectors: the file recorded beside it, or `class_vectors` (any file made by
+    the student's teacher, so classes change without re-exporting)."""
+
+    def __init__(self, path: str | Path, providers: Sequence[str] | None = None, *,
+                 class_vectors: str | Path | None = None, allow_other_teacher: bool = False):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -326,13 +387,48 @@ class OnnxClassifier(_Predictor):
         self.transform = TestTransform(self.meta["image_size"], self.meta["mean"], self.meta["std"],
                                        self.meta.get("interpolation", "bicubic"),
                                        self.meta.get("resize_mode", "shortest"))
+        self.features_only = self.meta["format"] == FEATURES_FORMAT
+        self.class_vectors = None
+        if self.features_only:
+            self.class_vectors = self._paired_class_vectors(path, class_vectors, allow_other_teacher)
+            self.classnames = list(self.class_vectors.classnames)
+        elif class_vectors is not None:
+            raise PromptKDError(f"{path}: an ONNX logits graph has its class vectors built in; export "
+                                "--format image-features to pair it with others")
+
+    def _paired_class_vectors(self, path: Path, given, allow_other_teacher: bool) -> ClassVectors:
+        beside = self.meta.get("class_vectors_file")
+        cv_path = Path(given) if given is not None else path.parent / str(beside or "")
+        if given is None and (not isinstance(beside, str) or not cv_path.is_file()):
+            raise PromptKDError(f"{path}: an image-features export needs its class vectors ({beside or 'none recorded'} "
+                                "beside it, or class_vectors=FILE)")
+        cv = ClassVectors.load(cv_path)
+        if cv.dim != self.meta.get("feature_dim"):
+            raise PromptKDError(f"{cv_path}: class vectors have dim {cv.dim}, {path} gives features of dim "
+                                f"{self.meta.get('feature_dim')}")
+        other = other_teacher(self.meta.get("teacher") or {}, cv.teacher)
+        if other and not allow_other_teacher:
+            raise PromptKDError(f"{cv_path}: class vectors come from another teacher than the one {path} was distilled "
+                                f"from ({other}); {OTHER_TEACHER_HINT}")
+        return cv
 
     @classmethod
-    def load(cls, path: str | Path, providers: Sequence[str] | None = None) -> OnnxClassifier:
-        return cls(path, providers)
+    def load(cls, path: str | Path, providers: Sequence[str] | None = None, **kwargs) -> OnnxClassifier:
+        return cls(path, providers, **kwargs)
+
+    def _run(self, images, output: str) -> torch.Tensor:
+        out = self.session.run([output], {ONNX_INPUT: images.detach().cpu().float().numpy()})[0]
+        return torch.from_numpy(out).float()
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        out = self.session.run([ONNX_OUTPUT], {ONNX_INPUT: images.detach().cpu().float().numpy()})[0]
-        return torch.from_numpy(out).float()
+        if self.features_only:
+            scale = float(self.meta.get("logit_scale", 100.0))
+            return scale * self._run(images, FEATURES_OUTPUT) @ self.class_vectors.vectors.T
+        return self._run(images, ONNX_OUTPUT)
+
+    def image_features(self, images: ImageLike | Sequence[ImageLike]) -> torch.Tensor:
+        if not self.features_only:
+            return super().image_features(images)
+        return self._run(self.preprocess(images), FEATURES_OUTPUT)
 
     __call__ = logits

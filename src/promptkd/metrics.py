@@ -3,6 +3,8 @@ computes it, and the plain-CLIP zero-shot classifier used as a baseline."""
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -12,6 +14,8 @@ from torch.utils.data import DataLoader
 from promptkd.data.dataset import ImageDataset, Item
 from promptkd.data.protocols import EvalSplit
 from promptkd.errors import PromptKDError
+
+log = logging.getLogger(__name__)
 
 # Plain zero-shot template (what the official IVLP/PromptSRC prompt reads at initialisation).
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
@@ -83,11 +87,14 @@ def zero_shot_class_vectors(clip, classnames: Sequence[str], templates: Sequence
 
 def evaluate_splits(encode: Callable[[torch.Tensor], torch.Tensor], classifier: torch.Tensor,
                     splits: dict[str, EvalSplit], transform, *, batch_size: int = 100,
-                    device: str | torch.device = "cpu", num_workers: int = 0, progress: bool = True) -> dict:
-    """Accuracy per split (unlabelled items skipped), plus HM when there are base and novel splits."""
+                    device: str | torch.device = "cpu", num_workers: int = 0, progress: bool = True,
+                    announce: str | None = None) -> dict:
+    """Accuracy per split (unlabelled items skipped), plus HM when there are base and novel splits.
+    `announce`: log one line per split as it finishes, under that name (bars vanish; logs keep it)."""
     if not torch.isfinite(classifier).all():
         raise PromptKDError("the class vectors (classifier) hold non-finite values (NaN or inf)")
     out: dict[str, float] = {}
+    started = time.perf_counter()
     for name, split in splits.items():
         items = [it for it in split.items if it.label >= 0]
         if not items:
@@ -96,6 +103,10 @@ def evaluate_splits(encode: Callable[[torch.Tensor], torch.Tensor], classifier: 
                                      num_workers=num_workers, desc=f"eval {name}", progress=progress)
         w = classifier if split.classes is None else classifier[split.classes]
         out[name] = accuracy(feats, labels, w.float().cpu())
+        if announce:
+            log.info("%s: %s %.2f%% of %d images (%.1f s)", announce, name, out[name], len(items),
+                     time.perf_counter() - started)
+            started = time.perf_counter()
     if "base" in out and "novel" in out:
         out["hm"] = harmonic_mean(out["base"], out["novel"])
     return out
@@ -103,7 +114,8 @@ def evaluate_splits(encode: Callable[[torch.Tensor], torch.Tensor], classifier: 
 
 def zero_shot_scores(clip, classnames: Sequence[str], splits: dict[str, EvalSplit], *,
                      templates: Sequence[str] = DEFAULT_TEMPLATES, batch_size: int = 100,
-                     device: str | torch.device = "cpu", num_workers: int = 0, progress: bool = True) -> dict:
+                     device: str | torch.device = "cpu", num_workers: int = 0, progress: bool = True,
+                     announce: str | None = None) -> dict:
     """A plain CLIP's zero-shot scores on `splits` (evaluate_splits): its own image tower against the
     template classifier of its own text tower. The baseline a tuned or distilled model must beat.
 
@@ -115,4 +127,5 @@ def zero_shot_scores(clip, classnames: Sequence[str], splits: dict[str, EvalSpli
     text_device = next((p.device for n, p in clip.model.named_parameters() if not n.startswith("visual.")), device)
     classifier = zero_shot_class_vectors(clip, classnames, templates, device=text_device)
     return evaluate_splits(clip.model.encode_image, classifier, splits, transforms_for(clip.preprocess_cfg)[1],
-                           batch_size=batch_size, device=device, num_workers=num_workers, progress=progress)
+                           batch_size=batch_size, device=device, num_workers=num_workers, progress=progress,
+                           announce=announce)

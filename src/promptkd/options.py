@@ -121,6 +121,68 @@ def yaml_value(text: str):
     return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader)
 
 
+def add_other_teacher_option(p) -> None:
+    """--allow-other-teacher: the one override of the refusal of class vectors made by another teacher."""
+    p.add_argument("--allow-other-teacher", action="store_true",
+                   help="use class vectors made by another teacher than the student's (refused without it: "
+                        "the student was trained to match its own teacher's vectors)")
+
+
+# Help of options whose command did not give one: the vocabulary's meaning (docs/cli.md), once.
+# Keys: "--option" for every command, "COMMAND --option" for one. tests/cli/test_help.py requires
+# every option of every command to have help, so a new option needs it here or where it is added.
+_PRESET = "(default: the preset's)"
+OPTION_HELP = {
+    "--vision-depth": f"prompted blocks of the trained image tower {_PRESET}",
+    "--text-depth": f"prompted blocks of the teacher's text tower {_PRESET}",
+    "--n-ctx-vision": f"vision prompt tokens per block {_PRESET}",
+    "--n-ctx-text": f"text prompt tokens per block {_PRESET}",
+    "--gpa-mean": f"Gaussian prompt aggregation: the epoch of largest weight {_PRESET}",
+    "--gpa-std": f"Gaussian prompt aggregation: the spread in epochs {_PRESET}",
+    "--epochs": f"training epochs {_PRESET}",
+    "--batch-size": f"images per step, global across processes {_PRESET}",
+    "--lr": f"learning rate, > 0 {_PRESET}",
+    "--seed": f"the run's seed: few-shot draw, initialisation, batch order, weights of --*-weights none {_PRESET}",
+    "--num-workers": f"data-loader processes {_PRESET}",
+    "--precision": f"autocast dtype: auto (bf16 on CUDA, fp32 elsewhere), fp32, bf16, fp16; weights stay fp32 {_PRESET}",
+    "--protocol": "base2novel, cross or dg (docs/datasets.md) (default: the preset's, else base2novel)",
+    "--temperature": f"KD softmax temperature, > 0 {_PRESET}",
+    "--kd-reduction": f"how the KD loss is averaged: official (over batch x classes) or batchmean {_PRESET}",
+    "--max-steps-per-epoch": "cap the steps of each epoch (quick runs)",
+    "--checkpoint-every": "also checkpoint every N steps (for --resume)",
+    "--eval-batch-size": f"images per forward in validation and test passes {_PRESET}",
+    "cache --view-seed": "seed of the recorded augmentations (default 0)",
+    "cache --shard-size": "images per shard file (default 1024)",
+    "cache --num-workers": "data-loader processes (default 0)",
+    "cache --precision": "teacher forward dtype: auto (default: bf16 on CUDA), fp32, bf16, fp16",
+    "cache --protocol": "base2novel (default), cross or dg: which images distill will train on",
+    "predict inputs": "image files, folders (searched recursively) or quoted glob patterns",
+    "report run_dirs": "folders searched for distillation runs (their metrics.json)",
+    "report --out": "folder for report.md, report.json and a CSV and PNG per protocol",
+    "report --no-plot": "skip the PNG plots",
+    "import-official kind": "what the checkpoint holds: a PromptSRC teacher or a PromptKD student",
+    "pretrain which": "which toy CLIP to pretrain",
+    "pretrain --seed": "the run's seed (default 0)",
+    "pretrain --batch-size": "image-caption pairs per step (default 128)",
+    "pretrain --lr": "peak learning rate (default 1e-3)",
+    "pretrain --weight-decay": "AdamW weight decay (default 0.05)",
+    "pretrain --warmup-steps": "linear warm-up steps (default 200)",
+}
+
+
+def fill_missing_help(parser: argparse.ArgumentParser, command: str = "") -> None:
+    """Give each option of every sub-command without help its vocabulary meaning (OPTION_HELP)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                fill_missing_help(sub, name)
+        elif action.help is None:
+            for key in (action.option_strings or [action.dest]):
+                action.help = OPTION_HELP.get(f"{command} {key}", OPTION_HELP.get(key))
+                if action.help:
+                    break
+
+
 def parse_set(items: list[str] | None) -> list[tuple[str, object]]:
     """--set KEY=VALUE pairs, the value read as YAML (`--set train.lr=0.01` and `1e-3` are numbers)."""
     import yaml

@@ -22,7 +22,7 @@ from promptkd.cli import build_parser, main
 
 MISSING = "/nonexistent/promptkd-reliability"
 
-COMMANDS = ["teacher", "class-vectors", "cache", "distill", "eval", "export", "predict", "report",
+COMMANDS = ["teacher", "class-vectors", "cache", "distill", "eval", "export", "predict", "info", "report",
             "import-official", "demo", "toy"]
 
 
@@ -47,6 +47,7 @@ def _argv(command: str, tmp) -> list[str]:
         "export": ["export", "--student", f"{MISSING}.safetensors", "--class-vectors", f"{MISSING}-cv.safetensors",
                    "--out", out],
         "predict": ["predict", f"{MISSING}.jpg", "--model", f"{MISSING}.onnx"],
+        "info": ["info", f"{MISSING}.safetensors"],
         "report": ["report", MISSING, "--out", out],
         "import-official": ["import-official", "teacher", f"{MISSING}.pth.tar", "--teacher-model", "ViT-B-16",
                             "--teacher-weights", f"{MISSING}.pt", "--out", out],

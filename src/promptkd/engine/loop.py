@@ -495,6 +495,7 @@ def train_loop(
     t_start = time.perf_counter() - result.seconds
     snapshot = _snapshot if fast else lambda _model: None  # only a fast-path stop rolls back to a kept state
     good = snapshot(model)  # the last checkpointed state
+    t_here = time.perf_counter()  # this process's start, for the ETA
     try:
         for epoch in range(start_epoch, cfg.epochs):
             lr = lr_at_epoch(epoch, cfg)
@@ -600,6 +601,9 @@ def train_loop(
             result.history.append(record)
             result.seconds = time.perf_counter() - t_start
             metrics.write({"event": "epoch", "step": result.steps, **record})
+            if dist_info.is_main:
+                per_epoch = (time.perf_counter() - t_here) / (epoch + 1 - start_epoch)
+                log.info(epoch_line(desc, record, cfg.epochs, per_epoch * (cfg.epochs - epoch - 1)))
             good = snapshot(model)
             if dist_info.is_main:
                 save_checkpoint(ckpt_path, model, optimizer, epoch + 1, 0, result, cfg, scaler, extra, checkpoint_meta or {})
@@ -615,6 +619,22 @@ def train_loop(
     finally:
         metrics.close()
     return result
+
+
+def epoch_line(desc: str, record: dict, epochs: int, eta_seconds: float) -> str:
+    """One line per epoch, kept on screen and in logs: loss, lr, validation score, time and ETA."""
+    parts = [f"{desc} epoch {record['epoch']}/{epochs}"]
+    if "loss" in record:
+        parts.append(f"loss {record['loss']:.4g}")
+    parts.append(f"lr {record['lr']:.2e}")
+    for key in ("val", "val_acc"):
+        if isinstance(record.get(key), (int, float)):
+            parts.append(f"val {record[key]:.2f}")
+    parts.append(f"{record['seconds']:.1f} s ({record['images_per_s']:.0f} img/s)")
+    if record["epoch"] < epochs:
+        m, sec = divmod(int(round(eta_seconds)), 60)
+        parts.append(f"ETA {m // 60}:{m % 60:02d}:{sec:02d}")
+    return "  ".join(parts)
 
 
 class _NonFinite(Exception):

@@ -301,6 +301,8 @@ def load_clip(model: str, pretrained: str | None = None, *, device: str | torch.
     """
     import open_clip
 
+    from promptkd.models.downloads import check_downloadable
+
     if model.startswith("toy-"):
         return _load_toy(model, pretrained, device, init_seed)
 
@@ -339,7 +341,13 @@ def load_clip(model: str, pretrained: str | None = None, *, device: str | torch.
                     f"unknown weights tag {pretrained!r} for {name}; known tags: {', '.join(tags) or 'none'} "
                     "(or give a local checkpoint path)"
                 )
-            clip = open_clip.create_model(name, pretrained=pretrained)
+            check_downloadable(name, pretrained)  # offline: one line within seconds, not a minute of retries
+            try:
+                clip = open_clip.create_model(name, pretrained=pretrained)
+            except (OSError, ValueError) as e:  # a download that failed midway: its last line, whole
+                last = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+                raise PromptKDError(f"weights tag {pretrained!r} of {name}: download failed ({last}); pass a "
+                                    "local weights file instead of the tag") from None
     except PromptKDError:
         raise
     except RuntimeError as e:

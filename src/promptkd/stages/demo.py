@@ -12,7 +12,6 @@ settings to OUT/configs/ and the stage commands that give the same numbers to OU
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -380,5 +379,22 @@ def _run(args) -> int:
                          command="demo")
     metrics = run_demo(claim.prepare(), cfg)
     print((Path(args.out) / "report.md").read_text())
-    print(json.dumps({k: metrics[k] for k in ("student_zeroshot", "teacher_zeroshot", "teacher", "student")}))
+    print(summary_table(metrics))
+    print(f"(all numbers: {Path(args.out) / 'metrics.json'})")
     return 0
+
+
+SUMMARY_ROWS = (("student_zeroshot", "student CLIP, zero-shot"), ("teacher_zeroshot", "teacher CLIP, zero-shot"),
+                ("teacher", "teacher, PromptSRC-tuned"), ("student", "student, distilled (PromptKD)"))
+
+
+def summary_table(metrics: dict) -> str:
+    """The demo's last word: test accuracy (%) of the four models, base / novel / HM, one decimal."""
+    width = max(len(label) for _, label in SUMMARY_ROWS)
+    lines = [f"{'model':<{width}}  {'base':>5}  {'novel':>5}  {'HM':>5}"]
+    def cell(value) -> str:
+        return f"{value:>5.1f}" if isinstance(value, (int, float)) else f"{'-':>5}"
+
+    lines += [f"{label:<{width}}  " + "  ".join(cell((metrics.get(key) or {}).get(k)) for k in ("base", "novel", "hm"))
+              for key, label in SUMMARY_ROWS]
+    return "\n".join(lines)

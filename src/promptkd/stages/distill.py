@@ -428,11 +428,13 @@ def measure_baseline(teacher: Teacher, student: Student, classifier: torch.Tenso
     t_device = next(teacher.parameters()).device
     with autocast(device, precision):
         zero_shot = zero_shot_scores(student.clip, protocol.classnames, protocol.test, batch_size=batch_size,
-                                     device=device, num_workers=num_workers, progress=progress)
+                                     device=device, num_workers=num_workers, progress=progress,
+                                     announce="baseline, student zero-shot")
     with autocast(t_device, precision):
         taught = evaluate_splits(teacher.encode_images, classifier, protocol.test,
                                  transforms_for(teacher.clip.preprocess_cfg)[1], batch_size=batch_size,
-                                 device=t_device, num_workers=num_workers, progress=progress)
+                                 device=t_device, num_workers=num_workers, progress=progress,
+                                 announce="baseline, teacher")
     return {"student_zero_shot": zero_shot, "teacher": taught, "templates": list(DEFAULT_TEMPLATES)}
 
 
@@ -754,7 +756,8 @@ def register(sub) -> None:
     add_config_options(p, several=True, example="configs/distill/vit_b16_c2_ep20_batch8_4ctx.yaml")
     add_output_options(p, "dir", resume=True, what="distillation run",
                        help="run folder (student, class vectors, checkpoint, metrics, run.json)")
-    p.add_argument("--dataset", metavar="NAME", help="benchmark name or folder:PATH / split:FILE.json")
+    p.add_argument("--dataset", metavar="NAME",
+                   help="benchmark name, or folder:PATH / images:PATH (unlabelled images) / split:FILE.json")
     p.add_argument("--root", help="data root holding the CoOp dataset folders")
     p.add_argument("--protocol", choices=PROTOCOLS)
     p.add_argument("--shots", type=non_negative_int, metavar="K", help="K unlabelled images per class (0: all)")

@@ -17,6 +17,14 @@ def _format_table(title: str, results: dict[str, float], counts: dict[str, int])
     return "\n".join(lines)
 
 
+def default_clip_weights(model: str, weights: str | None) -> str | None:
+    """--clip-weights when not given: `openai` for an open_clip name, as distill's --student-weights and
+    teacher's --teacher-weights; a toy model's shipped weights; random for a config JSON (no tag fits it)."""
+    if weights is not None or model.endswith(".json") or model.startswith("toy-"):
+        return weights
+    return "openai"
+
+
 def _subject(args):
     """(clip model | None, teacher file | None, student file | None) of the command line; a run
     folder or artifact given as the first argument is a teacher or a student by its kind."""
@@ -40,6 +48,7 @@ def run_eval(args) -> dict:
     from promptkd.artifacts import write_json
     from promptkd.data.protocols import align_class_vectors, build_protocol
     from promptkd.data.transforms import transforms_for
+    from promptkd.deploy import OTHER_TEACHER_HINT, other_teacher
     from promptkd.engine.loop import autocast, resolve_device, resolve_precision
     from promptkd.inputs import (
         check_clip_files,
@@ -84,7 +93,8 @@ def run_eval(args) -> dict:
                                if args.split == "val" else ""))
     with torch.no_grad():
         if clip_model:
-            clip = load_clip(clip_model, args.clip_weights, device=device, init_seed=args.seed)
+            clip = load_clip(clip_model, default_clip_weights(clip_model, args.clip_weights), device=device,
+                             init_seed=args.seed)
             encode, preprocess = clip.model.encode_image, clip.preprocess_cfg
             classifier = zero_shot_class_vectors(clip, protocol.classnames, args.template or DEFAULT_TEMPLATES, device)
             what = {"clip": clip.identity(), "templates": list(args.template or DEFAULT_TEMPLATES)}
@@ -98,11 +108,10 @@ def run_eval(args) -> dict:
             if cv.dim != student.projector.out_dim:
                 raise PromptKDError(f"{cv_path}: class vectors have dim {cv.dim}, the student "
                                     f"projects to {student.projector.out_dim}")
-            made_by = (getattr(student, "meta", {}) or {}).get("teacher") or {}
-            if made_by.get("prompts_hash") and cv.teacher.get("prompts_hash") not in (None, made_by["prompts_hash"]):
+            other = other_teacher(student, cv.teacher)
+            if other and not getattr(args, "allow_other_teacher", False):
                 raise PromptKDError(f"{cv_path}: class vectors come from another teacher than the one "
-                                    f"{student_path} was distilled from (prompts hash {cv.teacher.get('prompts_hash')}"
-                                    f" vs {made_by['prompts_hash']})")
+                                    f"{student_path} was distilled from ({other}); {OTHER_TEACHER_HINT}")
             classifier = align_class_vectors(cv, protocol, str(cv_path))
             encode, preprocess = student, student.clip.preprocess_cfg
             what = {"student": str(student_path), "class_vectors": str(cv_path)}
@@ -113,7 +122,7 @@ def run_eval(args) -> dict:
 
     results = evaluate_splits(encode_amp, classifier, splits, transforms_for(preprocess)[1],
                               batch_size=args.batch_size, device=device, num_workers=args.num_workers,
-                              progress=not args.no_progress)
+                              progress=not args.no_progress, announce="eval")
     counts = {k: sum(1 for it in s.items if it.label >= 0) for k, s in splits.items()}
     out = {"kind": "eval_metrics", "dataset": protocol.dataset, "protocol": protocol_name, "split": args.split,
            "model": what, "results": results, "images": counts}
@@ -126,7 +135,14 @@ def run_eval(args) -> dict:
 def register(sub) -> None:
     from promptkd.data.protocols import PROTOCOLS
     from promptkd.inputs import add_clip_args
-    from promptkd.options import PRECISIONS, add_model_options, deprecated, non_negative_int, positive_int
+    from promptkd.options import (
+        PRECISIONS,
+        add_model_options,
+        add_other_teacher_option,
+        deprecated,
+        non_negative_int,
+        positive_int,
+    )
 
     p = sub.add_parser("eval", help="evaluate a zero-shot CLIP, a teacher or a student on a dataset",
                        description="Student evaluation runs only the student (image tower + projector) against "
@@ -137,13 +153,15 @@ def register(sub) -> None:
                                      "(default: the run's)")
     p.add_argument("--root", help="data root holding the CoOp dataset folders (default: the run's)")
     p.add_argument("--protocol", choices=PROTOCOLS, help="default: the run's, else base2novel")
-    p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument("--split", choices=("test", "val"), default="test", help="the split scored (default test)")
     p.add_argument("--shots", type=non_negative_int, default=0, metavar="K",
                    help="K images per class of train/val (0: all; the test split is never subsampled)")
     p.add_argument("--seed", type=int, default=1, help="few-shot draw; the seed of --clip-weights none")
     g = p.add_argument_group("what to evaluate (one of)")
-    add_model_options(g, "clip", what="a plain zero-shot CLIP", default_note="weights default: random")
+    add_model_options(g, "clip", what="a plain zero-shot CLIP",
+                      default_note="weights default: openai for an open_clip name, as --student-weights")
     g.add_argument("--template", action="append", help="zero-shot template(s), default 'a photo of a {}.'")
+    add_other_teacher_option(g)
     g.add_argument("--teacher", metavar="PATH|DIR", help="teacher file or run folder")
     add_clip_args(g, "teacher")
     g.add_argument("--student", metavar="PATH|DIR", help="student file or run folder")
@@ -152,9 +170,10 @@ def register(sub) -> None:
     add_clip_args(g, "student")
     p.add_argument("--text-chunk", type=positive_int, default=256, metavar="N",
                    help="classes per teacher text forward (memory only; default 256)")
-    p.add_argument("--batch-size", type=positive_int, default=100)
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
-    p.add_argument("--num-workers", type=non_negative_int, default=0)
+    p.add_argument("--batch-size", type=positive_int, default=100, help="images per forward (default 100)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="compute precision: auto (bf16 on CUDA), fp32 (default), bf16 or fp16")
+    p.add_argument("--num-workers", type=non_negative_int, default=0, help="data-loader processes (default 0)")
     p.add_argument("--out", metavar="FILE", help="write the results here (JSON)")
     deprecated(p, "--clip", "--clip-model")
     deprecated(p, "--pretrained", "--clip-weights")

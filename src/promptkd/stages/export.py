@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # torch and the models are imported where they run: `promptkd
 
 DEFAULT_OPSET = 17
 MAX_OPSET = 20  # the newest opset torch.onnx's TorchScript exporter writes (older torch: fewer, see _max_opset)
-FORMATS = ("onnx", "safetensors")
+FORMATS = ("onnx", "safetensors", "folder", "image-features")
 
 
 def _max_opset() -> int:
@@ -62,7 +62,8 @@ def _fp16(module: nn.Module) -> nn.Module:
     return Fp16()
 
 
-def onnx_bytes(module: nn.Module, image_size: int, *, fp16: bool = False, opset: int = DEFAULT_OPSET) -> bytes:
+def onnx_bytes(module: nn.Module, image_size: int, *, fp16: bool = False, opset: int = DEFAULT_OPSET,
+               output: str | None = None) -> bytes:
     """Trace `module` (normalised (B, 3, S, S) images -> logits) into an ONNX model, dynamic batch.
 
     Uses the TorchScript exporter (dynamo=False): it needs no onnxscript and handles open_clip's
@@ -73,6 +74,7 @@ def onnx_bytes(module: nn.Module, image_size: int, *, fp16: bool = False, opset:
 
     from promptkd.deploy import ONNX_INPUT, ONNX_OUTPUT
 
+    output = output or ONNX_OUTPUT
     module = (_fp16(module) if fp16 else module).eval()
     dummy = torch.zeros(2, 3, image_size, image_size)
     buf = io.BytesIO()
@@ -81,8 +83,8 @@ def onnx_bytes(module: nn.Module, image_size: int, *, fp16: bool = False, opset:
         warnings.simplefilter("ignore")  # tracer and deprecation chatter, not actionable by users
         torch.backends.mha.set_fastpath_enabled(False)
         try:
-            torch.onnx.export(module, (dummy,), buf, input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
-                              dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}},
+            torch.onnx.export(module, (dummy,), buf, input_names=[ONNX_INPUT], output_names=[output],
+                              dynamic_axes={ONNX_INPUT: {0: "batch"}, output: {0: "batch"}},
                               opset_version=opset, do_constant_folding=True, dynamo=False)
         finally:
             torch.backends.mha.set_fastpath_enabled(fastpath)
@@ -100,14 +102,31 @@ def _require_onnx():
 def export_onnx(classifier: StudentClassifier, out: str | Path, *, fp16: bool = False,
                 opset: int = DEFAULT_OPSET) -> Path:
     """Write the classifier as ONNX with promptkd metadata, atomically."""
+    return _write_onnx(classifier, classifier, out, {}, fp16=fp16, opset=opset)
+
+
+def export_image_features(classifier: StudentClassifier, out: str | Path, *, class_vectors_file: str,
+                          fp16: bool = False, opset: int = DEFAULT_OPSET) -> Path:
+    """Write the image side alone as ONNX: normalised image -> L2-normalised feature in the teacher's
+    class-vector space (output `features`), recording the class-vector file that pairs with it."""
+    from promptkd.deploy import FEATURES_FORMAT, FEATURES_OUTPUT
+
+    meta = {"format": FEATURES_FORMAT, "feature_dim": classifier.student.projector.out_dim,
+            "class_vectors_file": class_vectors_file}
+    return _write_onnx(classifier, classifier.student, out, meta, fp16=fp16, opset=opset, output=FEATURES_OUTPUT)
+
+
+def _write_onnx(classifier: StudentClassifier, module: nn.Module, out: str | Path, extra: dict, *, fp16: bool,
+                opset: int, output: str | None = None) -> Path:
+    """Trace `module` (the classifier or its image side) to ONNX with the classifier's metadata."""
     from promptkd.deploy import onnx_metadata_props
 
     onnx = _require_onnx()
     if not DEFAULT_OPSET <= opset <= _max_opset():
         raise PromptKDError(f"opset {opset} is not supported here; use {DEFAULT_OPSET} to {_max_opset()}")
     classifier = classifier.cpu().eval()
-    model = onnx.load_from_string(onnx_bytes(classifier, classifier.image_size, fp16=fp16, opset=opset))
-    meta = {**classifier.metadata(), "precision": "fp16" if fp16 else "fp32", "opset": opset}
+    model = onnx.load_from_string(onnx_bytes(module, classifier.image_size, fp16=fp16, opset=opset, output=output))
+    meta = {**classifier.metadata(), "precision": "fp16" if fp16 else "fp32", "opset": opset, **extra}
     for key, value in onnx_metadata_props(meta).items():
         model.metadata_props.add(key=key, value=value)
     model.producer_name = "promptkd"
@@ -176,36 +195,44 @@ def parity(classifier: StudentClassifier, exported, batch: int = 3, seed: int = 
 
 
 def load_classifier(student: str, class_vectors: str, *, student_model: str | None = None,
-                    student_weights: str | None = None, device="cpu") -> StudentClassifier:
+                    student_weights: str | None = None, device="cpu",
+                    allow_other_teacher: bool = False) -> StudentClassifier:
     """Student + class-vector files -> classifier, with the CLI's CLIP options for the student."""
     from promptkd.deploy import StudentClassifier
     from promptkd.inputs import artifact_clip
 
     clip = artifact_clip(student, "student", student_model, student_weights, device)
-    return StudentClassifier.load(student, class_vectors, device=device, clip=clip)
+    return StudentClassifier.load(student, class_vectors, device=device, clip=clip,
+                                  allow_other_teacher=allow_other_teacher)
 
 
 def register(subparsers) -> None:
     from promptkd.inputs import add_clip_args
-    from promptkd.options import add_output_options, deprecated, int_range
+    from promptkd.options import add_other_teacher_option, add_output_options, deprecated, int_range
 
     p = subparsers.add_parser(
-        "export", help="export a student classifier (student + class vectors) as one ONNX or safetensors file",
+        "export", help="export a student classifier (student + class vectors): ONNX, one safetensors file, "
+                       "or a Hub-style model folder",
         description="Write one ONNX graph from normalised images (fixed size, dynamic batch) to logits, "
                     "with class names, image size, mean/std and model identities in its metadata; or, with "
                     "--format safetensors, one file holding the student's image tower, prompts, projector and "
-                    "class vectors (PyTorch, no CLIP file needed). Given a student run folder, the class "
-                    "vectors default to the ones distillation wrote there.")
+                    "class vectors (PyTorch, no CLIP file needed); or, with --format folder, a model folder to "
+                    "share (config.json, model.safetensors, classes.txt, class_vectors.safetensors and a README.md "
+                    "model card with the run's metrics); or, with --format image-features, the image side alone "
+                    "as ONNX (image -> normalised feature) with its class vectors beside it. Given a student run "
+                    "folder, the class vectors default to the ones distillation wrote there.")
     p.add_argument("student_run", nargs="?", metavar="STUDENT", help="student file or run folder (or --student)")
     p.add_argument("--student", metavar="PATH|DIR", help="student file or run folder")
     p.add_argument("--class-vectors", metavar="FILE", help="class-vector file (default: the one in the run folder)")
     p.add_argument("--format", choices=FORMATS, default="onnx", help="output format (default onnx)")
-    add_output_options(p, "file", required=False, what="exported model",
-                       help="output file (default: beside the student file, student.onnx or student-model.safetensors)")
+    add_output_options(p, "path", required=False, what="exported model",
+                       help="output file, or folder for --format folder (default: beside the student file, "
+                            "student.onnx, student-model.safetensors, model/ or student-features.onnx)")
     p.add_argument("--fp16", action="store_true", help="fp16 weights (ONNX: and compute; inputs/outputs stay fp32)")
     p.add_argument("--opset", type=int_range(DEFAULT_OPSET, MAX_OPSET), default=DEFAULT_OPSET,
                    help=f"ONNX opset, {DEFAULT_OPSET} to {MAX_OPSET} (default {DEFAULT_OPSET})")
     p.add_argument("--no-check", action="store_true", help="skip the parity check of the written file")
+    add_other_teacher_option(p)
     add_clip_args(p, "student")
     deprecated(p, "--student-clip", "--student-weights")
     p.set_defaults(func=_run)
@@ -213,13 +240,42 @@ def register(subparsers) -> None:
 
 def default_out(student: str | Path, fmt: str) -> Path:
     student = Path(student)
-    return student.with_suffix(".onnx") if fmt == "onnx" else student.with_name(f"{student.stem}-model.safetensors")
+    return {"onnx": student.with_suffix(".onnx"), "folder": student.with_name("model"),
+            "image-features": student.with_name(f"{student.stem}-features.onnx")}.get(
+        fmt, student.with_name(f"{student.stem}-model.safetensors"))
+
+
+def paired_class_vectors(features_file: Path) -> Path:
+    """The class-vector file written beside an image-features export."""
+    return features_file.with_name(f"{features_file.stem}.class_vectors.safetensors")
+
+
+def _copy(src: Path, dst: Path) -> None:
+    """A class-vector file copied atomically (a few MB at most: 1,000 classes x 768 x 4 bytes)."""
+    with atomic_open(dst, "wb") as f:
+        f.write(Path(src).read_bytes())
+
+
+def _run_metrics(student: Path, cv: Path) -> tuple[dict | None, str | None]:
+    """The distillation's metrics.json and command line, when the student is a run's own and the
+    class vectors are those it was distilled with (else the metrics would describe another model)."""
+    from promptkd.artifacts import read_json
+    from promptkd.inputs import CLASS_VECTORS_FILE, run_record_of
+
+    metrics_file = student.parent / "metrics.json"
+    if not metrics_file.is_file() or cv.resolve() != (student.parent / CLASS_VECTORS_FILE).resolve():
+        return None, None
+    metrics = read_json(metrics_file)
+    if not isinstance(metrics, dict) or metrics.get("kind") != "distill_metrics":
+        return None, None
+    return metrics, run_record_of(student).get("command_line")
 
 
 def _run(args) -> int:
-    from promptkd.deploy import StudentClassifier
+    from promptkd import runs, sharing
+    from promptkd.deploy import OnnxClassifier, StudentClassifier
     from promptkd.inputs import artifact_path, check_clip_files, clip_inputs, one_of, student_class_vectors
-    from promptkd.runs import check_apart, claim_file
+    from promptkd.runs import check_apart, claim_file, claim_folder
 
     fmt = getattr(args, "format", "onnx")
     given = one_of(args.student_run, args.student, "--student")
@@ -228,46 +284,70 @@ def _run(args) -> int:
     student = artifact_path(given, "student")
     cv = student_class_vectors(student, args.class_vectors)
     out = Path(args.out or default_out(student, fmt))
-    check_apart(out, {"student": student, "class vectors": cv,
-                      **clip_inputs(args.student_model, args.student_weights, "student")})
-    claim_file(out, overwrite=args.overwrite, what="exported model")
+    inputs = {"student": student, "class vectors": cv, **clip_inputs(args.student_model, args.student_weights, "student")}
+    check_apart(out, inputs)  # a file, or a model folder that may not hold them either
+    folder = None
+    if fmt == "folder":
+        folder = claim_folder(out, sharing.FOLDER_FILES, overwrite=args.overwrite, what="model folder",
+                              finished=sharing.CONFIG_FILE)
+        out_file = out / sharing.WEIGHTS_FILE
+    else:
+        out_file = claim_file(out, overwrite=args.overwrite, what="exported model")
+    beside = paired_class_vectors(out) if fmt == "image-features" else None
+    if beside is not None:
+        check_apart(beside, inputs)
+        claim_file(beside, overwrite=args.overwrite, what="class-vector file")
     check_clip_files(args.student_model, args.student_weights, "student")
-    if fmt == "onnx":
+    onnx_format = fmt in ("onnx", "image-features")
+    if onnx_format:
         _require_onnx()
         if args.opset > _max_opset():
             raise PromptKDError(f"--opset {args.opset}: this torch exports opsets {DEFAULT_OPSET} to {_max_opset()}")
-    clf = load_classifier(str(student), str(cv), student_model=args.student_model, student_weights=args.student_weights)
+    clf = load_classifier(str(student), str(cv), student_model=args.student_model, student_weights=args.student_weights,
+                          allow_other_teacher=args.allow_other_teacher)
     ref = reference_logits(clf, source=str(student))  # nothing is written for a broken model
     check = not args.no_check
-    if check and fmt == "onnx" and optional_import("onnxruntime") is None:  # a Ctrl-C here is one, not "missing"
+    if check and onnx_format and optional_import("onnxruntime") is None:  # a Ctrl-C here is one, not "missing"
         check = False
         print("parity check skipped: onnxruntime is not installed (pip install 'promptkd[onnx]')", file=sys.stderr)
-    target = out.with_name(f".{out.name}.unchecked") if check else out
+    if folder is not None:
+        folder.prepare()
+    target = out_file.with_name(f".{out_file.name}.unchecked") if check else out_file
     try:
         if fmt == "onnx":
             export_onnx(clf, target, fp16=args.fp16, opset=args.opset)
+        elif fmt == "image-features":
+            export_image_features(clf, target, class_vectors_file=beside.name, fp16=args.fp16, opset=args.opset)
         else:
             export_safetensors(clf, target, fp16=args.fp16)
         if check:
-            from promptkd.deploy import OnnxClassifier
-
-            runtime = "onnxruntime" if fmt == "onnx" else "the reloaded file"
+            runtime = "onnxruntime" if onnx_format else "the reloaded file"
             try:
-                diff = parity(clf, OnnxClassifier(target) if fmt == "onnx" else StudentClassifier.load(target),
-                              reference=ref)
+                exported = OnnxClassifier(target, class_vectors=cv, allow_other_teacher=args.allow_other_teacher) \
+                    if fmt == "image-features" else OnnxClassifier(target) if fmt == "onnx" else \
+                    StudentClassifier.load(target)
+                diff = parity(clf, exported, reference=ref)
             except PromptKDError as e:
                 raise PromptKDError(f"{out}: parity check failed: {e}; nothing written") from None
             limit = parity_limit(clf, args.fp16)
             if not diff <= limit:
                 raise PromptKDError(f"{out}: parity check failed: max |logit diff| {runtime} vs PyTorch fp32 is "
                                     f"{diff:.2e}, above the limit {limit:.1e}; nothing written")
-            os.replace(target, out)
+            os.replace(target, out_file)
             if not getattr(args, "quiet", False):
                 print(f"max |logit diff| {runtime} vs PyTorch fp32: {diff:.2e} (limit {limit:.1e})", file=sys.stderr)
+        if beside is not None:
+            _copy(cv, beside)
+        if folder is not None:
+            _copy(cv, out / sharing.CLASS_VECTORS_FILE)
+            metrics, trained_by = _run_metrics(student, cv)
+            sharing.write_folder_files(out, clf.standalone_metadata("fp16" if args.fp16 else "fp32"), metrics=metrics,
+                                       made_by=sharing.command_line(runs.COMMAND_LINE), trained_by=trained_by,
+                                       selected_on=(getattr(clf.student, "meta", None) or {}).get("selected_on"))
     except OSError as e:  # name the file asked for, not the temporary one checked first
         raise about_file(e, out) from None
     finally:
-        if target != out:
+        if target != out_file:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(target)
     print(out)

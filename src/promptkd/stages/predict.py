@@ -72,7 +72,10 @@ def build_classifier(args):
             raise PromptKDError("--model has its class vectors built in: do not combine it with --student, "
                                 "--class-vectors or --classes (export another model for other classes)")
         from promptkd.deploy import load_model
+        from promptkd.sharing import HUB_PREFIX, load
 
+        if args.model.startswith(HUB_PREFIX) or os.path.isdir(args.model):  # a model folder
+            return load(args.model, device=args.device or "cpu")
         return load_model(args.model, device=args.device or "cpu")
     if not args.student:
         raise PromptKDError("give --model FILE, or --student with --class-vectors (or --classes and --teacher)")
@@ -86,7 +89,8 @@ def build_classifier(args):
         cv = student_class_vectors(student, args.class_vectors, "--student needs --class-vectors (none beside "
                                    "it), or --classes/--classes-file with --teacher")
         return load_classifier(str(student), str(cv), student_model=args.student_model,
-                               student_weights=args.student_weights, device=device)
+                               student_weights=args.student_weights, device=device,
+                               allow_other_teacher=args.allow_other_teacher)
     if not args.teacher:
         raise PromptKDError("--classes/--classes-file need --teacher: new class vectors come from its text tower")
     if args.class_vectors:
@@ -98,7 +102,8 @@ def build_classifier(args):
     teacher_path = artifact_path(args.teacher, "teacher")
     student = load_student(student, args.student_model, args.student_weights, device=device)
     teacher = load_teacher(teacher_path, args.teacher_model, args.teacher_weights, device=device)
-    return StudentClassifier(student, compute_class_vectors(teacher, names, args.text_chunk))
+    return StudentClassifier(student, compute_class_vectors(teacher, names, args.text_chunk),
+                             allow_other_teacher=args.allow_other_teacher)
 
 
 def _classnames(args) -> list[str] | None:
@@ -118,7 +123,7 @@ def _classnames(args) -> list[str] | None:
 
 def register(subparsers) -> None:
     from promptkd.inputs import add_clip_args
-    from promptkd.options import deprecated, positive_int
+    from promptkd.options import add_other_teacher_option, deprecated, positive_int
 
     p = subparsers.add_parser(
         "predict", help="classify images with an exported model or a student",
@@ -126,7 +131,8 @@ def register(subparsers) -> None:
                     "folders (searched recursively) or glob patterns (quote them).")
     p.add_argument("inputs", nargs="+", metavar="IMAGE|FOLDER|GLOB")
     p.add_argument("--model", metavar="FILE",
-                   help="a file from `promptkd export`: ONNX (onnxruntime) or the one-file .safetensors (PyTorch)")
+                   help="a model from `promptkd export`: ONNX (onnxruntime), the one-file .safetensors (PyTorch), "
+                        "a model folder or hf-hub:ORG/NAME")
     p.add_argument("--student", metavar="PATH|DIR", help="student file or run folder (runs on PyTorch)")
     p.add_argument("--class-vectors", metavar="FILE",
                    help="class-vector file for --student (default: the one in its run folder)")
@@ -138,7 +144,8 @@ def register(subparsers) -> None:
     p.add_argument("--text-chunk", type=positive_int, default=256, metavar="N",
                    help="classes per teacher text forward with --classes (memory only; default 256)")
     p.add_argument("--topk", type=positive_int, default=5, help="classes shown per image (default 5)")
-    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per forward (default 32)")
+    add_other_teacher_option(p)
     p.add_argument("--json", action="store_true", help="print one JSON object (predictions and errors)")
     deprecated(p, "--onnx", "--model")
     deprecated(p, "--teacher-clip", "--teacher-weights")
