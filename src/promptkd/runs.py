@@ -317,10 +317,11 @@ class FolderClaim:
     path: Path
     stale: list[Path] = field(default_factory=list)
     recheck: Callable[[], FolderClaim] | None = None
+    lock: bool = True
 
     def prepare(self) -> Path:
         if is_main_process():
-            if Path(self.path).resolve() not in _HELD:
+            if self.lock and Path(self.path).resolve() not in _HELD:
                 lock_folder(self.path)
                 if self.recheck is not None:
                     self.stale = self.recheck().stale
@@ -350,14 +351,15 @@ def promptkd_files(folder: Path, outputs: tuple[str, ...]) -> list[Path]:
 
 def claim_folder(path: str | os.PathLike, outputs: tuple[str, ...], *, overwrite: bool, resume: bool = False,
                  what: str, finished: str | Callable[[Path], bool] | None = None, marker: str | None = None,
-                 option: str = "--out", command: str | None = None) -> FolderClaim:
+                 option: str = "--out", command: str | None = None, lock: bool = True) -> FolderClaim:
     """An output folder: a folder (or nothing yet), writable, not in use by another run (its lock),
     holding no other command's run (run.json's `command`, with --overwrite and --resume too) and no
     result of ours unless --overwrite (remove them first) or --resume (continue from `marker`, e.g.
     the checkpoint).
 
     `outputs`: the names (or glob patterns) the command writes; `finished`: the one whose presence
-    means the result is complete (or a test of the folder).
+    means the result is complete (or a test of the folder). `lock` False: no lock file (a folder meant
+    for upload, written once by one command).
     """
     path = Path(path)
     if overwrite and resume:
@@ -367,7 +369,7 @@ def claim_folder(path: str | os.PathLike, outputs: tuple[str, ...], *, overwrite
     _check_writable(path, option)
     if not is_main_process():  # torchrun: rank 0 decides (the others could see its new files)
         return FolderClaim(path)
-    if path.is_dir():  # at once, before any work: a folder in use is refused by its lock
+    if lock and path.is_dir():  # at once, before any work: a folder in use is refused by its lock
         lock_folder(path, option)
 
     def inspect() -> FolderClaim:
@@ -375,7 +377,7 @@ def claim_folder(path: str | os.PathLike, outputs: tuple[str, ...], *, overwrite
                                marker=marker, option=option, command=command)
 
     claim = inspect()
-    claim.recheck = inspect  # again under the lock, where the folder was made after this check
+    claim.recheck, claim.lock = inspect, lock  # again under the lock, where the folder was made after this check
     return claim
 
 

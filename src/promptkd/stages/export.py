@@ -289,7 +289,7 @@ def _run(args) -> int:
     folder = None
     if fmt == "folder":
         folder = claim_folder(out, sharing.FOLDER_FILES, overwrite=args.overwrite, what="model folder",
-                              finished=sharing.CONFIG_FILE)
+                              finished=sharing.CONFIG_FILE, lock=False)  # for upload: no lock file in it
         out_file = out / sharing.WEIGHTS_FILE
     else:
         out_file = claim_file(out, overwrite=args.overwrite, what="exported model")
