@@ -152,9 +152,9 @@ def _teacher_dim(name: str) -> int:
 
 def run_mode(args) -> dict:
     from promptkd.engine.loop import autocast
+    from promptkd.kd import class_logits, kd_loss
     from promptkd.models import load_clip
     from promptkd.models.wrappers import Student, Teacher
-    from promptkd.stages.distill import class_logits, kd_loss
 
     device, mode = torch.device(args.device), args.mode
     meter = Meter(device)

@@ -107,7 +107,7 @@ def _fmt(s: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from promptkd.stages.distill import CUSTOM_KD_PER_IMAGE
+    from promptkd.kd import CUSTOM_KD_PER_IMAGE
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/kd-rule", help="work folder (finished parts are reused)")

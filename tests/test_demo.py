@@ -23,7 +23,9 @@ def quick_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "demo"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        assert main(["demo", "--quick", "--no-progress", "--out", str(out)]) == 0
+        # the both-teachers row is off in the preset (time budget): switched on here to test it
+        assert main(["demo", "--quick", "--no-progress", "--out", str(out),
+                     "--set", "both_teachers={ensemble_weights: [4, 1]}"]) == 0
     return out, printed.getvalue()
 
 
@@ -57,7 +59,9 @@ def test_stage_commands_give_the_demo_numbers(quick_demo, tmp_path, monkeypatch)
     shutil.copytree(out / "configs", tmp_path / "configs")
     monkeypatch.chdir(tmp_path)
     commands = [line for line in (out / "stages.sh").read_text().splitlines() if line.startswith("promptkd ")]
-    assert [c.split()[1] for c in commands] == ["toy", "eval", "teacher", "class-vectors", "cache", "distill"]
+    assert [c.split()[1] for c in commands] == ["toy", "eval", "teacher", "class-vectors", "cache", "distill",
+                                                # the plain-CLIP teacher, its student, and both teachers'
+                                                "class-vectors", "cache", "distill", "distill"]
     with contextlib.redirect_stdout(io.StringIO()):
         for command in commands:
             assert main(shlex.split(command)[1:]) == 0, command
@@ -67,6 +71,19 @@ def test_stage_commands_give_the_demo_numbers(quick_demo, tmp_path, monkeypatch)
     assert run["baseline"]["student_zero_shot"] == demo["student_zeroshot"]
     assert {k: run["baseline"]["teacher"][k] for k in ("base", "novel", "hm")} == demo["teacher"]
     assert {k: run["results"]["last"][k] for k in ("base", "novel", "hm")} == demo["student"]
+    for name, folder in (("no_labels", "student_no_labels"), ("two_teachers", "student_two_teachers")):
+        run = json.loads((tmp_path / folder / "metrics.json").read_text())
+        assert {k: run["results"]["last"][k] for k in ("base", "novel", "hm")} == demo[f"student_{name}"]
+
+
+def test_the_label_free_rows(quick_demo):
+    """The plain-CLIP student is distilled from the teacher's CLIP alone; the two-teacher one from both."""
+    out, printed = quick_demo
+    assert "student distilled from the zero-shot teacher, no labels" in printed
+    inputs = json.loads((out / "student_no_labels" / "run.json").read_text())["inputs"]
+    assert inputs["teacher"] is None and inputs["teacher_clip"]["model"] == "toy-teacher"
+    both = json.loads((out / "student_two_teachers" / "metrics.json").read_text())
+    assert len(both["teachers"]) == 2 and "templates" in both["teachers"][1] and "hm" in both["baseline"]["ensemble"]
 
 
 def test_preset_is_the_packaged_yaml_and_set_changes_it():

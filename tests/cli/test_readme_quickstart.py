@@ -33,10 +33,10 @@ from promptkd.cli import main
 REPO = Path(__file__).resolve().parents[2]
 
 
-def quickstart_lines() -> list[str]:
+def quickstart_lines(heading: str = "## Quick start with real CLIP weights") -> list[str]:
     """The commands of the quick-start block: continuation lines joined, comments and blanks dropped."""
     text = (REPO / "README.md").read_text()
-    section = text[text.index("## Quick start with real CLIP weights"):]
+    section = text[text.index(heading):]
     block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
     lines = []
     for line in block.replace("\\\n", " ").splitlines():
@@ -89,14 +89,8 @@ def stand_ins(tmp_path, clips) -> dict[str, str]:
     }
 
 
-def test_the_readme_quick_start_runs_as_written(stand_ins, tmp_path, monkeypatch, capsys):
-    lines = quickstart_lines()
-    pip = [line for line in lines if line.startswith("pip install")]
-    assert pip and all(".[onnx]" in line for line in pip)  # the set-up installs what export/predict need
-    commands = [shlex.split(line) for line in lines if line.startswith("promptkd ")]
-    assert [c[1] for c in commands] == ["teacher", "import-official", "class-vectors", "distill", "eval", "export",
-                                        "predict"]
-    work = tmp_path / "work"
+def _run_as_written(commands, stand_ins, work, monkeypatch, capsys) -> set:
+    """Each command with the stand-ins substituted word by word; returns the stand-ins used."""
     work.mkdir()
     monkeypatch.chdir(work)
     torch.set_num_threads(1)
@@ -108,6 +102,40 @@ def test_the_readme_quick_start_runs_as_written(stand_ins, tmp_path, monkeypatch
                 used.add(w)
             argv.append(stand_ins.get(w, w))
         assert main(["-q", *argv]) == 0, f"{shlex.join(words)}: {capsys.readouterr().err}"
+    return used
+
+
+def test_the_no_labels_quick_start_runs_as_written(clips, tmp_path, monkeypatch, capsys):
+    """The README's three commands without labels: class names, unlabelled photos, a plain CLIP."""
+    photos, names = tmp_path / "photos", tmp_path / "names.txt"
+    _, classes = write_images(photos, per_class=2)
+    names.write_text("\n".join(classes) + "\n")
+    preset = "configs/distill/vit_b16_c2_ep20_batch8_4ctx_cross_datasets.yaml"
+    stand_ins = {
+        "ViT-L-14": str(clips.teacher_cfg), "clip/ViT-L-14.pt": str(clips.teacher_weights),
+        "clip/ViT-B-16.pt": str(clips.student_weights), "names.txt": str(names), "images:photos/": f"images:{photos}",
+        preset: str(tiny_preset(preset, tmp_path / "distill.yaml", student_model=str(clips.student_cfg),
+                                vision_depth=2, n_ctx_vision=2, train={"epochs": 1, "batch_size": 4,
+                                                                       "num_workers": 0, "device": "cpu",
+                                                                       "progress": False})),
+    }
+    commands = [shlex.split(line) for line in quickstart_lines("### No labels at all") if line.startswith("promptkd ")]
+    assert [c[1] for c in commands] == ["class-vectors", "cache", "distill"]
+    used = _run_as_written(commands, stand_ins, tmp_path / "work", monkeypatch, capsys)
+    assert used == set(stand_ins)
+    run = json.loads((tmp_path / "work/runs/mine/student/run.json").read_text())
+    assert run["status"] == "finished" and run["inputs"]["teacher"] is None and run["inputs"]["teacher_templates"]
+
+
+def test_the_readme_quick_start_runs_as_written(stand_ins, tmp_path, monkeypatch, capsys):
+    lines = quickstart_lines()
+    pip = [line for line in lines if line.startswith("pip install")]
+    assert pip and all(".[onnx]" in line for line in pip)  # the set-up installs what export/predict need
+    commands = [shlex.split(line) for line in lines if line.startswith("promptkd ")]
+    assert [c[1] for c in commands] == ["teacher", "import-official", "class-vectors", "distill", "eval", "export",
+                                        "predict"]
+    work = tmp_path / "work"
+    used = _run_as_written(commands, stand_ins, work, monkeypatch, capsys)
     assert used == set(stand_ins)  # every stand-in is needed (none is stale)
     # step 1's two alternatives wrote two run folders, not one file twice
     assert (work / "runs/pets/teacher/teacher.safetensors").is_file()

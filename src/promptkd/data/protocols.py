@@ -167,7 +167,8 @@ def build_protocol(name: str, dataset: str, root=None, *, num_shots: int = 0, se
     ds = build_dataset(dataset, root)
     if name == "base2novel":
         if not ds.classnames:
-            raise PromptKDError(f"{dataset}: base2novel needs a labelled dataset (class names)")
+            raise PromptKDError(f"{dataset}: base2novel needs a labelled dataset (class names and labels); "
+                                "distil unlabelled images with --protocol cross")
         b = base2novel(ds, num_shots=num_shots, seed=seed)
         m = slice(0, b.n_base)
         return Protocol(name, ds.name, b.classnames, b.train, {"val": EvalSplit(b.val_base, m)},

@@ -222,6 +222,15 @@ def check_same_teacher(made_by: dict, teacher: dict, refusal: str, holder: str) 
     for key in ("prompts_hash", "frozen_hash"):
         if made_by.get(key) != teacher.get(key):
             raise PromptKDError(f"{refusal} ({key}: {holder} has {made_by.get(key)}, this teacher has {teacher.get(key)})")
+    if "templates" in made_by and "templates" in teacher and made_by["templates"] != teacher["templates"]:
+        # a plain CLIP teacher: its class vectors depend on its templates (a cache's features do not)
+        raise PromptKDError(f"{refusal} (templates: {holder} has {_few(made_by['templates'])}, this teacher has "
+                            f"{_few(teacher['templates'])})")
+
+
+def _few(templates) -> str:
+    templates = list(templates) if isinstance(templates, list) else [templates]
+    return f"{len(templates)} template(s) {templates[:2]}"
 
 
 class Student(nn.Module):

@@ -449,32 +449,36 @@ def cache_complete(folder: Path) -> bool:
 def _run(args) -> int:
     from promptkd.data.protocols import build_protocol
     from promptkd.engine.loop import resolve_device, resolve_precision
-    from promptkd.inputs import artifact_path, check_clip_files, clip_inputs, dataset_inputs, load_teacher
+    from promptkd.inputs import dataset_inputs
     from promptkd.runs import (
         check_apart,
         claim_folder,
         dataset_record,
-        file_record,
         finish_run_record,
         promptkd_files,
         write_run_record,
     )
+    from promptkd.stages.teacher_choice import (
+        TeacherChoice,
+        check_teacher_choice,
+        load_teacher_choice,
+        teacher_inputs,
+    )
 
-    teacher_path = artifact_path(args.teacher, "teacher")
-    check_clip_files(args.teacher_model, args.teacher_weights, "teacher")
+    choice = TeacherChoice(args.teacher, args.teacher_model, args.teacher_weights)  # or a plain CLIP
+    check_teacher_choice(choice, "cache")
     device = resolve_device(args.device)
     data, roots = dataset_inputs(args.dataset, args.root)
-    check_apart(args.out, {"teacher": teacher_path, **data,
-                           **clip_inputs(args.teacher_model, args.teacher_weights, "teacher")}, roots=roots)
+    check_apart(args.out, {**teacher_inputs(choice), **data}, roots=roots)
     claim = claim_folder(args.out, CACHE_OUTPUTS, overwrite=args.overwrite, resume=args.resume, what="teacher cache",
                          finished=cache_complete, marker="manifest.json", command="cache")
     # The same image list `promptkd distill` trains on (same protocol, shots and seed).
     protocol = build_protocol(args.protocol, args.dataset, args.root, num_shots=args.shots, seed=args.seed)
     items = protocol.train
-    teacher = load_teacher(teacher_path, args.teacher_model, args.teacher_weights, device)
+    teacher, record = load_teacher_choice(choice, device=device, seed=args.seed)
     out = claim.prepare()
     write_run_record(out, "cache", {
-        "teacher": file_record(teacher_path), "teacher_clip": teacher.clip.source,
+        **record,
         "dataset": dataset_record(protocol.dataset, args.root, items, protocol=args.protocol, shots=args.shots,
                                   seed=args.seed)})
     spec = CacheSpec(views=args.views, seed=args.view_seed, shard_size=args.shard_size, batch_size=args.batch_size,
@@ -498,7 +502,8 @@ def register(sub) -> None:
                     "`promptkd distill --teacher-cache DIR` never runs it. Pays off when K is below the number "
                     "of distillation epochs, or when the cache is reused across runs. An interrupted build "
                     "continues with --resume.")
-    p.add_argument("--teacher", required=True, metavar="PATH|DIR", help="teacher file or run folder")
+    p.add_argument("--teacher", metavar="PATH|DIR", help="teacher file or run folder (or a plain CLIP: "
+                                                          "--teacher-model M --teacher-weights W alone)")
     add_clip_args(p, "teacher")
     p.add_argument("--dataset", required=True, metavar="NAME", help="benchmark name or folder:PATH / split:FILE.json")
     p.add_argument("--root", help="data root holding the CoOp dataset folders")

@@ -102,8 +102,9 @@ def write_class_vectors(teacher: Teacher, classnames: list[str], out: str | Path
 
 
 def classnames_from_args(args) -> list[str]:
-    """Class names from exactly one of --dataset, --classes-file or --classes."""
-    given = [x for x in (args.dataset, args.classes_file, args.classes) if x]
+    """Class names from exactly one of --dataset, --classes-file or --classes (a --dataset beside a
+    names option only names the domain: an unlabelled images: folder, or the benchmark of --templates dataset)."""
+    given = [x for x in (args.classes_file, args.classes) if x] or [x for x in (args.dataset,) if x]
     if len(given) != 1:
         raise PromptKDError("give exactly one of --dataset NAME, --classes-file FILE or --classes 'a,b,c'")
     if args.classes:
@@ -115,6 +116,9 @@ def classnames_from_args(args) -> list[str]:
     from promptkd.data.registry import build_dataset
 
     names = list(build_dataset(args.dataset, args.root).classnames)
+    if not names:
+        raise PromptKDError(f"--dataset {args.dataset}: unlabelled images have no class names; give them with "
+                            "--classes-file FILE")
     n_base = math.ceil(len(names) / 2)  # official base/novel rule
     return {"all": names, "base": names[:n_base], "novel": names[n_base:]}[args.subset]
 
@@ -122,6 +126,7 @@ def classnames_from_args(args) -> list[str]:
 def register(subparsers) -> None:
     from promptkd.inputs import add_clip_args
     from promptkd.options import add_output_options, deprecated, positive_int
+    from promptkd.stages.teacher_choice import add_template_option
 
     p = subparsers.add_parser(
         "class-vectors", help="run the teacher's text tower over class names and store the vectors",
@@ -130,6 +135,8 @@ def register(subparsers) -> None:
     p.add_argument("teacher_run", nargs="?", metavar="TEACHER", help="teacher file or run folder (or --teacher)")
     p.add_argument("--teacher", metavar="PATH|DIR", help="teacher file or run folder")
     add_clip_args(p, "teacher")
+    add_template_option(p)
+    p.add_argument("--seed", type=int, default=1, help="the seed of --teacher-weights none (a plain CLIP teacher)")
     p.add_argument("--dataset", metavar="NAME", help="take the class names of this dataset (benchmark name or folder:PATH)")
     p.add_argument("--root", help="data root for --dataset")
     p.add_argument("--subset", choices=("all", "base", "novel"), default="all", help="with --dataset (default all)")
@@ -148,21 +155,22 @@ def register(subparsers) -> None:
 
 def _run(args) -> int:
     from promptkd.engine.loop import resolve_device
-    from promptkd.inputs import (
-        artifact_path,
-        check_clip_files,
-        class_vectors_path,
-        clip_inputs,
-        dataset_inputs,
-        load_teacher,
-        one_of,
-    )
+    from promptkd.inputs import class_vectors_path, dataset_inputs, one_of
     from promptkd.runs import check_apart, claim_file
+    from promptkd.stages.teacher_choice import (
+        TeacherChoice,
+        check_teacher_choice,
+        load_teacher_choice,
+        teacher_inputs,
+    )
 
     given = one_of(args.teacher_run, args.teacher, "--teacher")
-    if not given:
-        raise PromptKDError("no teacher: give its file or run folder (promptkd class-vectors runs/NAME/teacher ...)")
-    teacher_path = artifact_path(given, "teacher")
+    if not given and not args.teacher_model:
+        raise PromptKDError("no teacher: give its file or run folder (promptkd class-vectors runs/NAME/teacher ...), "
+                            "or a plain CLIP with --teacher-model M --teacher-weights W")
+    choice = TeacherChoice(given, args.teacher_model, args.teacher_weights, class_vectors=args.append_to,
+                           templates=args.templates)  # appended rows: the file's templates unless given
+    check_teacher_choice(choice, "class-vectors")
     out = args.out or args.append_to
     if not out:
         raise PromptKDError("--out is required (unless --append-to updates a file in place)")
@@ -170,13 +178,11 @@ def _run(args) -> int:
         class_vectors_path(args.append_to, "--append-to")
     in_place = bool(args.append_to) and Path(out).resolve() == Path(args.append_to).resolve()
     data, roots = dataset_inputs(args.dataset, args.root)
-    check_apart(out, {"teacher": teacher_path, "class-name file": args.classes_file, **data,
-                      "class vectors to extend": None if in_place else args.append_to,
-                      **clip_inputs(args.teacher_model, args.teacher_weights, "teacher")}, roots=roots)
+    check_apart(out, {**teacher_inputs(choice), "class-name file": args.classes_file, **data,
+                      "class vectors": None if in_place else args.append_to}, roots=roots)
     claim_file(out, overwrite=args.overwrite, what="class-vector file", in_place=in_place)
-    check_clip_files(args.teacher_model, args.teacher_weights, "teacher")
     device = resolve_device(args.device)
     names = classnames_from_args(args)
-    teacher = load_teacher(teacher_path, args.teacher_model, args.teacher_weights, device=device)
+    teacher, _ = load_teacher_choice(choice, device=device, seed=args.seed, dataset=args.dataset)
     print(write_class_vectors(teacher, names, out, append_to=args.append_to, chunk_size=args.text_chunk))
     return 0

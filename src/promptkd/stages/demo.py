@@ -29,14 +29,18 @@ PRESET = Path(__file__).resolve().parents[1] / "configs" / "demo" / "toy.yaml"
 # `--quick`: tiny sizes for smoke tests (seconds), not for numbers.
 QUICK = ["n_train=6", "n_val=2", "n_test=4", "teacher.shots=2", "teacher.gpa_mean=1", "teacher.gpa_std=1",
          "teacher.train.epochs=1", "teacher.train.batch_size=8", "distill.train.epochs=1",
-         "distill.train.batch_size=8", "distill.n_ctx_vision=2", "cache_views=2"]
+         "distill.train.batch_size=8", "distill.n_ctx_vision=2", "cache_views=2", "no_labels.train.epochs=1"]
 # Where each stage writes, inside the demo folder.
 DATA, TEACHER_DIR, CLASS_VECTORS, CACHE_DIR, STUDENT_DIR = "data", "teacher", CLASS_VECTORS_FILE, "teacher_cache", "student"
 SPLIT_FILE = "split_zhou_Toy.json"
 TEACHER_ZERO_SHOT = "teacher_zero_shot.json"
+# The label-free rows: the teacher's plain CLIP as teacher, alone and beside the tuned teacher.
+ZS_CLASS_VECTORS, ZS_CACHE_DIR = "class_vectors_zero_shot.safetensors", "teacher_cache_zero_shot"
+NO_LABELS_DIR, BOTH_DIR = "student_no_labels", "student_two_teachers"
 # What a demo writes into its folder (an --overwrite removes these first).
 DEMO_OUTPUTS = (DATA, TEACHER_DIR, STUDENT_DIR, CACHE_DIR, CLASS_VECTORS, "configs", "stages.sh", TEACHER_ZERO_SHOT,
-                "student.onnx", "metrics.json", "report.md", "report.png")
+                "student.onnx", "metrics.json", "report.md", "report.png", ZS_CLASS_VECTORS, ZS_CACHE_DIR,
+                NO_LABELS_DIR, BOTH_DIR)
 
 
 @dataclass
@@ -50,12 +54,16 @@ class DemoConfig:
     teacher: dict  # `promptkd teacher` settings; the demo adds the dataset and the seed
     cache_views: int  # > 0: distil from a teacher-output cache of K views per image; 0: online teacher
     distill: dict  # `promptkd distill` settings; the demo adds the dataset, the files and the seed
+    no_labels: dict | None = None  # distill settings changed for the label-free student; None: no such row
+    both_teachers: dict | None = None  # ... for a student of both teachers together; None: no such row
     threads: int = 0  # torch threads (0: leave as is)
     progress: bool = True
 
     def __post_init__(self):
         check_field_types(self, "demo settings")
-        for name in ("teacher", "distill"):
+        for name in ("teacher", "distill", "no_labels", "both_teachers"):
+            if getattr(self, name) is None and name in ("no_labels", "both_teachers"):
+                continue
             if not isinstance(getattr(self, name), dict):
                 raise PromptKDError(f"demo settings: {name} must be a section of settings")
         if min(self.n_train, self.n_val, self.n_test, self.cache_views) < 0:
@@ -90,6 +98,25 @@ def stage_settings(cfg: DemoConfig, folder: str | Path) -> tuple[dict, dict]:
     return teacher, distill
 
 
+def label_free_settings(cfg: DemoConfig, folder: str | Path) -> dict:
+    """`promptkd distill` settings of the extra rows: {"no_labels": ..., "two_teachers": ...} as configured."""
+    folder = Path(folder)
+    _, distill = stage_settings(cfg, folder)
+    zero_shot = {"teacher_model": cfg.teacher.get("model", "toy-teacher"),
+                 "teacher_weights": cfg.teacher.get("weights", "toy"), "class_vectors": str(folder / ZS_CLASS_VECTORS),
+                 "teacher_cache": str(folder / ZS_CACHE_DIR) if cfg.cache_views else None}
+    def changed(base: dict, changes: dict) -> dict:  # the `train:` section key by key, as in a preset
+        return {**base, **changes, "train": {**base["train"], **(changes.get("train") or {})}}
+
+    out = {}
+    if cfg.no_labels is not None:
+        out["no_labels"] = changed({**distill, "teacher": "", **zero_shot}, cfg.no_labels)
+    if cfg.both_teachers is not None:
+        out["two_teachers"] = changed({**distill, "teachers": [{k: v for k, v in zero_shot.items() if v is not None}]},
+                                      cfg.both_teachers)
+    return out
+
+
 def stage_commands(cfg: DemoConfig) -> list[str]:
     """The CLI commands that redo the demo stage by stage, run from inside the demo folder (they
     replace its results: --overwrite)."""
@@ -108,6 +135,15 @@ def stage_commands(cfg: DemoConfig) -> list[str]:
         commands.append(f"promptkd cache --teacher {teacher} {data} --views {cfg.cache_views} --view-seed {cfg.seed} "
                         f"--device cpu --out {CACHE_DIR} --overwrite")
     commands.append(f"promptkd distill --config configs/distill.yaml --out {STUDENT_DIR} --overwrite")
+    if cfg.no_labels is not None or cfg.both_teachers is not None:  # the teacher's plain CLIP as a teacher
+        plain = f"--teacher-model {clip[0]} --teacher-weights {clip[1]}"
+        commands.append(f"promptkd class-vectors {plain} {data} --device cpu --out {ZS_CLASS_VECTORS} --overwrite")
+        if cfg.cache_views:
+            commands.append(f"promptkd cache {plain} {data} --views {cfg.cache_views} --view-seed {cfg.seed} "
+                            f"--device cpu --out {ZS_CACHE_DIR} --overwrite")
+    for name, folder in (("no_labels", NO_LABELS_DIR), ("two_teachers", BOTH_DIR)):
+        if name in label_free_settings(cfg, "."):
+            commands.append(f"promptkd distill --config configs/distill_{name}.yaml --out {folder} --overwrite")
     return commands
 
 
@@ -116,9 +152,11 @@ def _write_stage_files(cfg: DemoConfig, out: Path) -> None:
 
     teacher, distill = stage_settings(cfg, ".")
     (out / "configs").mkdir(parents=True, exist_ok=True)
-    for name, settings in (("teacher", teacher), ("distill", distill)):
+    extra = {f"distill_{k}": v for k, v in label_free_settings(cfg, ".").items()}
+    for name, settings in (("teacher", teacher), ("distill", distill), *extra.items()):
         with atomic_open(out / "configs" / f"{name}.yaml", "w") as f:
-            f.write(f"# `promptkd {name}` settings of the demo; paths are relative to the demo folder.\n")
+            f.write(f"# `promptkd {name.partition('_')[0]}` settings of the demo; paths are relative to the demo "
+                    "folder.\n")
             f.write(yaml.safe_dump(settings, sort_keys=False))
     with atomic_open(out / "stages.sh", "w") as f:
         f.write("# The demo stage by stage, with the same numbers: run it from this folder (sh stages.sh).\n"
@@ -190,6 +228,8 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> dict:
     tcfg = TeacherConfig.from_dict({**t_set, "train": {**(t_set.get("train") or {}), "progress": cfg.progress}},
                                    "demo teacher settings")
     dcfg = DistillConfig.from_dict({**d_set, "train": {**d_set["train"], "progress": cfg.progress}})
+    extra_cfgs = {k: DistillConfig.from_dict({**v, "train": {**v["train"], "progress": cfg.progress}})
+                  for k, v in label_free_settings(cfg, out.resolve()).items()}
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out.mkdir(parents=True, exist_ok=True)
@@ -227,6 +267,8 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> dict:
                                "kd_weight": run["kd_weight"], "kd_reduction": run["kd_reduction"],
                                "teacher": f"teacher-output cache, K={cfg.cache_views} views per image"
                                if cfg.cache_views else "online teacher", "seconds": run["train"]["seconds"]}
+    if extra_cfgs:
+        metrics.update(_label_free_students(cfg, out, protocol, extra_cfgs))
 
     log.info("[6/7] speed of the two image towers")
     student = load_student(student_path).eval()
@@ -246,6 +288,36 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> dict:
     metrics["seconds"] = time.perf_counter() - t_start
     write_json(out / "metrics.json", metrics)
     write_report(out, metrics, cfg)
+    return metrics
+
+
+def _label_free_students(cfg: DemoConfig, out: Path, protocol, extra_cfgs: dict) -> dict:
+    """The teacher's plain CLIP as a teacher: its class vectors and cache, then the student distilled
+    from it alone (no labels anywhere) and the student of both teachers together."""
+    from promptkd.models import load_clip
+    from promptkd.models.teachers import ZeroShotTeacher
+    from promptkd.stages.class_vectors import write_class_vectors
+    from promptkd.stages.distill import METRICS_FILE, baseline_table, distill
+
+    log.info("[5b] the teacher's plain CLIP as a teacher: class vectors%s",
+             f", teacher cache of {cfg.cache_views} views per image" if cfg.cache_views else "")
+    t0 = time.perf_counter()
+    plain = ZeroShotTeacher(load_clip(cfg.teacher.get("model", "toy-teacher"), cfg.teacher.get("weights", "toy")))
+    write_class_vectors(plain, protocol.classnames, out / ZS_CLASS_VECTORS)
+    if cfg.cache_views:
+        _build_cache(plain, protocol, out / ZS_CACHE_DIR, cfg)
+    seconds = {"zero_shot_teacher_outputs": time.perf_counter() - t0}
+    metrics: dict = {}
+    for name, folder in (("no_labels", NO_LABELS_DIR), ("two_teachers", BOTH_DIR)):
+        if name in extra_cfgs:
+            log.info("[5b] distillation: %s", name.replace("_", " "))
+            t0 = time.perf_counter()
+            distill(extra_cfgs[name], out / folder)
+            run = read_json(out / folder / METRICS_FILE)
+            log.info("%s", baseline_table(run))
+            metrics[f"student_{name}"] = _scores(run["results"]["last"])
+            seconds[name] = time.perf_counter() - t0
+    metrics["label_free_seconds"] = seconds
     return metrics
 
 
@@ -294,6 +366,10 @@ def write_report(out: Path, metrics: dict, cfg: DemoConfig) -> None:
         _row("teacher zero-shot (toy-teacher CLIP)", metrics["teacher_zeroshot"]),
         _row("teacher, PromptSRC-tuned", metrics["teacher"]),
         _row("student, distilled (PromptKD)", metrics["student"]),
+        *([_row("student distilled from the zero-shot teacher, no labels", metrics["student_no_labels"])]
+          if "student_no_labels" in metrics else []),
+        *([_row("student distilled from both teachers (tuned + zero-shot)", metrics["student_two_teachers"])]
+          if "student_two_teachers" in metrics else []),
         "",
         "| image tower | parameters | images/s (CPU, 1 thread) |",
         "|---|---|---|",

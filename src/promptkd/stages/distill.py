@@ -28,6 +28,17 @@ from promptkd.artifacts import load_artifact, read_json, write_json
 from promptkd.data.protocols import PROTOCOLS, EvalSplit, Protocol, align_class_vectors, build_protocol
 from promptkd.engine.config import CHECKPOINT_NAME, COMPILE_MODES, TrainConfig
 from promptkd.errors import PromptKDError
+from promptkd.kd import (  # noqa: F401  (re-exported: the names this module always had)
+    CUSTOM_KD_PER_IMAGE,
+    KD_REDUCTIONS,
+    OFFICIAL_KD_WEIGHT,
+    OFFICIAL_KD_WEIGHT_200,
+    class_logits,
+    default_kd_weight,
+    is_benchmark,
+    kd_loss,
+    official_kd_weight,
+)
 from promptkd.settings import (
     check_field_types,
     check_known_keys,
@@ -55,7 +66,7 @@ if TYPE_CHECKING:  # torch and the models are imported where they run: `promptkd
 
 log = logging.getLogger(__name__)
 
-KD_REDUCTIONS = ("official", "batchmean")
+PROJECTOR_INITS = ("random", "text")
 STUDENT_FILE = "student.safetensors"
 BEST_VAL_FILE = "student-best-val.safetensors"
 CLASS_VECTORS_FILE = "class_vectors.safetensors"
@@ -63,83 +74,6 @@ METRICS_FILE = "metrics.json"
 # What a distillation run writes into its folder (an --overwrite removes these first).
 DISTILL_OUTPUTS = (STUDENT_FILE, BEST_VAL_FILE, CLASS_VECTORS_FILE, CHECKPOINT_NAME, METRICS_FILE, "metrics.jsonl",
                    "run.json", "tensorboard")
-
-# scripts/promptkd/base2new_train.sh (comment): 200 for these, 1000 for the other eight datasets;
-# xd_train.sh uses 1000 everywhere. configs/protocols/*.yaml state the same values explicitly.
-OFFICIAL_KD_WEIGHT = 1000.0
-OFFICIAL_KD_WEIGHT_200 = ("FGVCAircraft", "OxfordFlowers", "DescribableTextures")
-
-
-# Any other dataset (a user's folder, a toy domain): the KL of one image weighs this much, whatever
-# the class count: the paper's Eq. 3 with weight 1, and the official per-image weight on ImageNet.
-# The official reduction divides by B*C, so the official 1000 weighs 1000/C per image: 1 on
-# ImageNet, 10 on the 100-class benchmarks, but 167 on a 6-class folder, where issue #16 saw it
-# wreck the student. benchmarks/kd_rule.py measures the choice (docs/distill.md, "Your own dataset").
-CUSTOM_KD_PER_IMAGE = 1.0
-
-
-def official_kd_weight(dataset: str, protocol: str = "base2novel") -> float:
-    """The KD weight the official scripts use for `dataset` under `protocol`."""
-    from promptkd.data.registry import canonical_name
-
-    if protocol != "base2novel" or not is_benchmark(dataset):
-        return OFFICIAL_KD_WEIGHT
-    return 200.0 if canonical_name(dataset) in OFFICIAL_KD_WEIGHT_200 else OFFICIAL_KD_WEIGHT
-
-
-def is_benchmark(dataset: str) -> bool:
-    """One of the paper's datasets (the 11 benchmarks and the ImageNet variants), by name."""
-    from promptkd.data.registry import canonical_name
-
-    if ":" in dataset:
-        return False
-    try:
-        canonical_name(dataset)
-    except PromptKDError:
-        return False
-    return True
-
-
-def default_kd_weight(dataset: str, protocol: str, n_classes: int, reduction: str = "official") -> float:
-    """The KD weight when none is given. The paper's datasets: the official weight (its per-image
-    value 1000/C or 200/C under `batchmean`); any other dataset: CUSTOM_KD_PER_IMAGE per image, i.e.
-    that times C under the official reduction."""
-    per_class = reduction == "official"
-    if is_benchmark(dataset):
-        weight = official_kd_weight(dataset, protocol)
-        return weight if per_class else weight / max(1, n_classes)
-    return CUSTOM_KD_PER_IMAGE * (max(1, n_classes) if per_class else 1)
-
-
-def class_logits(features: torch.Tensor, class_vectors: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """logit_scale * normalised features @ class_vectors.T, in fp32 even under autocast.
-
-    With a scale of 100, bf16 logits would be off by up to ~0.5; the product is tiny (B x d x C).
-    """
-    import torch
-
-    with torch.autocast(features.device.type, enabled=False):
-        return logit_scale.float() * features.float() @ class_vectors.to(features.device, torch.float32).T
-
-
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
-            weight: float = 1.0, reduction: str = "official") -> torch.Tensor:
-    """weight * T^2 * KL(teacher || student).
-
-    official: the summed KL divided by B*C (the official code's `kl_div(sum) / numel`);
-    batchmean: the summed KL divided by B (the paper's Eq. 3), i.e. official * C.
-    Computed in fp32 whatever the autocast dtype (the official code ran it in fp16).
-    """
-    import torch.nn.functional as F
-
-    if reduction not in KD_REDUCTIONS:
-        raise PromptKDError(f"kd reduction must be one of {KD_REDUCTIONS}, got {reduction!r}")
-    t = float(temperature)
-    log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
-    kl = F.kl_div(log_p_s, log_p_t, reduction="sum", log_target=True)
-    denom = student_logits.numel() if reduction == "official" else student_logits.shape[0]
-    return weight * t * t * kl / denom
 
 
 class PairedViews:
@@ -250,6 +184,10 @@ def distill_models(
     meta: dict | None = None,
     teacher_cache: TeacherCache | str | Path | None = None,
     baseline: bool = True,
+    more_teachers: Sequence[tuple[Teacher, ClassVectors, TeacherCache | str | Path | None]] = (),
+    ensemble: str = "mean",
+    ensemble_weights: Sequence[float] | None = None,
+    projector_init: str = "random",
 ) -> DistillResult:
     """Distil `teacher` into `student` (both already on their device) on `train_items`.
 
@@ -262,20 +200,36 @@ def distill_models(
     the CPU once the baseline is measured.
     `baseline`: before training, score the student's own CLIP zero-shot and the teacher on the
     test split (metrics.json "baseline"; one extra pass of each over the test images).
+    `more_teachers`: (teacher, its class vectors over the same class names, its cache or None) of
+    further teachers; their targets are combined with the first's (`ensemble`: mean of probabilities
+    with `ensemble_weights`, or confidence-weighted per image, promptkd.kd.ensemble_log_probs). The
+    student classifies with the first teacher's class vectors.
+    `projector_init`: "random" (the official start) or "text": fit the projector on paired student and
+    teacher text features first (promptkd.stages.projector_init), so distillation starts near the
+    student's zero-shot instead of chance.
     Writes student.safetensors (last epoch, the reported model), student-best-val.safetensors,
     class_vectors.safetensors, checkpoint, metrics.jsonl and metrics.json into `out_dir`.
     """
     import torch
-    import torch.nn.functional as F
 
     from promptkd.data.dataset import ImageDataset
     from promptkd.data.transforms import transforms_for
     from promptkd.engine import distributed
     from promptkd.engine.loop import autocast, train_loop
+    from promptkd.kd import ENSEMBLE_MODES
+    from promptkd.kd import ensemble_weights as normalised_weights
     from promptkd.metrics import evaluate_splits
+    from promptkd.models.teachers import CachedTargets, EnsembleTargets, OnlineTargets
     from promptkd.models.wrappers import ClassVectors
+    from promptkd.stages.ensemble import EnsembleViews
 
     cfg = train or TrainConfig()
+    if ensemble not in ENSEMBLE_MODES:
+        raise PromptKDError(f"ensemble must be one of {', '.join(ENSEMBLE_MODES)}, got {ensemble!r}")
+    if projector_init not in PROJECTOR_INITS:
+        raise PromptKDError(f"projector_init must be one of {', '.join(PROJECTOR_INITS)}, got {projector_init!r}")
+    if more_teachers or ensemble_weights:
+        ensemble_weights = normalised_weights(1 + len(more_teachers), ensemble_weights)
     out_dir = Path(out_dir)
     if kd_reduction not in KD_REDUCTIONS:
         raise PromptKDError(f"kd reduction must be one of {KD_REDUCTIONS}, got {kd_reduction!r}")
@@ -295,32 +249,47 @@ def distill_models(
 
     # Training views: the fast uint8 renderer (normalised on the device in loss_fn); evaluation: the official one.
     student_tf, student_test_tf = transforms_for(student.clip.preprocess_cfg, renderer="uint8")
-    teacher_tf = teacher_train_transform(teacher)
-    paired = not _same_input(student_tf, teacher_tf)
-    cache = _open_cache(teacher_cache, teacher, train_items, teacher_tf)
-    if cache is not None:  # the student renders the recorded crop with its own transform
+    members = [(teacher, W, teacher_cache)] + [(t, _extra_classifier(cv, t, class_vectors, protocol).to(device), c)
+                                               for t, cv, c in more_teachers]
+    targets, parts, caches = [], [], []
+    for t, w, c in members:  # each teacher's logits for the views: online or from its cache
+        t_tf = teacher_train_transform(t)
+        opened = _open_cache(c, t, train_items, t_tf)
+        caches.append(opened)
+        t.eval()
+        if opened is not None:  # stored in fp16: renormalised in CachedTargets
+            targets.append(CachedTargets(w, t.logit_scale))
+            parts.append(("cache", opened))
+        else:
+            same = _same_input(student_tf, t_tf)
+            targets.append(OnlineTargets(t, w, None if same else t_tf.normalizer(device)))
+            parts.append(("online", None if same else t_tf))
+    cache = caches[0]
+    if len(members) > 1:
+        dataset = EnsembleViews(train_items, student_tf, parts, cfg.seed)
+        target = EnsembleTargets(targets, ensemble_weights, ensemble, temperature)
+    elif cache is not None:  # the student renders the recorded crop with its own transform
         dataset = CachedViewDataset(train_items, student_tf, cache, cfg.seed)
-    elif paired:
-        dataset = PairedViews(train_items, student_tf, teacher_tf, cfg.seed)
+    elif parts[0][1] is not None:
+        dataset = PairedViews(train_items, student_tf, parts[0][1], cfg.seed)
     else:
         dataset = ImageDataset(train_items, student_tf, seed=cfg.seed, train=True)
-    teacher.eval()
-    t_scale = teacher.logit_scale.to(device)
-
-    normalize_s, normalize_t = student_tf.normalizer(device), teacher_tf.normalizer(device)
-
-    def teacher_features(batch, x_s):
-        if cache is not None:  # stored in fp16: renormalise
-            return F.normalize(batch[1].float(), dim=-1)
-        return teacher.encode_images(normalize_t(batch[1]) if paired else x_s)
+    normalize_s = student_tf.normalizer(device)
 
     def loss_fn(batch):  # the whole step's forward; train_loop may compile it (cfg.compile)
         x_s = normalize_s(batch[0])  # uint8 from the loader -> normalised, on the device
         with torch.no_grad():
-            t_logits = class_logits(teacher_features(batch, x_s), W, t_scale)
+            if len(members) == 1:  # batch[1]: the teacher's view or cached feature (unused on a shared input)
+                t_logits, log_p_t = targets[0].logits(batch[1], x_s), None
+            else:
+                log_p_t = target.log_probs(batch[1: 1 + len(members)], x_s)
         s_logits = class_logits(student(x_s), W, student.logit_scale)
-        loss = kd_loss(s_logits, t_logits, temperature, kd_weight, kd_reduction)
-        agreement = (s_logits.argmax(-1) == t_logits.argmax(-1)).float().mean()
+        if log_p_t is None:
+            loss = kd_loss(s_logits, t_logits, temperature, kd_weight, kd_reduction)
+            agreement = (s_logits.argmax(-1) == t_logits.argmax(-1)).float().mean()
+        else:
+            loss = kd_loss(s_logits, None, temperature, kd_weight, kd_reduction, teacher_log_probs=log_p_t)
+            agreement = (s_logits.argmax(-1) == log_p_t.argmax(-1)).float().mean()
         return loss, {"agreement": agreement.detach()}
 
     def evaluate(splits):
@@ -334,6 +303,12 @@ def distill_models(
                 "teacher": teacher.identity(), "classnames": list(protocol.classnames),
                 "teacher_cache": cache.identity() if cache is not None else None,
                 "student": {"clip": student.clip.identity(), "prompts": student.prompt_config}}
+    if more_teachers:  # absent for one teacher: its runs resume as before
+        settings.update(teachers=[t.identity() for t, _, _ in members], ensemble=ensemble,
+                        ensemble_weights=list(ensemble_weights),
+                        teacher_caches=[c.identity() if c is not None else None for c in caches])
+    if projector_init != "random":
+        settings["projector_init"] = projector_init
     ckpt = out_dir / CHECKPOINT_NAME
     history: list[dict] = []
     before = None
@@ -350,8 +325,20 @@ def distill_models(
             before = measure_baseline(teacher, student, W, protocol, device=device, precision=cfg.precision,
                                       batch_size=eval_batch_size, num_workers=cfg.num_workers,
                                       progress=cfg.progress)
-    if cache is not None and device.type != "cpu":  # its image tower never runs: free the device
-        teacher.cpu()
+            if more_teachers:
+                before.update(_ensemble_baseline(members, protocol, temperature, ensemble_weights, ensemble,
+                                                 eval_batch_size, cfg))
+    if projector_init == "text":
+        from promptkd.stages.projector_init import fit_projector_on_text, slow_down_projector
+
+        if not (resume and ckpt.is_file()):  # a resumed run restores the projector from its checkpoint
+            with torch.random.fork_rng(devices=[]):
+                fit_projector_on_text(student, teacher, W, protocol.classnames, train_items, device=device,
+                                      seed=cfg.seed, batch_size=eval_batch_size, num_workers=cfg.num_workers)
+        slow_down_projector(student)
+    for (t, _, _), c in zip(members, caches):
+        if c is not None and device.type != "cpu":  # its image tower never runs: free the device
+            t.cpu()
     distributed.barrier()
     has_val = select_on_val and _labelled(protocol.val)
     best = {"val": (_best_epoch(history, "val") or {}).get("val", float("-inf"))}
@@ -405,6 +392,8 @@ def distill_models(
             "teacher": settings["teacher"], "student": settings["student"], "classes": len(protocol.classnames),
             "train_images": len(train_items), "teacher_cache": settings["teacher_cache"], "results": results,
             "baseline": before, "history": result.history,
+            **({k: settings[k] for k in ("teachers", "ensemble", "ensemble_weights")} if more_teachers else {}),
+            "projector_init": projector_init,
             "train": {"steps": result.steps, "skipped_steps": result.skipped_steps, "seconds": result.seconds,
                       "config": asdict(cfg)}, **(meta or {}),
         }
@@ -412,6 +401,39 @@ def distill_models(
         _warn_if_below_baseline(metrics)
     distributed.barrier()
     return DistillResult(student_path, metrics, result)
+
+
+def _ensemble_baseline(members, protocol: Protocol, temperature: float, weights, mode: str, batch_size: int,
+                       cfg: TrainConfig) -> dict:
+    """Each further teacher's scores on the test split, and the ensemble's (metrics.json "baseline")."""
+    from promptkd.data.transforms import transforms_for
+    from promptkd.metrics import evaluate_splits
+    from promptkd.stages.ensemble import ensemble_scores
+
+    teachers = []
+    for t, w, _ in members[1:]:
+        teachers.append(evaluate_splits(t.encode_images, w, protocol.test, transforms_for(t.clip.preprocess_cfg)[1],
+                                        batch_size=batch_size, device=next(t.parameters()).device,
+                                        num_workers=cfg.num_workers, progress=cfg.progress))
+    combined = ensemble_scores([t for t, _, _ in members], [w for _, w, _ in members], protocol,
+                               temperature=temperature, weights=weights, mode=mode, batch_size=batch_size,
+                               num_workers=cfg.num_workers, progress=cfg.progress)
+    return {"more_teachers": teachers, "ensemble": combined}
+
+
+def _extra_classifier(cv: ClassVectors, teacher: Teacher, first: ClassVectors, protocol: Protocol):
+    """A further teacher's class vectors, checked against it and against the first teacher's names."""
+    from promptkd.models.wrappers import check_same_teacher
+
+    if cv.dim != teacher.dim:
+        raise PromptKDError(f"class vectors have dim {cv.dim}, their teacher's embedding has dim {teacher.dim}")
+    if cv.teacher:
+        check_same_teacher(cv.teacher, teacher.identity(), "class vectors of a further teacher come from "
+                           "another teacher", "vectors")
+    if cv.classnames != first.classnames:
+        raise PromptKDError("every teacher's class vectors must list the same class names in the same order "
+                            f"(the first teacher's: {first.classnames[:3]}..., another: {cv.classnames[:3]}...)")
+    return align_class_vectors(cv, protocol)
 
 
 def measure_baseline(teacher: Teacher, student: Student, classifier: torch.Tensor, protocol: Protocol, *,
@@ -468,7 +490,10 @@ def baseline_table(metrics: dict) -> str:
     with the warning line under it when the student ended below its zero-shot baseline."""
     base = metrics.get("baseline") or {}
     results = metrics.get("results") or {}
-    rows = [("student zero-shot", base.get("student_zero_shot")), ("teacher", base.get("teacher")),
+    more = base.get("more_teachers") or []
+    rows = [("student zero-shot", base.get("student_zero_shot")), ("teacher 1" if more else "teacher", base.get("teacher")),
+            *((f"teacher {i + 2}", r) for i, r in enumerate(more)),
+            *([(f"teachers combined ({metrics.get('ensemble', 'mean')})", base.get("ensemble"))] if more else []),
             ("distilled student (last epoch)", results.get("last"))]
     best = results.get("best_val")
     if best and best.get("epoch") != (results.get("last") or {}).get("epoch"):
@@ -490,12 +515,15 @@ def baseline_table(metrics: dict) -> str:
 
 def _open_cache(cache, teacher: Teacher, items, teacher_tf) -> TeacherCache | None:
     """The cache, checked against this teacher, image list and teacher transform."""
+    from promptkd.models.teachers import image_identity
+
     if cache is None:
         return None
+    ident = image_identity(teacher.identity())  # a plain CLIP's templates do not change its image features
     if isinstance(cache, TeacherCache):
-        cache.check(teacher.identity(), items, teacher_tf)
+        cache.check(ident, items, teacher_tf)
         return cache
-    cache = TeacherCache(cache, teacher.identity(), items)
+    cache = TeacherCache(cache, ident, items)
     cache.check(transform=teacher_tf)
     return cache
 
@@ -525,11 +553,17 @@ class DistillConfig:
     root: str | None = None
     protocol: str = "base2novel"
     shots: int = 0  # K unlabelled images per class (0: all)
-    teacher: str = ""  # teacher file or run folder
+    teacher: str = ""  # teacher file or run folder; empty with teacher_model: a plain CLIP teacher
     teacher_model: str | None = None  # override the CLIP the teacher recorded (model name / config JSON)
     teacher_weights: str | None = None  # ... and its weights (when the recorded file moved)
     class_vectors: str | None = None  # None: encode the class names once with the teacher before training
     teacher_cache: str | None = None  # folder from `promptkd cache`; None: run the teacher online
+    templates: str | None = None  # a plain CLIP teacher's templates: imagenet80, dataset, "a {} ...", or a file
+    classes_file: str | None = None  # class names of an unlabelled images: dataset (without class vectors)
+    teachers: list = field(default_factory=list)  # further teachers: mappings of teacher_choice.TEACHER_KEYS
+    ensemble: str = "mean"  # several teachers: mean of probabilities, or confidence-weighted per image
+    ensemble_weights: list | None = None  # one weight per teacher (the first, then `teachers`); None: equal
+    projector_init: str = "random"  # random (official) or text: fitted on paired text features first
     student_model: str = "ViT-B-16"
     student_weights: str | None = "openai"  # tag, local file, or none/null (random, seeded by train.seed)
     vision_depth: int = 9
@@ -561,6 +595,7 @@ class DistillConfig:
                                                  "kd_weight": (">=", 0), "eval_batch_size": (">=", 1)})
         if random_weights(self.student_weights):
             self.student_weights = None
+        _check_teachers_settings(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> DistillConfig:
@@ -589,11 +624,45 @@ def _from_dict(cls, d: dict, what: str):
     return cls(**d)
 
 
+def _check_teachers_settings(cfg: DistillConfig) -> None:
+    from promptkd.kd import ENSEMBLE_MODES, ensemble_weights
+    from promptkd.stages.teacher_choice import TeacherChoice
+
+    if cfg.ensemble not in ENSEMBLE_MODES:
+        raise PromptKDError(f"ensemble must be one of {', '.join(ENSEMBLE_MODES)}, got {cfg.ensemble!r}")
+    if cfg.projector_init not in PROJECTOR_INITS:
+        raise PromptKDError(f"projector_init must be one of {', '.join(PROJECTOR_INITS)}, got {cfg.projector_init!r}")
+    if not isinstance(cfg.teachers, list):
+        raise PromptKDError("distill settings: teachers must be a list of teachers")
+    for i, t in enumerate(cfg.teachers):
+        TeacherChoice.from_dict(t, f"distill settings: teachers[{i}]")
+    if cfg.ensemble_weights is not None:
+        if not isinstance(cfg.ensemble_weights, list) or not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) for w in cfg.ensemble_weights):
+            raise PromptKDError("distill settings: ensemble_weights must be a list of numbers")
+        ensemble_weights(1 + len(cfg.teachers), cfg.ensemble_weights)
+
+
+def teacher_choices(cfg: DistillConfig):
+    """The run's teachers: the first from the top-level settings, then `teachers`."""
+    from promptkd.stages.teacher_choice import TeacherChoice
+
+    first = TeacherChoice(cfg.teacher or None, cfg.teacher_model, cfg.teacher_weights, cfg.class_vectors,
+                          cfg.teacher_cache, cfg.templates)
+    return [first] + [TeacherChoice.from_dict(t, f"teachers[{i}]") for i, t in enumerate(cfg.teachers)]
+
+
 def _check_required(cfg: DistillConfig) -> None:
+    from promptkd.stages.teacher_choice import check_teacher_choice
+
     if not cfg.dataset:
         raise PromptKDError("distill: no dataset (--dataset or `dataset:` in a config)")
-    if not cfg.teacher:
-        raise PromptKDError("distill: no teacher (--teacher FILE|DIR or `teacher:` in a config)")
+    for choice in teacher_choices(cfg):
+        if choice.teacher_cache:
+            require_cache_folder(choice.teacher_cache, "--teacher-cache")
+        check_teacher_choice(choice)
+    if cfg.classes_file and not Path(cfg.classes_file).is_file():
+        raise PromptKDError(f"--classes-file {cfg.classes_file}: file not found")
 
 
 def distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = False) -> Path:
@@ -605,7 +674,6 @@ def distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = False) -> Pa
 
     from promptkd.engine import distributed
     from promptkd.engine.loop import resolve_device, resolve_precision
-    from promptkd.inputs import artifact_path, load_teacher
     from promptkd.models import load_clip
     from promptkd.models.wrappers import ClassVectors, Student
     from promptkd.runs import (
@@ -616,24 +684,33 @@ def distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = False) -> Pa
         promptkd_files,
         write_run_record,
     )
+    from promptkd.stages.teacher_choice import load_teacher_choice
 
     _check_required(cfg)
-    teacher_path = artifact_path(cfg.teacher, "teacher")
     device = resolve_device(cfg.train.device)
     info = distributed.init_distributed(device.type)
     if device.type == "cuda" and info.enabled:
         device = torch.device("cuda", info.local_rank)
     train_cfg = TrainConfig(**{**asdict(cfg.train), "precision": resolve_precision(cfg.precision, device)})
 
-    teacher = load_teacher(teacher_path, cfg.teacher_model, cfg.teacher_weights, device)
+    loaded = [load_teacher_choice(c, device=device, seed=train_cfg.seed, dataset=cfg.dataset)
+              for c in teacher_choices(cfg)]
+    teacher = loaded[0][0]
     cv = ClassVectors.load(cfg.class_vectors, teacher=teacher, dim=teacher.dim) if cfg.class_vectors else None
+    names = cv.classnames if cv is not None else _read_classes(cfg.classes_file)
     protocol = build_protocol(cfg.protocol, cfg.dataset, cfg.root, num_shots=cfg.shots, seed=train_cfg.seed,
-                              reference_classnames=cv.classnames if cv is not None else None)
+                              reference_classnames=names)
     if not protocol.classnames:
-        raise PromptKDError(f"{cfg.dataset}: no class names; give --class-vectors for unlabelled images")
+        raise PromptKDError(f"{cfg.dataset}: no class names; give --classes-file FILE (or --class-vectors) for "
+                            "unlabelled images")
     require_two_classes(protocol.classnames, cfg.dataset)
     if cv is None:  # pre-store once, after the teacher's prompts are loaded (§6.1)
         cv = compute_class_vectors(teacher, protocol.classnames)
+    more = []
+    for choice, (t, _) in zip(teacher_choices(cfg)[1:], loaded[1:]):
+        t_cv = ClassVectors.load(choice.class_vectors, teacher=t, dim=t.dim) if choice.class_vectors else \
+            compute_class_vectors(t, protocol.classnames)
+        more.append((t, t_cv, choice.teacher_cache))
     kd_weight = cfg.kd_weight
     if kd_weight is None:
         kd_weight = default_kd_weight(cfg.dataset, cfg.protocol, len(protocol.classnames), cfg.kd_reduction)
@@ -646,12 +723,12 @@ def distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = False) -> Pa
     clip = load_clip(cfg.student_model, cfg.student_weights, init_seed=train_cfg.seed)
     student = Student(clip, teacher.dim, cfg.vision_depth, cfg.n_ctx_vision).to(device)
     if info.is_main:
+        records = [{**record, "class_vectors": file_record(c.class_vectors) if c.class_vectors else None,
+                    "teacher_cache": {"path": str(Path(c.teacher_cache).resolve()),
+                                      "manifest_sha256": file_digest(Path(c.teacher_cache) / "manifest.json")}
+                    if c.teacher_cache else None} for c, (_, record) in zip(teacher_choices(cfg), loaded)]
         write_run_record(out_dir, "distill", {
-            "teacher": file_record(teacher_path), "teacher_clip": teacher.clip.source, "student_clip": clip.source,
-            "class_vectors": file_record(cfg.class_vectors) if cfg.class_vectors else None,
-            "teacher_cache": {"path": str(Path(cfg.teacher_cache).resolve()),
-                              "manifest_sha256": file_digest(Path(cfg.teacher_cache) / "manifest.json")}
-            if cfg.teacher_cache else None,
+            **records[0], "student_clip": clip.source, **({"more_teachers": records[1:]} if more else {}),
             "dataset": dataset_record(protocol.dataset, cfg.root, protocol.train, protocol=cfg.protocol,
                                       shots=cfg.shots, seed=train_cfg.seed)})
     config = asdict(cfg)
@@ -661,11 +738,20 @@ def distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = False) -> Pa
         temperature=cfg.temperature, kd_weight=kd_weight, kd_reduction=cfg.kd_reduction,
         select_on_val=cfg.select_on_val, official_best_on_test=cfg.official_best_on_test,
         eval_batch_size=cfg.eval_batch_size, resume=resume, meta={"config": config},
-        teacher_cache=cfg.teacher_cache, baseline=cfg.baseline,
+        teacher_cache=cfg.teacher_cache, baseline=cfg.baseline, more_teachers=more, ensemble=cfg.ensemble,
+        ensemble_weights=cfg.ensemble_weights, projector_init=cfg.projector_init,
     )
     if info.is_main:
         finish_run_record(out_dir, [p.name for p in promptkd_files(Path(out_dir), DISTILL_OUTPUTS)])
     return result.student_path
+
+
+def _read_classes(path: str | None) -> list[str] | None:
+    if not path:
+        return None
+    from promptkd.data.folders import read_classnames
+
+    return read_classnames(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -685,6 +771,10 @@ def config_from_args(args) -> DistillConfig:
     top = {f.name for f in fields(DistillConfig)} - {"train"}
     overrides.update({k: v for k, v in vars(args).items() if k in top and v is not None})
     overrides["train"].update({k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k, None) is not None})
+    if args.add_teacher:
+        from promptkd.stages.teacher_choice import parse_teacher_spec
+
+        overrides["teachers"] = [parse_teacher_spec(t) for t in args.add_teacher]
     if args.no_progress:
         overrides["train"]["progress"] = False
     if not overrides["train"]:
@@ -695,29 +785,19 @@ def config_from_args(args) -> DistillConfig:
 def _run(args) -> int:
     from promptkd.engine import distributed
     from promptkd.engine.loop import resolve_device
-    from promptkd.inputs import (
-        artifact_path,
-        check_clip_files,
-        class_vectors_path,
-        clip_inputs,
-        dataset_inputs,
-    )
+    from promptkd.inputs import check_clip_files, clip_inputs, dataset_inputs
     from promptkd.runs import check_apart, claim_folder
+    from promptkd.stages.teacher_choice import teacher_inputs
 
     cfg = config_from_args(args)  # types and ranges of every setting
-    _check_required(cfg)
+    _check_required(cfg)  # every teacher: its files, class vectors, cache and templates
     resolve_device(cfg.train.device)
-    teacher = artifact_path(cfg.teacher, "teacher")
-    if cfg.class_vectors:
-        class_vectors_path(cfg.class_vectors)
-    if cfg.teacher_cache:
-        require_cache_folder(cfg.teacher_cache, "--teacher-cache")
-    check_clip_files(cfg.teacher_model, cfg.teacher_weights, "teacher")
     check_clip_files(cfg.student_model, cfg.student_weights, "student")
     data, roots = dataset_inputs(cfg.dataset, cfg.root)
-    check_apart(args.out, {"teacher": teacher, "class vectors": cfg.class_vectors, "teacher cache": cfg.teacher_cache,
-                           **data, **clip_inputs(cfg.teacher_model, cfg.teacher_weights, "teacher"),
-                           **clip_inputs(cfg.student_model, cfg.student_weights, "student")}, roots=roots)
+    teachers = {k: v for i, choice in enumerate(teacher_choices(cfg))  # the first teacher, then " 2", " 3", ...
+                for k, v in teacher_inputs(choice, f" {i + 1}" if i else "").items()}
+    check_apart(args.out, {**teachers, **data, **clip_inputs(cfg.student_model, cfg.student_weights, "student")},
+                roots=roots)
     claim = claim_folder(args.out, DISTILL_OUTPUTS, overwrite=args.overwrite, resume=args.resume,
                          what="distillation run", finished=STUDENT_FILE, marker=CHECKPOINT_NAME, command="distill")
     path = distill(cfg, claim.prepare(), resume=args.resume)
@@ -736,6 +816,7 @@ def _run(args) -> int:
 
 def register(sub) -> None:
     from promptkd.inputs import add_clip_args
+    from promptkd.kd import ENSEMBLE_MODES
     from promptkd.options import (
         PRECISIONS,
         add_config_options,
@@ -747,6 +828,7 @@ def register(sub) -> None:
         positive_float,
         positive_int,
     )
+    from promptkd.stages.teacher_choice import TEACHER_KEYS, add_template_option, weight_list
 
     p = sub.add_parser(
         "distill", help="distil a teacher into a small student on unlabelled images",
@@ -765,7 +847,21 @@ def register(sub) -> None:
     add_clip_args(p, "teacher")
     p.add_argument("--class-vectors", metavar="FILE", help="the teacher's stored class vectors")
     p.add_argument("--teacher-cache", metavar="DIR",
-                   help="teacher features from `promptkd cache` (its image tower then never runs)")
+                   help="teacher features from `promptkd cache` (its image tower then never runs; alone, the "
+                        "cache's recorded teacher is used)")
+    add_template_option(p)
+    p.add_argument("--classes-file", metavar="FILE", help="one class name per line (an unlabelled images: dataset "
+                                                          "without --class-vectors)")
+    p.add_argument("--add-teacher", action="append", metavar="KEY=VALUE,...",
+                   help="one more teacher (repeatable), e.g. teacher_model=ViT-L-14,teacher_weights=openai,"
+                        "class_vectors=cv.safetensors; keys: " + ", ".join(TEACHER_KEYS))
+    p.add_argument("--ensemble", choices=ENSEMBLE_MODES,
+                   help="several teachers: mean of their probabilities (default) or confidence-weighted per image")
+    p.add_argument("--ensemble-weights", type=weight_list, metavar="W1,W2,...",
+                   help="one weight per teacher, in order (default: equal)")
+    p.add_argument("--projector-init", choices=PROJECTOR_INITS,
+                   help="random (official, default) or text: fit the projector on paired student and teacher text "
+                        "features first (recommended with few unlabelled images)")
     add_model_options(p, "student", default_note="default ViT-B-16 / openai")
     p.add_argument("--vision-depth", type=non_negative_int)
     p.add_argument("--n-ctx-vision", type=positive_int)

@@ -36,8 +36,13 @@ def _subject(args):
         one_of(args.run, teacher if kind == "teacher" else student, f"--{kind}")
         teacher, student = (path, student) if kind == "teacher" else (teacher, path)
     chosen = [x for x in (args.clip_model, teacher, student) if x]
+    if not chosen and args.teacher_model:  # a plain CLIP teacher
+        return None, None, None
     if len(chosen) != 1:
-        raise PromptKDError("give exactly one model: a teacher or student (file or run folder), or --clip-model")
+        raise PromptKDError("give exactly one model: a teacher or student (file or run folder), --clip-model, or "
+                            "a plain CLIP teacher (--teacher-model M --teacher-weights W)")
+    if args.templates and not (args.clip_model or (args.teacher_model and not teacher and not student)):
+        raise PromptKDError("--templates is for a plain CLIP (--clip-model, or --teacher-model without --teacher)")
     return (args.clip_model, teacher and artifact_path(teacher, "teacher"), student and artifact_path(student, "student"))
 
 
@@ -52,16 +57,27 @@ def run_eval(args) -> dict:
     from promptkd.engine.loop import autocast, resolve_device, resolve_precision
     from promptkd.inputs import (
         check_clip_files,
+        class_vectors_path,
         load_student,
         load_teacher,
         run_record_of,
         student_class_vectors,
     )
-    from promptkd.metrics import DEFAULT_TEMPLATES, evaluate_splits, zero_shot_class_vectors
+    from promptkd.metrics import evaluate_splits
     from promptkd.models import load_clip
+    from promptkd.models.teachers import template_class_vectors
     from promptkd.models.wrappers import ClassVectors
+    from promptkd.stages.teacher_choice import TeacherChoice, check_teacher_choice, load_teacher_choice
+    from promptkd.templates import resolve_templates
 
     clip_model, teacher_path, student_path = _subject(args)
+    plain = not (clip_model or teacher_path or student_path)
+    if args.template and args.templates:
+        raise PromptKDError("give the zero-shot templates once: --template or --templates")
+    if plain:
+        choice = TeacherChoice(None, args.teacher_model, args.teacher_weights, args.class_vectors,
+                               templates=args.template or args.templates)
+        check_teacher_choice(choice, "eval")
     cv_path = student_class_vectors(student_path, args.class_vectors) if student_path else None
     for role, model, weights in (("clip", args.clip_model, args.clip_weights), ("teacher", args.teacher_model,
                                  args.teacher_weights), ("student", args.student_model, args.student_weights)):
@@ -84,6 +100,8 @@ def run_eval(args) -> dict:
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     cv = ClassVectors.load(cv_path) if cv_path else None
+    if plain and args.class_vectors:
+        cv = ClassVectors.load(class_vectors_path(args.class_vectors))
     protocol = build_protocol(protocol_name, dataset, root, num_shots=args.shots, seed=args.seed,
                               reference_classnames=cv.classnames if cv is not None else None)
     splits = protocol.val if args.split == "val" else protocol.test
@@ -96,8 +114,19 @@ def run_eval(args) -> dict:
             clip = load_clip(clip_model, default_clip_weights(clip_model, args.clip_weights), device=device,
                              init_seed=args.seed)
             encode, preprocess = clip.model.encode_image, clip.preprocess_cfg
-            classifier = zero_shot_class_vectors(clip, protocol.classnames, args.template or DEFAULT_TEMPLATES, device)
-            what = {"clip": clip.identity(), "templates": list(args.template or DEFAULT_TEMPLATES)}
+            templates = resolve_templates(args.template or args.templates, dataset)
+            classifier = template_class_vectors(lambda tokens: clip.model.encode_text(tokens.to(device)),
+                                                clip.tokenizer, protocol.classnames, templates)
+            what = {"clip": clip.identity(), "templates": templates}
+        elif plain:
+            teacher, _ = load_teacher_choice(choice, device=device, seed=args.seed, dataset=dataset)
+            encode, preprocess = teacher.encode_images, teacher.clip.preprocess_cfg
+            if cv is not None:  # its own class vectors: made by this CLIP with these templates, or refused
+                ClassVectors.load(args.class_vectors, teacher=teacher, dim=teacher.dim)
+                classifier = align_class_vectors(cv, protocol, str(args.class_vectors))
+            else:
+                classifier = teacher.encode_classnames(protocol.classnames, chunk_size=args.text_chunk)
+            what = {"plain_clip_teacher": teacher.identity()}
         elif teacher_path:
             teacher = load_teacher(teacher_path, args.teacher_model, args.teacher_weights, device)
             encode, preprocess = teacher.encode_images, teacher.clip.preprocess_cfg
@@ -143,6 +172,7 @@ def register(sub) -> None:
         non_negative_int,
         positive_int,
     )
+    from promptkd.stages.teacher_choice import add_template_option
 
     p = sub.add_parser("eval", help="evaluate a zero-shot CLIP, a teacher or a student on a dataset",
                        description="Student evaluation runs only the student (image tower + projector) against "
@@ -161,6 +191,7 @@ def register(sub) -> None:
     add_model_options(g, "clip", what="a plain zero-shot CLIP",
                       default_note="weights default: openai for an open_clip name, as --student-weights")
     g.add_argument("--template", action="append", help="zero-shot template(s), default 'a photo of a {}.'")
+    add_template_option(g)
     add_other_teacher_option(g)
     g.add_argument("--teacher", metavar="PATH|DIR", help="teacher file or run folder")
     add_clip_args(g, "teacher")

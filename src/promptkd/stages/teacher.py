@@ -366,6 +366,7 @@ def train_teacher(cfg: TeacherConfig, out_dir: str | Path, resume: bool = False)
 
     if not cfg.dataset:
         raise PromptKDError("no dataset: pass --dataset NAME (or folder:PATH) or set 'dataset' in the config")
+    _check_labelled(cfg.dataset)
     ds = build_dataset(cfg.dataset, cfg.root)
     split = teacher_split(ds, cfg.shots, cfg.seed)
     if not split.train:
@@ -478,6 +479,15 @@ def register(subparsers) -> None:
     p.set_defaults(func=_run, resume_marker=CHECKPOINT_NAME)
 
 
+def _check_labelled(dataset: str) -> None:
+    """A teacher learns from labels: an unlabelled images: folder is one line naming the way without."""
+    if dataset.startswith("images:"):
+        raise PromptKDError(f"--dataset {dataset}: a PromptSRC teacher trains on labelled shots, and images: "
+                            "folders have no labels; use a plain CLIP as the teacher instead (distill "
+                            "--teacher-model M --teacher-weights W, docs/distill.md) or give folder:PATH with one "
+                            "sub-folder per class")
+
+
 def _run(args) -> int:
     from promptkd.engine.loop import resolve_device
     from promptkd.inputs import check_clip_files, clip_inputs, dataset_inputs
@@ -489,6 +499,7 @@ def _run(args) -> int:
         raise PromptKDError("no dataset: pass --dataset NAME (or folder:PATH) or set 'dataset' in the config")
     data, roots = dataset_inputs(cfg.dataset, cfg.root)
     check_apart(args.out, {**data, **clip_inputs(cfg.model, cfg.weights, "teacher")}, roots=roots)
+    _check_labelled(cfg.dataset)  # before --out is touched
     claim = claim_folder(args.out, TEACHER_OUTPUTS, overwrite=args.overwrite, resume=args.resume,
                          what="teacher run", finished=TEACHER_NAME, marker=CHECKPOINT_NAME, command="teacher")
     check_clip_files(cfg.model, cfg.weights, "teacher")
