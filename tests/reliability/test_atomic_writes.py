@@ -124,9 +124,9 @@ def test_disk_full_at_a_checkpoint_keeps_the_last_one_and_resume_finishes(world,
                 disk_full_after(monkeypatch, budget=64)
         return real_save(path, tensors, meta)
 
-    import promptkd.engine.loop as loop
+    import promptkd.engine.checkpoint as checkpoint
 
-    monkeypatch.setattr(loop, "save_artifact", save)
+    monkeypatch.setattr(checkpoint, "save_artifact", save)
     code = main(world.distill_args(run, "--checkpoint-every", "1"))
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "No space left on device" in err, err

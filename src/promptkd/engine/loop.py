@@ -4,7 +4,10 @@ and metrics.
 
 Exact resume works because nothing random is hidden: the batch order is a permutation drawn from
 (seed, epoch), each sample's augmentation is drawn from (seed, epoch, index) by the dataset, and
-the optimiser state, step position and RNG states are all in the checkpoint.
+the optimiser state, step position and RNG states are all in the checkpoint (engine.checkpoint).
+
+`train_loop` reads top to bottom: set-up, resume, then per epoch its steps, its record and its
+checkpoint. The phases are the named methods of `_Training`, which holds one call's state.
 """
 
 from __future__ import annotations
@@ -13,20 +16,26 @@ import contextlib
 import json
 import logging
 import math
-import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 import promptkd.engine.distributed as distributed
-from promptkd.artifacts import atomic_open, load_artifact, save_artifact
+from promptkd.artifacts import atomic_open
+from promptkd.engine.checkpoint import (
+    Stateful,
+    TrainResult,
+    load_checkpoint,
+    restore,
+    save_checkpoint,
+    snapshot,
+    trainable_state,
+)
 from promptkd.engine.config import CHECKPOINT_NAME, TrainConfig
 from promptkd.errors import PromptKDError, raise_if_interrupted
 
@@ -125,132 +134,6 @@ class EpochBatchSampler(Sampler[list[int]]):
             yield batch[self.rank * per_rank : (self.rank + 1) * per_rank]
 
 
-class Stateful(Protocol):
-    """Extra training state that must survive a resume (e.g. the teacher's prompt aggregate)."""
-
-    def state_tensors(self) -> dict[str, torch.Tensor]: ...
-
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None: ...
-
-
-@dataclass
-class TrainResult:
-    history: list[dict] = field(default_factory=list)  # one dict per epoch
-    steps: int = 0
-    skipped_steps: int = 0
-    seconds: float = 0.0
-
-
-def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable parameters and all persistent buffers (BN running stats), by name."""
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    names |= {n for n, _ in model.named_buffers()}
-    return {k: v for k, v in model.state_dict().items() if k in names}
-
-
-def _rng_state() -> dict[str, Any]:
-    return {
-        "python": _jsonable_py_state(random.getstate()),
-        "numpy": [int(x) for x in np.random.get_state()[1]],
-        "numpy_pos": int(np.random.get_state()[2]),
-    }
-
-
-def _jsonable_py_state(state):
-    return [state[0], list(state[1]), state[2]]
-
-
-def _restore_rng(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    py = meta.get("rng", {}).get("python")
-    if py:
-        random.setstate((py[0], tuple(py[1]), py[2]))
-    if "numpy" in meta.get("rng", {}):
-        np.random.set_state(("MT19937", np.array(meta["rng"]["numpy"], dtype=np.uint32), meta["rng"]["numpy_pos"], 0, 0.0))
-    if "rng.torch" in tensors:
-        torch.set_rng_state(tensors["rng.torch"])
-
-
-def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, step: int,
-                    result: TrainResult, cfg: TrainConfig, scaler, extra: list[Stateful], meta_extra: dict) -> None:
-    tensors = {f"model.{k}": v for k, v in _trainable_state(model).items()}
-    name_of = {id(p): n for n, p in model.named_parameters()}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            buf = optimizer.state.get(p, {}).get("momentum_buffer")
-            if buf is not None:
-                tensors[f"optim.{name_of[id(p)]}"] = buf
-    tensors["rng.torch"] = torch.get_rng_state()
-    for i, s in enumerate(extra):
-        tensors.update({f"extra{i}.{k}": v for k, v in s.state_tensors().items()})
-    meta = {
-        "kind": "checkpoint",
-        "epoch": epoch,
-        "step": step,
-        "steps": result.steps,
-        "skipped_steps": result.skipped_steps,
-        "seconds": result.seconds,
-        "history": result.history,
-        "config": asdict(cfg),
-        "rng": _rng_state(),
-        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
-        **meta_extra,
-    }
-    save_artifact(path, tensors, meta)
-
-
-def _check_checkpoint_meta(meta: dict, path: Path) -> None:
-    """A checkpoint's metadata must have the types this loop wrote (a damaged file says so)."""
-    for key in ("epoch", "step", "steps", "skipped_steps"):
-        value = meta.get(key, 0)
-        if type(value) is not int or value < 0:
-            raise PromptKDError(f"{path}: checkpoint metadata '{key}' must be a non-negative integer, got {value!r}")
-    for key, kind in (("config", dict), ("history", list), ("rng", dict), ("partial", dict)):
-        if meta.get(key) is not None and not isinstance(meta[key], kind):
-            raise PromptKDError(f"{path}: checkpoint metadata '{key}' must be a JSON {kind.__name__}")
-    if not isinstance(meta.get("seconds", 0.0), (int, float)):
-        raise PromptKDError(f"{path}: checkpoint metadata 'seconds' must be a number")
-
-
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler,
-                    extra: list[Stateful], cfg: TrainConfig) -> tuple[int, int, TrainResult, dict]:
-    tensors, meta = load_artifact(path, kind="checkpoint")
-    _check_checkpoint_meta(meta, path)
-    saved_cfg = meta.get("config", {})
-    for key in ("epochs", "batch_size", "lr", "seed", "precision"):
-        if key in saved_cfg and saved_cfg[key] != getattr(cfg, key):
-            raise PromptKDError(
-                f"{path}: cannot resume: checkpoint was written with {key}={saved_cfg[key]!r}, "
-                f"this run has {key}={getattr(cfg, key)!r}"
-            )
-    state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
-    own = _trainable_state(model)
-    if set(state) != set(own):
-        diff = sorted(set(state) ^ set(own))
-        raise PromptKDError(f"{path}: checkpoint does not match this model (differs in {diff[:4]})")
-    params = dict(model.named_parameters())
-    shapes = {**{k: own[k].shape for k in own}, **{f"optim.{k}": p.shape for k, p in params.items()}}
-    for k, v in [*state.items(), *((k, v) for k, v in tensors.items() if k.startswith("optim."))]:
-        if k not in shapes or v.shape != shapes[k]:
-            raise PromptKDError(f"{path}: checkpoint tensor {k} has shape {tuple(v.shape)}, this model has "
-                                f"{tuple(shapes[k]) if k in shapes else 'no such tensor'}")
-    _restore(model, state)
-    for k, v in tensors.items():
-        if k.startswith("optim."):
-            p = params[k.removeprefix("optim.")]
-            optimizer.state[p]["momentum_buffer"] = v.to(p.device).clone()
-    for i, s in enumerate(extra):
-        prefix = f"extra{i}."
-        s.load_state_tensors({k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)})
-    if meta.get("scaler") and scaler is not None:
-        scaler.load_state_dict(meta["scaler"])
-    try:
-        _restore_rng(meta, tensors)
-    except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as e:
-        raise PromptKDError(f"{path}: checkpoint holds a corrupt RNG state ({e})") from None
-    result = TrainResult(meta.get("history", []), meta.get("steps", 0), meta.get("skipped_steps", 0), meta.get("seconds", 0.0))
-    return int(meta["epoch"]), int(meta["step"]), result, meta
-
-
 class MetricsLog:
     """metrics.jsonl on the main process, plus TensorBoard when it is installed."""
 
@@ -310,6 +193,8 @@ def trim_metrics_log(path: Path, steps: int) -> None:
 
 
 def _average_gradients(params: list[nn.Parameter], world_size: int) -> None:
+    """The mean gradient over ranks, in one flat all-reduce (the trainable prompts and projector
+    are small, so bucketing buys nothing)."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
     torch.distributed.all_reduce(flat)
@@ -428,197 +313,259 @@ def train_loop(
     `model` must already be on its device. `loss_fn` gets a batch whose tensors are on that
     device and returns (loss, scalar logs). `dataset` returns (image, label, index) and has
     `set_epoch(e)` so its augmentation depends on (seed, epoch, index) only. Under torchrun each
-    rank takes its slice of every global batch and gradients are averaged across ranks in one
-    flat all-reduce (the trainable prompts and projector are small, so bucketing buys nothing).
-    `on_epoch_end(epoch)` runs after each epoch (validation, prompt aggregation) and its dict is
-    logged. A checkpoint is written after every epoch (and every `checkpoint_every` steps).
-    A dataset with `set_on_bad_image` / `unreadable_count` (data.dataset.ImageDataset) gets
-    `cfg.on_bad_image`, and its count of unreadable images is logged in the epoch record.
-    A non-finite loss or gradient stops the run naming the step (the checkpoint on disk is the
-    last good one) or, with on_nonfinite="skip", leaves weights, optimiser and buffers untouched.
-
-    With on_nonfinite="stop" (outside fp16) the step never waits for the host: losses, logs and a
-    finiteness flag stay on the device and are read back every SYNC_EVERY steps, at each epoch end
-    and before each checkpoint. A NaN/inf is then found up to SYNC_EVERY - 1 steps late; the run
-    stops naming its step, nothing from that step on is logged, and no checkpoint is written past
-    it. "skip" and fp16 (GradScaler) check every step. `cfg.compile` (resolve_compile; auto follows
-    `compile_default`) runs `loss_fn` through torch.compile, with CUDA graphs on CUDA; the first step
-    tries it and falls back to eager (auto) or stops in one line (on) if it cannot compile.
+    rank takes its slice of every global batch (EpochBatchSampler). `on_epoch_end(epoch)` runs
+    after each epoch (validation, prompt aggregation) and its dict is logged. A checkpoint is
+    written after every epoch (and every `checkpoint_every` steps), with `extra_state` in it and
+    `checkpoint_meta` in its header; `resume` continues from it. A dataset with
+    `set_on_bad_image` / `unreadable_count` (data.dataset.ImageDataset) gets `cfg.on_bad_image`,
+    and its count of unreadable images is logged in the epoch record. A non-finite loss or
+    gradient stops the run naming the step (`_Training.fast_update`) or, with on_nonfinite="skip",
+    is skipped (`_Training.checked_update`). `cfg.compile` (resolve_compile; auto follows
+    `compile_default`) runs `loss_fn` through torch.compile (`_Training.try_compile`).
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    extra = list(extra_state or [])
-    if callable(getattr(dataset, "set_on_bad_image", None)):  # what an unreadable image does (data.dataset)
-        dataset.set_on_bad_image(cfg.on_bad_image)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    dist_info = distributed.current()
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise PromptKDError("nothing to train: no parameter requires grad")
-    if any(p.dtype != torch.float32 for p in params):
-        raise PromptKDError("trainable parameters must be fp32 master weights (use precision= for mixed precision)")
-    optimizer = make_optimizer(params, cfg)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    fast = cfg.on_nonfinite == "stop" and cfg.precision != "fp16"
-    compiled = resolve_compile(cfg, device, compile_default, dist_info.enabled)
-    step_loss = compile_loss(loss_fn, device) if compiled else loss_fn
-    graphs = compiled and device.type == "cuda"
-    untried = compiled
-
-    sampler = EpochBatchSampler(len(dataset), cfg.batch_size, cfg.seed, True, cfg.drop_last,
-                                dist_info.rank, dist_info.world_size)
-    if sampler.num_steps() == 0:
-        raise PromptKDError(f"dataset has {len(dataset)} images, fewer than one batch of {cfg.batch_size}")
-    steps_per_epoch = sampler.num_steps() if cfg.max_steps_per_epoch is None else min(sampler.num_steps(), cfg.max_steps_per_epoch)
-
-    ckpt_path = out_dir / CHECKPOINT_NAME
-    start_epoch, start_step, result, partial = 0, 0, TrainResult(), {}
+    run = _Training(model, loss_fn, dataset, cfg, Path(out_dir), list(extra_state or []), desc,
+                    checkpoint_meta or {}, compile_default)
     if resume:
-        if not ckpt_path.is_file():
-            raise PromptKDError(f"--resume: no checkpoint at {ckpt_path}")
-        start_epoch, start_step, result, meta = load_checkpoint(ckpt_path, model, optimizer, scaler, extra, cfg)
-        partial = (meta.get("partial") or {}) if start_step else {}
-        if dist_info.is_main:
-            trim_metrics_log(out_dir / "metrics.jsonl", result.steps)
-        log.info("resuming from %s at epoch %d step %d", ckpt_path, start_epoch, start_step)
-    elif dist_info.is_main and (out_dir / "metrics.jsonl").exists():
-        (out_dir / "metrics.jsonl").unlink()
-
-    if dist_info.enabled:  # every rank starts from rank 0's trainable state
-        for t in _trainable_state(model).values():
-            torch.distributed.broadcast(t, src=0)
-
-    metrics = MetricsLog(out_dir, dist_info.is_main)
-    # Persistent buffers (BatchNorm statistics) change in the forward pass; a skipped batch must not.
-    own_state = model.state_dict(keep_vars=True)
-    buffers = [b for n, b in model.named_buffers() if n in own_state]
-    t_start = time.perf_counter() - result.seconds
-    snapshot = _snapshot if fast else lambda _model: None  # only a fast-path stop rolls back to a kept state
-    good = snapshot(model)  # the last checkpointed state
-    t_here = time.perf_counter()  # this process's start, for the ETA
+        run.resume()
+    elif run.dist.is_main and (run.out_dir / "metrics.jsonl").exists():
+        (run.out_dir / "metrics.jsonl").unlink()
+    run.start()
     try:
-        for epoch in range(start_epoch, cfg.epochs):
-            lr = lr_at_epoch(epoch, cfg)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            first = start_step if epoch == start_epoch else 0
-            sampler.set_epoch(epoch, first)
-            if hasattr(dataset, "set_epoch"):
-                dataset.set_epoch(epoch)
-            # Its own generator: a DataLoader otherwise draws its workers' base seed from the global
-            # RNG, so a mid-epoch resume (a new loader after the RNG restore) would draw once more.
-            loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
-                                pin_memory=device.type == "cuda", persistent_workers=False,
-                                generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
-            model.train()
-            sums: dict[str, float] = dict(partial.get("sums", {})) if epoch == start_epoch else {}
-            n_logged = int(partial.get("n", 0)) if epoch == start_epoch else 0
-            bar = _progress(total=steps_per_epoch, initial=first, desc=f"{desc} {epoch + 1}/{cfg.epochs}",
-                            enabled=cfg.progress and dist_info.is_main)
-            log_ = _EpochLog(metrics, bar, sums, n_logged)
-            for step, batch in enumerate(loader, start=first):
-                if step >= steps_per_epoch:
+        for epoch in range(run.start_epoch, cfg.epochs):
+            loader = run.begin_epoch(epoch)
+            for step, batch in enumerate(loader, start=run.first_step):
+                if step >= run.steps_per_epoch:
                     break
-                batch = tuple(b.to(device, non_blocking=True) if torch.is_tensor(b) else b for b in batch)
-                if untried:  # the first step of this process compiles; a failure is handled there
-                    untried = False
-                    if not _compiled_step_works(step_loss, batch, params, buffers, device, cfg):
-                        step_loss, graphs = loss_fn, False
-                if graphs:  # the previous step's graph outputs may be overwritten from here on
-                    torch.compiler.cudagraph_mark_step_begin()
-                saved_buffers = _copy_buffers(buffers) if cfg.on_nonfinite == "skip" else None
-                with autocast(device, cfg.precision):
-                    loss, logs = step_loss(batch)
-                optimizer.zero_grad(set_to_none=True)
-                result.steps += 1
-                log_.images += batch[0].shape[0] * dist_info.world_size
-                if fast:
-                    loss.backward()
-                    if dist_info.enabled:
-                        _average_gradients(params, dist_info.world_size)
-                    bad_flag = ~torch.isfinite(loss.detach()).all() | _non_finite_grads_flag(params)
-                    if cfg.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                    optimizer.step()
-                    values = [loss.detach().float().reshape(()), *(torch.as_tensor(v, device=device).detach()
-                                                                    .float().reshape(()) for v in logs.values())]
-                    log_.pending.append(_Pending(epoch, step, result.steps, lr, ["loss", *logs],
-                                                 torch.stack([*values, bad_flag.float()])))
-                    if len(log_.pending) >= SYNC_EVERY:
-                        log_.flush(dist_info.enabled)
-                else:
-                    bad = not torch.isfinite(loss.detach()).all()
-                    if dist_info.enabled:  # every rank must take the same branch, or the all-reduce hangs
-                        flag = torch.tensor([float(bad)], device=device)
-                        torch.distributed.all_reduce(flag)
-                        bad = bool(flag.item() > 0)
-                    if not bad:
-                        scaler.scale(loss).backward()
-                        if dist_info.enabled:
-                            _average_gradients(params, dist_info.world_size)
-                        if cfg.precision != "fp16":  # fp16 overflow is the scaler's job
-                            bad = _non_finite_grads(params)
-                    if bad:
-                        if cfg.on_nonfinite == "stop":
-                            raise _NonFinite(epoch, step, result.steps)
-                        where = f"epoch {epoch + 1} step {step + 1} (global step {result.steps})"
-                        log.warning("skipping batch with non-finite loss/gradients at %s", where)
-                        optimizer.zero_grad(set_to_none=True)
-                        _put_back(buffers, saved_buffers)
-                        result.skipped_steps += 1
-                    else:
-                        if cfg.grad_clip:
-                            scaler.unscale_(optimizer)
-                            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                        scaler.step(optimizer)
-                        scaler.update()
-                    log_.record(epoch, result.steps, lr,
-                                {"loss": float(loss.detach()), **{k: float(v) for k, v in logs.items()}}, bad)
-                bar.update(1)
-                if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps_per_epoch:
-                    log_.flush(dist_info.enabled)  # never checkpoint past a non-finite step
-                    result.seconds = time.perf_counter() - t_start
-                    good = snapshot(model)
-                    if dist_info.is_main:
-                        save_checkpoint(ckpt_path, model, optimizer, epoch, step + 1, result, cfg, scaler, extra,
-                                        {**(checkpoint_meta or {}), "partial": {"sums": log_.sums, "n": log_.n}})
-            log_.flush(dist_info.enabled)
-            n_logged = log_.n
-            bar.close()
-            model.eval()
-            seconds = time.perf_counter() - log_.t0  # the epoch's steps, data loading included
-            record = {"epoch": epoch + 1, "lr": lr, **{k: v / max(n_logged, 1) for k, v in sums.items()},
-                      "seconds": seconds, "images_per_s": log_.images / max(seconds, 1e-9)}
-            if result.skipped_steps:
-                record["skipped_steps"] = result.skipped_steps
-            unreadable = getattr(dataset, "unreadable_count", None)
-            if callable(unreadable) and unreadable():
-                record["unreadable_images"] = unreadable()
-                log.warning("%d unreadable image(s) so far were replaced by the next readable one "
-                            "(on_bad_image='error' makes this fatal)", record["unreadable_images"])
-            if on_epoch_end is not None:
-                record.update(on_epoch_end(epoch) or {})
-            result.history.append(record)
-            result.seconds = time.perf_counter() - t_start
-            metrics.write({"event": "epoch", "step": result.steps, **record})
-            if dist_info.is_main:
-                per_epoch = (time.perf_counter() - t_here) / (epoch + 1 - start_epoch)
-                log.info(epoch_line(desc, record, cfg.epochs, per_epoch * (cfg.epochs - epoch - 1)))
-            good = snapshot(model)
-            if dist_info.is_main:
-                save_checkpoint(ckpt_path, model, optimizer, epoch + 1, 0, result, cfg, scaler, extra, checkpoint_meta or {})
+                run.train_step(epoch, step, batch)
+                if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < run.steps_per_epoch:
+                    run.checkpoint(epoch, step + 1)
+            run.end_epoch(epoch, on_epoch_end)
+            run.checkpoint(epoch + 1, 0)
             distributed.barrier()
     except _NonFinite as e:
-        if fast:  # later steps ran on: give the caller the last good weights, not NaNs
-            _restore(model, good)
-        kept = f"The last good checkpoint is kept at {ckpt_path}" if ckpt_path.is_file() else \
-            "No checkpoint was written yet"
-        raise PromptKDError(
-            f"non-finite loss or gradients at {e}; stopped. {kept} (on_nonfinite='skip', --on-nonfinite skip on "
-            "the command line, skips such batches instead)") from None
+        raise run.stopped(e) from None
     finally:
-        metrics.close()
-    return result
+        run.metrics.close()
+    return run.result
+
+
+class _Training:
+    """One train_loop call's state and its named phases: set-up (__init__, resume, start), the
+    epoch (begin_epoch, train_step with its two update paths and the compile attempt, end_epoch)
+    and checkpoint."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, dataset: Dataset, cfg: TrainConfig, out_dir: Path,
+                 extra: list[Stateful], desc: str, checkpoint_meta: dict, compile_default: bool):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.model, self.loss_fn, self.dataset, self.cfg, self.out_dir = model, loss_fn, dataset, cfg, out_dir
+        self.extra, self.desc, self.checkpoint_meta = extra, desc, checkpoint_meta
+        if callable(getattr(dataset, "set_on_bad_image", None)):  # what an unreadable image does (data.dataset)
+            dataset.set_on_bad_image(cfg.on_bad_image)
+        self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        self.dist = distributed.current()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise PromptKDError("nothing to train: no parameter requires grad")
+        if any(p.dtype != torch.float32 for p in self.params):
+            raise PromptKDError("trainable parameters must be fp32 master weights (use precision= for mixed precision)")
+        self.optimizer = make_optimizer(self.params, cfg)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+        self.fast = cfg.on_nonfinite == "stop" and cfg.precision != "fp16"
+        compiled = resolve_compile(cfg, self.device, compile_default, self.dist.enabled)
+        self.step_loss = compile_loss(loss_fn, self.device) if compiled else loss_fn
+        self.graphs = compiled and self.device.type == "cuda"
+        self.untried = compiled  # the compiled step is tried on the first batch (try_compile)
+        self.sampler = EpochBatchSampler(len(dataset), cfg.batch_size, cfg.seed, True, cfg.drop_last,
+                                         self.dist.rank, self.dist.world_size)
+        if self.sampler.num_steps() == 0:
+            raise PromptKDError(f"dataset has {len(dataset)} images, fewer than one batch of {cfg.batch_size}")
+        self.steps_per_epoch = (self.sampler.num_steps() if cfg.max_steps_per_epoch is None
+                                else min(self.sampler.num_steps(), cfg.max_steps_per_epoch))
+        self.ckpt_path = out_dir / CHECKPOINT_NAME
+        self.start_epoch, self.start_step, self.result, self.partial = 0, 0, TrainResult(), {}
+
+    def resume(self) -> None:
+        """Continue from the checkpoint: weights, optimiser, RNGs, position, and the log trimmed to it."""
+        if not self.ckpt_path.is_file():
+            raise PromptKDError(f"--resume: no checkpoint at {self.ckpt_path}")
+        self.start_epoch, self.start_step, self.result, meta = load_checkpoint(
+            self.ckpt_path, self.model, self.optimizer, self.scaler, self.extra, self.cfg)
+        self.partial = (meta.get("partial") or {}) if self.start_step else {}
+        if self.dist.is_main:
+            trim_metrics_log(self.out_dir / "metrics.jsonl", self.result.steps)
+        log.info("resuming from %s at epoch %d step %d", self.ckpt_path, self.start_epoch, self.start_step)
+
+    def start(self) -> None:
+        """Same weights on every rank, the metrics log opened, the clocks and the last good state set."""
+        if self.dist.enabled:  # every rank starts from rank 0's trainable state
+            for t in trainable_state(self.model).values():
+                torch.distributed.broadcast(t, src=0)
+        self.metrics = MetricsLog(self.out_dir, self.dist.is_main)
+        # Persistent buffers (BatchNorm statistics) change in the forward pass; a skipped batch must not.
+        own_state = self.model.state_dict(keep_vars=True)
+        self.buffers = [b for n, b in self.model.named_buffers() if n in own_state]
+        self.t_start = time.perf_counter() - self.result.seconds
+        self.good = snapshot(self.model) if self.fast else None  # the last checkpointed state (fast path only)
+        self.t_here = time.perf_counter()  # this process's start, for the ETA
+
+    def begin_epoch(self, epoch: int) -> DataLoader:
+        """Set the epoch's learning rate, batch order and augmentation, and its step log; returns its loader."""
+        self.lr = lr_at_epoch(epoch, self.cfg)
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.lr
+        self.first_step = self.start_step if epoch == self.start_epoch else 0
+        self.sampler.set_epoch(epoch, self.first_step)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        # Its own generator: a DataLoader otherwise draws its workers' base seed from the global
+        # RNG, so a mid-epoch resume (a new loader after the RNG restore) would draw once more.
+        loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=self.cfg.num_workers,
+                            pin_memory=self.device.type == "cuda", persistent_workers=False,
+                            generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch))
+        self.model.train()
+        partial = self.partial if epoch == self.start_epoch else {}  # a resumed epoch's sums so far
+        bar = _progress(total=self.steps_per_epoch, initial=self.first_step, desc=f"{self.desc} {epoch + 1}/{self.cfg.epochs}",
+                        enabled=self.cfg.progress and self.dist.is_main)
+        self.epoch_log = _EpochLog(self.metrics, bar, dict(partial.get("sums", {})), int(partial.get("n", 0)))
+        return loader
+
+    def train_step(self, epoch: int, step: int, batch: tuple) -> None:
+        """Forward (compiled where it compiles), then the fast or the checked update."""
+        batch = tuple(b.to(self.device, non_blocking=True) if torch.is_tensor(b) else b for b in batch)
+        if self.untried:  # the first step of this process compiles; a failure is handled there
+            self.try_compile(batch)
+        if self.graphs:  # the previous step's graph outputs may be overwritten from here on
+            torch.compiler.cudagraph_mark_step_begin()
+        saved_buffers = _copy_buffers(self.buffers) if self.cfg.on_nonfinite == "skip" else None
+        with autocast(self.device, self.cfg.precision):
+            loss, logs = self.step_loss(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.result.steps += 1
+        self.epoch_log.images += batch[0].shape[0] * self.dist.world_size
+        if self.fast:
+            self.fast_update(epoch, step, loss, logs)
+        else:
+            self.checked_update(epoch, step, loss, logs, saved_buffers)
+        self.epoch_log.bar.update(1)
+
+    def try_compile(self, batch: tuple) -> None:
+        """Compile on the first batch (_compiled_step_works); where that fails under `compile: auto`,
+        every step runs eagerly from here on (and without CUDA graphs)."""
+        self.untried = False
+        if not _compiled_step_works(self.step_loss, batch, self.params, self.buffers, self.device, self.cfg):
+            self.step_loss, self.graphs = self.loss_fn, False
+
+    def fast_update(self, epoch: int, step: int, loss: torch.Tensor, logs: dict) -> None:
+        """The update that never waits for the host (on_nonfinite="stop", outside fp16).
+
+        Loss, logs and a finiteness flag stay on the device and are read back every SYNC_EVERY
+        steps, at each epoch end and before each checkpoint (_EpochLog.flush). A NaN/inf is then
+        found up to SYNC_EVERY - 1 steps late; the run stops naming its step, nothing from that
+        step on is logged, no checkpoint is written past it, and the weights roll back to the last
+        checkpointed state (stopped).
+        """
+        loss.backward()
+        if self.dist.enabled:
+            _average_gradients(self.params, self.dist.world_size)
+        bad_flag = ~torch.isfinite(loss.detach()).all() | _non_finite_grads_flag(self.params)
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        self.optimizer.step()
+        values = [loss.detach().float().reshape(()), *(torch.as_tensor(v, device=self.device).detach()
+                                                        .float().reshape(()) for v in logs.values())]
+        self.epoch_log.pending.append(_Pending(epoch, step, self.result.steps, self.lr, ["loss", *logs],
+                                               torch.stack([*values, bad_flag.float()])))
+        if len(self.epoch_log.pending) >= SYNC_EVERY:
+            self.epoch_log.flush(self.dist.enabled)
+
+    def checked_update(self, epoch: int, step: int, loss: torch.Tensor, logs: dict, saved_buffers) -> None:
+        """The update that checks every step (on_nonfinite="skip", or fp16 with its GradScaler).
+
+        A non-finite loss or gradient stops the run naming the step (the checkpoint on disk is the
+        last good one) or, with "skip", leaves weights, optimiser and buffers untouched.
+        """
+        bad = not torch.isfinite(loss.detach()).all()
+        if self.dist.enabled:  # every rank must take the same branch, or the all-reduce hangs
+            flag = torch.tensor([float(bad)], device=self.device)
+            torch.distributed.all_reduce(flag)
+            bad = bool(flag.item() > 0)
+        if not bad:
+            self.scaler.scale(loss).backward()
+            if self.dist.enabled:
+                _average_gradients(self.params, self.dist.world_size)
+            if self.cfg.precision != "fp16":  # fp16 overflow is the scaler's job
+                bad = _non_finite_grads(self.params)
+        if bad:
+            if self.cfg.on_nonfinite == "stop":
+                raise _NonFinite(epoch, step, self.result.steps)
+            where = f"epoch {epoch + 1} step {step + 1} (global step {self.result.steps})"
+            log.warning("skipping batch with non-finite loss/gradients at %s", where)
+            self.optimizer.zero_grad(set_to_none=True)
+            _put_back(self.buffers, saved_buffers)
+            self.result.skipped_steps += 1
+        else:
+            if self.cfg.grad_clip:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        self.epoch_log.record(epoch, self.result.steps, self.lr,
+                              {"loss": float(loss.detach()), **{k: float(v) for k, v in logs.items()}}, bad)
+
+    def end_epoch(self, epoch: int, on_epoch_end: Callable[[int], dict] | None) -> None:
+        """The epoch's record (means, speed, skipped and unreadable counts, `on_epoch_end`'s dict):
+        into the history, metrics.jsonl and one line of the log."""
+        record = self._epoch_record(epoch)
+        if on_epoch_end is not None:
+            record.update(on_epoch_end(epoch) or {})
+        self.result.history.append(record)
+        self.result.seconds = time.perf_counter() - self.t_start
+        self.metrics.write({"event": "epoch", "step": self.result.steps, **record})
+        if self.dist.is_main:
+            per_epoch = (time.perf_counter() - self.t_here) / (epoch + 1 - self.start_epoch)
+            log.info(epoch_line(self.desc, record, self.cfg.epochs, per_epoch * (self.cfg.epochs - epoch - 1)))
+
+    def _epoch_record(self, epoch: int) -> dict:
+        epoch_log = self.epoch_log
+        epoch_log.flush(self.dist.enabled)
+        epoch_log.bar.close()
+        self.model.eval()
+        seconds = time.perf_counter() - epoch_log.t0  # the epoch's steps, data loading included
+        record = {"epoch": epoch + 1, "lr": self.lr, **{k: v / max(epoch_log.n, 1) for k, v in epoch_log.sums.items()},
+                  "seconds": seconds, "images_per_s": epoch_log.images / max(seconds, 1e-9)}
+        if self.result.skipped_steps:
+            record["skipped_steps"] = self.result.skipped_steps
+        unreadable = getattr(self.dataset, "unreadable_count", None)
+        if callable(unreadable) and unreadable():
+            record["unreadable_images"] = unreadable()
+            log.warning("%d unreadable image(s) so far were replaced by the next readable one "
+                        "(on_bad_image='error' makes this fatal)", record["unreadable_images"])
+        return record
+
+    def checkpoint(self, epoch: int, step: int) -> None:
+        """Checkpoint at (epoch, step) on the main process and keep this state as the last good one.
+        Mid-epoch (step > 0) the pending steps are read first, so no checkpoint is written past a
+        non-finite step, and the header keeps the epoch's sums so far."""
+        meta = self.checkpoint_meta
+        if step:
+            self.epoch_log.flush(self.dist.enabled)
+            self.result.seconds = time.perf_counter() - self.t_start
+            meta = {**meta, "partial": {"sums": self.epoch_log.sums, "n": self.epoch_log.n}}
+        self.good = snapshot(self.model) if self.fast else None
+        if self.dist.is_main:
+            save_checkpoint(self.ckpt_path, self.model, self.optimizer, epoch, step, self.result, self.cfg,
+                            self.scaler, self.extra, meta)
+
+    def stopped(self, e: _NonFinite) -> PromptKDError:
+        """The one-line error of a non-finite stop; the fast path's later steps ran on, so the model
+        gets the last good weights back, not NaNs."""
+        if self.fast:
+            restore(self.model, self.good)
+        kept = f"The last good checkpoint is kept at {self.ckpt_path}" if self.ckpt_path.is_file() else \
+            "No checkpoint was written yet"
+        return PromptKDError(
+            f"non-finite loss or gradients at {e}; stopped. {kept} (on_nonfinite='skip', --on-nonfinite skip on "
+            "the command line, skips such batches instead)")
 
 
 def epoch_line(desc: str, record: dict, epochs: int, eta_seconds: float) -> str:
@@ -640,17 +587,6 @@ def epoch_line(desc: str, record: dict, epochs: int, eta_seconds: float) -> str:
 class _NonFinite(Exception):
     def __init__(self, epoch: int, step: int, global_step: int):
         super().__init__(f"epoch {epoch + 1} step {step + 1} (global step {global_step})")
-
-
-def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in _trainable_state(model).items()}
-
-
-@torch.no_grad()
-def _restore(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    full = model.state_dict()
-    for k, v in state.items():
-        full[k].copy_(v)
 
 
 class _EpochLog:
