@@ -17,6 +17,10 @@ CLI, against the compute-only step rate and the official code's step. One comman
 5. Runs the official step (--official-step, default ../shared/tools/official_step_gpu.py beside the
    repo) on the official repository's own clip/model.py at --official-repo, at batch 8 / 100 classes
    and at --batch / --classes; without a checkout that row says so and is skipped.
+6. With --ranks 1,2,4,...: reruns `promptkd cache` and `promptkd distill --teacher-cache` under
+   `torchrun --nproc-per-node R` for each R > 1 (one GPU per rank; gloo processes with --device cpu),
+   at --batch images per rank (global batch R x --batch), and reports images/s per rank: how far
+   the stages scale on this machine (1.0x per rank = perfect).
 
 Prints one table and writes report.json/report.md into --out. `--device cpu --precision fp32` with
 tiny model configs runs the same pipeline on CPU (the test suite does, at a few dozen images).
@@ -95,6 +99,31 @@ def official_row(args, batch: int, classes: int, out: Path, tag: str) -> dict | 
     return json.loads(result.read_text())
 
 
+def rank_rows(args, report: dict, cli: list[str], common: list[str], teacher: Path, out: Path) -> list[dict]:
+    """Cache and distillation throughput per rank at each of --ranks (1: the main run above)."""
+    rows = []
+    for r in sorted({int(x) for x in args.ranks.split(",")}):
+        if r == 1:
+            e2e, cache_s = report["e2e"]["images_per_s"], report["seconds"]["cache"]
+        else:
+            launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={r}", *cli[1:]]
+            cache_dir, run_dir = out / f"cache-r{r}", out / f"distill-r{r}"
+            cache_s = _run([*launch, "cache", "--teacher", str(teacher), *common, "--views", str(args.views),
+                            "--batch-size", str(args.cache_batch), "--shard-size", str(args.shard_size),
+                            "--out", str(cache_dir), "--overwrite"], out / f"cache-r{r}.log", env=_thread_env(args))
+            _run([*launch, "distill", "--teacher", str(teacher), *common, "--teacher-cache", str(cache_dir),
+                  "--student-model", args.student_model, "--student-weights", "none", "--vision-depth", str(args.depth),
+                  "--epochs", str(args.epochs), "--batch-size", str(args.batch * r), "--no-val", "--compile", "off",
+                  "--out", str(run_dir), "--overwrite"], out / f"distill-r{r}.log", env=_thread_env(args))
+            e2e = json.loads((run_dir / "metrics.json").read_text())["history"][-1]["images_per_s"]
+        rows.append({"ranks": r, "global_batch": args.batch * r, "images_per_s": e2e, "images_per_s_per_rank": e2e / r,
+                     "cache_seconds": cache_s, "cache_views_per_s_per_rank": args.images * args.views / cache_s / r})
+    base = rows[0]
+    for row in rows:
+        row["scaling_per_rank"] = row["images_per_s_per_rank"] / base["images_per_s_per_rank"]
+    return rows
+
+
 def run(args) -> dict:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -118,7 +147,8 @@ def run(args) -> dict:
         common += ["--teacher-model", args.teacher_model]
     cache_dir = out / "cache"
     report["seconds"]["cache"] = _run([*cli, "cache", "--teacher", str(teacher), *common, "--views", str(args.views),
-                                       "--batch-size", str(args.cache_batch), "--out", str(cache_dir), "--overwrite"],
+                                       "--batch-size", str(args.cache_batch), "--shard-size", str(args.shard_size),
+                                       "--out", str(cache_dir), "--overwrite"],
                                       out / "cache.log",
                                       env=_thread_env(args))
     run_dir = out / "distill"
@@ -134,6 +164,7 @@ def run(args) -> dict:
                      "compile": metrics["train"]["config"].get("compile")}
     report["cache_images_per_s"] = args.images * args.views / report["seconds"]["cache"]  # whole command
 
+    report["ranks"] = rank_rows(args, report, cli, common, teacher, out)
     report["step"] = step_rows(args, args.batch, args.classes, args.step_modes, out, "main")
     report["step_paper"] = step_rows(args, 8, 100, args.paper_modes, out, "paper") if args.paper_modes else []
     report["official"] = official_row(args, args.batch, args.classes, out, "main")
@@ -172,6 +203,11 @@ def table(r: dict) -> str:
     lines += ["", f"end to end / compute only: {100 * e2e / compute['images_per_s']:.0f}% (target >= 85%); "
                   f"promptkd cache: {r['cache_images_per_s']:.0f} views/s over the whole command; "
                   f"wall: {', '.join(f'{k} {v:.0f} s' for k, v in r['seconds'].items())}"]
+    if len(r["ranks"]) > 1:
+        lines += ["", "| ranks | global batch | distill images/s | per rank | per rank vs 1 rank | cache views/s per rank |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {x['ranks']} | {x['global_batch']} | {x['images_per_s']:.1f} | {x['images_per_s_per_rank']:.1f} | "
+                  f"{x['scaling_per_rank']:.2f}x | {x['cache_views_per_s_per_rank']:.1f} |" for x in r["ranks"]]
     if "compiled" in paper:
         lines.append(f"compiled step at batch 8, 100 classes: {1000 * paper['compiled']['s_per_step']:.1f} ms "
                      "(target <= 6 ms on an H200)")
@@ -191,6 +227,9 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--cache-batch", type=int, default=256, help="views per teacher forward in promptkd cache")
+    p.add_argument("--shard-size", type=int, default=1024, help="images per cache shard (the unit a rank takes)")
+    p.add_argument("--ranks", default="1", metavar="R,R,...",
+                   help="also run cache and distill under torchrun with these process counts (e.g. 1,2,4,8)")
     p.add_argument("--num-workers", type=int, help="loader workers (default: all cores but one)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--precision", default="bf16")

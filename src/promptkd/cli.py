@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "promptkd.stages.predict",
     "promptkd.stages.info",
     "promptkd.stages.report",
+    "promptkd.stages.sweep",
     "promptkd.stages.import_official",
     "promptkd.stages.demo",
     "promptkd.toy.commands",

@@ -61,10 +61,29 @@ def encode_items(
 
 def accuracy(features: torch.Tensor, labels: torch.Tensor, class_vectors: torch.Tensor) -> float:
     """Top-1 accuracy in percent (micro, as Dassl's evaluator)."""
+    return percent(correct_count(features, labels, class_vectors), len(labels))
+
+
+def correct_count(features: torch.Tensor, labels: torch.Tensor, class_vectors: torch.Tensor) -> int:
     if len(labels) == 0:
+        return 0
+    return int(((features @ class_vectors.to(features).T).argmax(dim=-1) == labels).sum())
+
+
+def percent(correct: int, n: int) -> float:
+    """100 * correct / n as a float32 mean of 0/1 hits gives it (the same from counts summed over ranks)."""
+    if n == 0:
         return float("nan")
-    pred = (features @ class_vectors.to(features).T).argmax(dim=-1)
-    return 100.0 * (pred == labels).float().mean().item()
+    return 100.0 * (torch.tensor(float(correct)) / n).item()
+
+
+def _my_batches(items: list, batch_size: int) -> list:
+    """Under torchrun: this rank's whole batches of `items` (round-robin), so that every batch is
+    encoded as one process encodes it; all items in one process."""
+    from promptkd.engine import distributed
+
+    batches = range(0, len(items), batch_size)
+    return [it for b in distributed.my_units(len(batches)) for it in items[batches[b]:batches[b] + batch_size]]
 
 
 @torch.no_grad()
@@ -88,9 +107,15 @@ def zero_shot_class_vectors(clip, classnames: Sequence[str], templates: Sequence
 def evaluate_splits(encode: Callable[[torch.Tensor], torch.Tensor], classifier: torch.Tensor,
                     splits: dict[str, EvalSplit], transform, *, batch_size: int = 100,
                     device: str | torch.device = "cpu", num_workers: int = 0, progress: bool = True,
-                    announce: str | None = None) -> dict:
+                    announce: str | None = None, shard: bool = False) -> dict:
     """Accuracy per split (unlabelled items skipped), plus HM when there are base and novel splits.
-    `announce`: log one line per split as it finishes, under that name (bars vanish; logs keep it)."""
+    `announce`: log one line per split as it finishes, under that name (bars vanish; logs keep it).
+
+    `shard`: every torchrun rank calls this and encodes its share of the batches; the hit counts
+    are summed over ranks, so each rank returns the one-process result.
+    """
+    from promptkd.engine import distributed
+
     if not torch.isfinite(classifier).all():
         raise PromptKDError("the class vectors (classifier) hold non-finite values (NaN or inf)")
     out: dict[str, float] = {}
@@ -99,10 +124,13 @@ def evaluate_splits(encode: Callable[[torch.Tensor], torch.Tensor], classifier: 
         items = [it for it in split.items if it.label >= 0]
         if not items:
             continue
-        feats, labels = encode_items(encode, items, transform, batch_size=batch_size, device=device,
+        mine = _my_batches(items, batch_size) if shard else items
+        feats, labels = encode_items(encode, mine, transform, batch_size=batch_size, device=device,
                                      num_workers=num_workers, desc=f"eval {name}", progress=progress)
         w = classifier if split.classes is None else classifier[split.classes]
-        out[name] = accuracy(feats, labels, w.float().cpu())
+        hits = torch.tensor([correct_count(feats, labels, w.float().cpu()), len(labels)])
+        correct, n = (distributed.sum_over_ranks(hits) if shard else hits).tolist()
+        out[name] = percent(correct, n)
         if announce:
             log.info("%s: %s %.2f%% of %d images (%.1f s)", announce, name, out[name], len(items),
                      time.perf_counter() - started)

@@ -1,5 +1,6 @@
 """benchmarks/gpu_e2e.py at tiny size on CPU: the whole pipeline (JPEG folder, `promptkd cache`,
-`promptkd distill --teacher-cache`, step rates, the official step) runs and reports every row."""
+`promptkd distill --teacher-cache`, step rates, the official step, two gloo ranks) runs and reports
+every row."""
 
 import argparse
 import json
@@ -39,7 +40,8 @@ def test_tiny_run_reports_every_row(bench, tiny_configs, tmp_path, capsys):
                        "--batch", "4", "--cache-batch", "8", "--num-workers", "1", "--device", "cpu",
                        "--precision", "fp32", "--teacher-model", str(t), "--student-model", str(s), "--depth", "2",
                        "--step-modes", "cached,compiled,bound", "--paper-modes", "cached", "--step-steps", "2",
-                       "--step-warmup", "1", "--threads", "1", "--official-repo", str(repo), "--official-step", str(fake)]) == 0
+                       "--step-warmup", "1", "--threads", "1", "--official-repo", str(repo), "--official-step", str(fake),
+                       "--ranks", "1,2", "--shard-size", "8"]) == 0
     text = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert len(list((out / "data" / "train").glob("*/*.jpg"))) == 24
@@ -56,6 +58,14 @@ def test_tiny_run_reports_every_row(bench, tiny_configs, tmp_path, capsys):
                 "| eager cached step | 8 | 100 |", "end to end / compute only:"):
         assert row in text, row
     assert (out / "report.md").read_text().strip() == text.strip()
+    # two gloo ranks: the same cache, each rank half the global batch of 8, a row per rank count
+    assert manifest == json.loads((out / "cache-r2" / "manifest.json").read_text())
+    r2 = json.loads((out / "distill-r2" / "metrics.json").read_text())
+    assert r2["train"]["steps"] == 2 * (24 // 8) and r2["train"]["config"]["batch_size"] == 8
+    one, two = report["ranks"]
+    assert (one["ranks"], two["ranks"], two["global_batch"]) == (1, 2, 8)
+    assert two["images_per_s_per_rank"] == pytest.approx(r2["history"][-1]["images_per_s"] / 2)
+    assert f"| 2 | 8 | {two['images_per_s']:.1f} | {two['images_per_s_per_rank']:.1f} |" in text
 
 
 def test_official_row_says_why_it_is_skipped(bench, tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 
 import torch
 from tinyclip import write_images  # noqa: F401  (re-exported for the distillation tests)
@@ -38,12 +37,6 @@ def write_split_file(tmp_path, per_class: int) -> tuple[str, list[str]]:
     path = tmp_path / "img" / "split.json"
     path.write_text(json.dumps(split))
     return f"split:{path}", names
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_json(path, obj):

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -75,22 +76,48 @@ def test_protocol_configs_match_the_official_kd_weights():
             assert settings["kd_weight"] == official_kd_weight(dataset, protocol), dataset
 
 
-def test_reproduce_script_dry_run_lists_every_run(tmp_path):
-    out = subprocess.run([sys.executable, str(REPO / "scripts" / "reproduce_paper.py"), "--data", "/data",
-                          "--teachers", "/teachers", "--out", str(tmp_path / "runs"), "--dry-run", "--nproc", "2"],
-                         capture_output=True, text=True, check=True).stdout.splitlines()
-    distill = [line for line in out if " distill " in line]
+def test_sweep_dry_run_prints_the_whole_paper_plan(tmp_path):
+    """teachers, class vectors, caches, 33 + 30 + 12 distillations and 3 reports, each after what it needs."""
+    out = subprocess.run([sys.executable, "-m", "promptkd.cli", "sweep", "--root", "/data", "--teachers", "/teachers",
+                          "--out", str(tmp_path / "runs"), "--dry-run", "--nproc", "2", "--cache-views", "8"],
+                         capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO / "src")}).stdout.splitlines()
+    names = [line.split(" (")[0] for line in out if not line.startswith(" ")][:-1]
+    commands = dict(zip(names, [line.strip() for line in out if line.startswith(" ")]))
+    assert out[-1] == f"{len(names)} jobs, {len(names)} to run"
+    distill = [c for n, c in commands.items() if n.startswith("distill/")]
     assert len(distill) == 11 * 3 + 10 * 3 + 4 * 3
-    assert sum(" report " in line for line in out) == 3
-    b2n = [line for line in distill if "--protocol base2novel" in line]
-    assert len(b2n) == 33 and all("torch.distributed.run" in line for line in distill)
-    weight_200 = {line.split("--dataset ")[1].split()[0] for line in b2n if "--kd-weight 200" in line}
+    assert sorted(n for n in names if n.startswith("report/")) == ["report/base2novel", "report/cross", "report/dg"]
+    # 11 base-to-novel teachers and the one ImageNet-xd teacher of cross and DG, each trained once
+    assert sorted(n for n in names if n.startswith("teacher/")) == sorted(
+        [f"teacher/{d}" for d in yaml.safe_load((REPO / "configs/protocols/base2novel.yaml").read_text())["datasets"]]
+        + ["teacher/ImageNet-xd"])
+    assert sum(n.startswith("cache/") for n in names) == 11 + 10 + 4
+    assert all("torch.distributed.run" in c and "--nproc-per-node=2" in c for c in distill)
+    b2n = [c for c in distill if "--protocol base2novel" in c]
+    weight_200 = {c.split("--dataset ")[1].split()[0] for c in b2n if "--kd-weight 200" in c}
     assert weight_200 == {"FGVCAircraft", "OxfordFlowers", "DescribableTextures"}
-    assert all("--kd-weight 1000" in line for line in distill if "--protocol base2novel" not in line)
-    cross = [line for line in distill if "--protocol cross" in line]
-    assert all("/teachers/ImageNet-xd/teacher.safetensors" in line and "cross_datasets.yaml" in line for line in cross)
-    assert "/teachers/OxfordPets/teacher.safetensors" in next(line for line in b2n if "OxfordPets" in line)
-    assert {line.split("--seed ")[1].split()[0] for line in distill} == {"1", "2", "3"}
+    assert all("--kd-weight 1000" in c for c in distill if "--protocol base2novel" not in c)
+    cross = [c for c in distill if "--protocol cross" in c]
+    assert all("/teachers/ImageNet-xd/teacher.safetensors" in c and "cross_datasets.yaml" in c for c in cross)
+    assert {c.split("--seed ")[1].split()[0] for c in distill} == {"1", "2", "3"}
+    # every job comes after the jobs it names
+    seen: set[str] = set()
+    for line in out[:-1]:
+        if not line.startswith(" "):
+            after = line.split("; after ")[1].rstrip(")").split(", ") if "; after " in line else []
+            assert set(after) <= seen, line
+            seen.add(line.split(" (")[0])
+    pets = commands["distill/base2novel/OxfordPets/seed2"]
+    assert "/teachers/OxfordPets/teacher.safetensors" in pets and "class_vectors/OxfordPets/OxfordPets" in pets
+    assert "caches/OxfordPets/base2novel/OxfordPets" in pets
+
+
+def test_old_reproduce_script_runs_the_sweep(tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "reproduce_paper.py"), "--data", "/data",
+                          "--teachers", "/teachers", "--out", str(tmp_path), "--protocols", "dg", "--dry-run"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "--root /data" in out and out.splitlines()[-1] == "18 jobs, 18 to run"  # teacher, 4 cv, 12 runs, report
 
 
 def test_report_takes_the_readme_layout_of_teacher_and_student_runs(tmp_path, capsys):

@@ -23,7 +23,7 @@ from promptkd.cli import build_parser, main
 MISSING = "/nonexistent/promptkd-reliability"
 
 COMMANDS = ["teacher", "class-vectors", "cache", "distill", "eval", "export", "predict", "info", "report",
-            "import-official", "demo", "toy"]
+            "sweep", "import-official", "demo", "toy"]
 
 
 def _subparsers():
@@ -49,6 +49,7 @@ def _argv(command: str, tmp) -> list[str]:
         "predict": ["predict", f"{MISSING}.jpg", "--model", f"{MISSING}.onnx"],
         "info": ["info", f"{MISSING}.safetensors"],
         "report": ["report", MISSING, "--out", out],
+        "sweep": ["sweep", "--protocol-file", f"{MISSING}.yaml", "--teachers", MISSING, "--out", out],
         "import-official": ["import-official", "teacher", f"{MISSING}.pth.tar", "--teacher-model", "ViT-B-16",
                             "--teacher-weights", f"{MISSING}.pt", "--out", out],
         "demo": ["demo", "--config", f"{MISSING}.yaml", "--out", out],
@@ -60,7 +61,7 @@ def _argv(command: str, tmp) -> list[str]:
 WRONG_TYPE = {
     "teacher": ["--epochs", "three"], "class-vectors": ["--text-chunk", "many"], "cache": ["--views", "x"],
     "distill": ["--lr", "fast"], "eval": ["--batch-size", "big"], "export": ["--opset", "new"],
-    "predict": ["--topk", "all"], "demo": ["--seed", "lucky"], "toy": ["--steps", "many"],
+    "predict": ["--topk", "all"], "demo": ["--seed", "lucky"], "toy": ["--steps", "many"], "sweep": ["--nproc", "two"],
 }
 READS_USER_FILES = [c for c in COMMANDS if c != "toy"]  # toy pretrain reads no user files
 NEED_ARGUMENTS = [c for c in COMMANDS if c not in ("demo", "toy")]  # the demo runs as it is, `toy` prints its help

@@ -164,9 +164,8 @@ def build_teacher_cache(teacher, items: Sequence[Item], transform: TrainTransfor
     `transform` None: the teacher's own train transform (what `distill_models` expects).
     """
     import torch
-    from torch.utils.data import DataLoader
 
-    from promptkd.engine.loop import autocast
+    from promptkd.engine import distributed
     from promptkd.logs import progress_bar
 
     spec = spec or CacheSpec()
@@ -191,40 +190,68 @@ def build_teacher_cache(teacher, items: Sequence[Item], transform: TrainTransfor
             raise PromptKDError(f"{out}: holds a cache for another teacher, image list or settings ({', '.join(differ)} "
                                 "differ); use a new folder")
         shards = [s for s in old.get("shards", []) if (out / s["file"]).is_file()]
-    write_image_list(out, items)
-    done = {s["start"] for s in shards}
+    # Under torchrun each rank renders and encodes whole shards (round-robin over the missing ones),
+    # so a shard is computed exactly as one process computes it; rank 0 lists them in the manifest.
+    info = distributed.current()
+    if info.is_main:
+        write_image_list(out, items)
     n_shards = math.ceil(len(items) / spec.shard_size)
+    done = torch.zeros(n_shards, dtype=torch.int64)
+    for s in shards:
+        done[s["start"] // spec.shard_size] = 1
+    todo = [int(s) for s in (distributed.from_main(done) == 0).nonzero().flatten()]
     device = torch.device(device)
     teacher = teacher.to(device).eval()
-    bar = progress_bar(total=len(items) * spec.views, desc="teacher cache", unit="view", enabled=progress)
+    bar = progress_bar(total=len(items) * spec.views, desc="teacher cache", unit="view",
+                       enabled=progress and info.is_main)
     bar.update(sum(s["end"] - s["start"] for s in shards) * spec.views)
-    for s in range(n_shards):
-        start, end = s * spec.shard_size, min((s + 1) * spec.shard_size, len(items))
-        if start in done:
-            continue
-        loader = DataLoader(_ViewRenderer(items, list(range(start, end)), transform, spec.views, spec.seed),
-                            batch_size=max(1, spec.batch_size // spec.views), num_workers=spec.num_workers,
-                            pin_memory=device.type == "cuda")
-        feats, boxes = [], []
-        for images, b in loader:
-            n = images.shape[0]
-            x = transform.normalize(images.flatten(0, 1).to(device, non_blocking=True))
-            with torch.no_grad(), autocast(device, precision):
-                f = teacher.encode_images(x)
-            feats.append(f.float().view(n, spec.views, -1).half().cpu())
-            boxes.append(b)
-            bar.update(n * spec.views)
-        name = f"shard-{s:05d}.safetensors"
-        feats = torch.cat(feats)
-        check_finite({"features": feats}, f"{out / name} (not written: the teacher gave NaN/inf features)")
-        save_artifact(out / name, {"features": feats, "views": torch.cat(boxes)},
-                      {"kind": "teacher_cache_shard", "start": start, "end": end})
-        shards.append({"file": name, "start": start, "end": end})
-        write_json(manifest_path, {**header, "shards": sorted(shards, key=lambda d: d["start"])})
+    for first in range(0, len(todo), info.world_size):
+        round_ = todo[first:first + info.world_size]
+        finished = torch.zeros(n_shards, dtype=torch.int64)
+        if info.rank < len(round_):
+            _build_shard(teacher, items, transform, spec, out, round_[info.rank], device, precision)
+            finished[round_[info.rank]] = 1
+        for s in distributed.sum_over_ranks(finished).nonzero().flatten().tolist():
+            start, end = s * spec.shard_size, min((s + 1) * spec.shard_size, len(items))
+            shards.append({"file": _shard_name(s), "start": start, "end": end})
+            bar.update((end - start) * spec.views)
+        if info.is_main:
+            write_json(manifest_path, {**header, "shards": sorted(shards, key=lambda d: d["start"])})
     bar.close()
-    if not shards and not items:
+    if not shards and not items and info.is_main:
         write_json(manifest_path, {**header, "shards": []})
+    distributed.barrier()  # every rank returns once the manifest lists every shard
     return out
+
+
+def _shard_name(s: int) -> str:
+    return f"shard-{s:05d}.safetensors"
+
+
+def _build_shard(teacher, items, transform, spec: CacheSpec, out: Path, s: int, device, precision: str) -> None:
+    """Teacher features for the K views of every image of shard s, written atomically."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from promptkd.engine.loop import autocast
+
+    start, end = s * spec.shard_size, min((s + 1) * spec.shard_size, len(items))
+    loader = DataLoader(_ViewRenderer(items, list(range(start, end)), transform, spec.views, spec.seed),
+                        batch_size=max(1, spec.batch_size // spec.views), num_workers=spec.num_workers,
+                        pin_memory=device.type == "cuda")
+    feats, boxes = [], []
+    for images, b in loader:
+        n = images.shape[0]
+        x = transform.normalize(images.flatten(0, 1).to(device, non_blocking=True))
+        with torch.no_grad(), autocast(device, precision):
+            f = teacher.encode_images(x)
+        feats.append(f.float().view(n, spec.views, -1).half().cpu())
+        boxes.append(b)
+    name = _shard_name(s)
+    feats = torch.cat(feats)
+    check_finite({"features": feats}, f"{out / name} (not written: the teacher gave NaN/inf features)")
+    save_artifact(out / name, {"features": feats, "views": torch.cat(boxes)},
+                  {"kind": "teacher_cache_shard", "start": start, "end": end})
 
 
 def check_manifest(m, d: Path) -> dict:
@@ -448,6 +475,7 @@ def cache_complete(folder: Path) -> bool:
 
 def _run(args) -> int:
     from promptkd.data.protocols import build_protocol
+    from promptkd.engine import distributed
     from promptkd.engine.loop import resolve_device, resolve_precision
     from promptkd.inputs import dataset_inputs
     from promptkd.runs import (
@@ -467,9 +495,9 @@ def _run(args) -> int:
 
     choice = TeacherChoice(args.teacher, args.teacher_model, args.teacher_weights)  # or a plain CLIP
     check_teacher_choice(choice, "cache")
-    device = resolve_device(args.device)
     data, roots = dataset_inputs(args.dataset, args.root)
     check_apart(args.out, {**teacher_inputs(choice), **data}, roots=roots)
+    device, info = distributed.join_ranks(resolve_device(args.device))  # torchrun: each rank builds its shards
     claim = claim_folder(args.out, CACHE_OUTPUTS, overwrite=args.overwrite, resume=args.resume, what="teacher cache",
                          finished=cache_complete, marker="manifest.json", command="cache")
     # The same image list `promptkd distill` trains on (same protocol, shots and seed).
@@ -477,14 +505,18 @@ def _run(args) -> int:
     items = protocol.train
     teacher, record = load_teacher_choice(choice, device=device, seed=args.seed)
     out = claim.prepare()
-    write_run_record(out, "cache", {
-        **record,
-        "dataset": dataset_record(protocol.dataset, args.root, items, protocol=args.protocol, shots=args.shots,
-                                  seed=args.seed)})
+    distributed.barrier()  # rank 0 has removed what --overwrite replaces
+    if info.is_main:
+        write_run_record(out, "cache", {
+            **record,
+            "dataset": dataset_record(protocol.dataset, args.root, items, protocol=args.protocol, shots=args.shots,
+                                      seed=args.seed)})
     spec = CacheSpec(views=args.views, seed=args.view_seed, shard_size=args.shard_size, batch_size=args.batch_size,
                      num_workers=args.num_workers)
     build_teacher_cache(teacher, items, None, out, spec, device=device,
                         precision=resolve_precision(args.precision, device), progress=not args.no_progress)
+    if not info.is_main:
+        return 0
     finish_run_record(out, [p.name for p in promptkd_files(out, CACHE_OUTPUTS)])
     gb = len(items) * args.views * teacher.dim * 2 / 1e9
     print(f"teacher cache: {out} ({len(items)} images x {args.views} views, {gb:.2f} GB)")

@@ -68,9 +68,26 @@ def compute_class_vectors(teacher: Teacher, classnames: list[str], chunk_size: i
     was_training = teacher.training
     teacher.eval()
     with torch.no_grad():
-        vectors = teacher.encode_classnames(names, chunk_size).float().cpu()
+        vectors = _encode_sharded(teacher, names, chunk_size)
     teacher.train(was_training)
     return ClassVectors(vectors, names, teacher.identity())
+
+
+def _encode_sharded(teacher: Teacher, names: list[str], chunk_size: int | None):
+    """Under torchrun each rank encodes its chunks of `chunk_size` classes (round-robin) and the rows
+    are summed over ranks (the others hold zeros there): the one-process result on every rank."""
+    import torch
+
+    from promptkd.engine import distributed
+
+    if not distributed.current().enabled:
+        return teacher.encode_classnames(names, chunk_size).float().cpu()
+    chunk = chunk_size or len(names)
+    starts = range(0, len(names), chunk)
+    vectors = torch.zeros(len(names), teacher.dim)
+    for c in distributed.my_units(len(starts)):
+        vectors[starts[c]:starts[c] + chunk] = teacher.encode_classnames(names[starts[c]:starts[c] + chunk]).float().cpu()
+    return distributed.sum_over_ranks(vectors)
 
 
 def append_class_vectors(existing: ClassVectors, teacher: Teacher, new_names: list[str],
@@ -87,8 +104,10 @@ def append_class_vectors(existing: ClassVectors, teacher: Teacher, new_names: li
 
 
 def write_class_vectors(teacher: Teacher, classnames: list[str], out: str | Path, *,
-                        append_to: str | Path | None = None, chunk_size: int | None = 256) -> Path:
-    """Compute (or append) class vectors and save them to `out`."""
+                        append_to: str | Path | None = None, chunk_size: int | None = 256,
+                        save: bool = True) -> Path:
+    """Compute (or append) class vectors and save them to `out` (`save` False: a torchrun rank
+    other than 0 computes its share only)."""
     from promptkd.models.wrappers import ClassVectors
 
     if append_to is not None:
@@ -96,6 +115,8 @@ def write_class_vectors(teacher: Teacher, classnames: list[str], out: str | Path
         cv = append_class_vectors(existing, teacher, classnames, chunk_size)
     else:
         cv = compute_class_vectors(teacher, classnames, chunk_size)
+    if not save:
+        return Path(out)
     path = cv.save(out)
     log.info("%d class vectors (dim %d) written to %s", len(cv.classnames), cv.dim, path)
     return path
@@ -154,6 +175,7 @@ def register(subparsers) -> None:
 
 
 def _run(args) -> int:
+    from promptkd.engine import distributed
     from promptkd.engine.loop import resolve_device
     from promptkd.inputs import class_vectors_path, dataset_inputs, one_of
     from promptkd.runs import check_apart, claim_file
@@ -181,8 +203,11 @@ def _run(args) -> int:
     check_apart(out, {**teacher_inputs(choice), "class-name file": args.classes_file, **data,
                       "class vectors": None if in_place else args.append_to}, roots=roots)
     claim_file(out, overwrite=args.overwrite, what="class-vector file", in_place=in_place)
-    device = resolve_device(args.device)
+    device, info = distributed.join_ranks(resolve_device(args.device))  # torchrun: each rank takes class chunks
     names = classnames_from_args(args)
     teacher, _ = load_teacher_choice(choice, device=device, seed=args.seed, dataset=args.dataset)
-    print(write_class_vectors(teacher, names, out, append_to=args.append_to, chunk_size=args.text_chunk))
+    path = write_class_vectors(teacher, names, out, append_to=args.append_to, chunk_size=args.text_chunk,
+                               save=info.is_main)
+    if info.is_main:
+        print(path)
     return 0

@@ -54,6 +54,7 @@ def run_eval(args) -> dict:
     from promptkd.data.protocols import align_class_vectors, build_protocol
     from promptkd.data.transforms import transforms_for
     from promptkd.deploy import OTHER_TEACHER_HINT, other_teacher
+    from promptkd.engine import distributed
     from promptkd.engine.loop import autocast, resolve_device, resolve_precision
     from promptkd.inputs import (
         check_clip_files,
@@ -97,7 +98,7 @@ def run_eval(args) -> dict:
         data, roots = dataset_inputs(dataset, root)
         check_apart(args.out, {"teacher": teacher_path, "student": student_path, "class vectors": cv_path, **data},
                     roots=roots)
-    device = resolve_device(args.device)
+    device, info = distributed.join_ranks(resolve_device(args.device))  # torchrun: each rank takes test batches
     precision = resolve_precision(args.precision, device)
     cv = ClassVectors.load(cv_path) if cv_path else None
     if plain and args.class_vectors:
@@ -151,10 +152,13 @@ def run_eval(args) -> dict:
 
     results = evaluate_splits(encode_amp, classifier, splits, transforms_for(preprocess)[1],
                               batch_size=args.batch_size, device=device, num_workers=args.num_workers,
-                              progress=not args.no_progress, announce="eval")
+                              progress=not args.no_progress and info.is_main,
+                              announce="eval" if info.is_main else None, shard=True)
     counts = {k: sum(1 for it in s.items if it.label >= 0) for k, s in splits.items()}
     out = {"kind": "eval_metrics", "dataset": protocol.dataset, "protocol": protocol_name, "split": args.split,
            "model": what, "results": results, "images": counts}
+    if not info.is_main:
+        return out
     print(_format_table(f"{protocol.dataset} ({protocol_name}, {args.split})", results, counts))
     if args.out:
         write_json(args.out, out)
