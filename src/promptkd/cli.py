@@ -195,6 +195,11 @@ class _SigintWatch:
 def main(argv: list[str] | None = None) -> int:
     """The `promptkd` command (argv None: sys.argv, as the program; a list: called from Python)."""
     use_passive_openmp()  # before any command module loads torch (promptkd.cpu says why)
+    import warnings
+
+    # A Ctrl-C inside numpy's import under torch makes torch import numpy again, which warns; the
+    # interrupt is reported in its one line instead.
+    warnings.filterwarnings("ignore", message="The NumPy module was reloaded")
     program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # known before parsing, for an interrupt while the parser is built
