@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from promptkd.errors import PromptKDError
+from promptkd.models.sources import random_weights  # noqa: F401 (re-exported: models/ needs it too)
 
 _NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string", "None": "null"}
 
@@ -89,11 +90,6 @@ def check_ranges(obj: Any, source: str, limits: dict[str, tuple[str, float]]) ->
         ok = not (isinstance(value, float) and math.isnan(value)) and (value > bound if op == ">" else value >= bound)
         if not ok:
             raise PromptKDError(f"{source}: {name} must be {op} {bound:g}, got {value!r}")
-
-
-def random_weights(weights: str | None) -> bool:
-    """Whether a weights setting asks for a random initialisation: none / null / "none" / ""."""
-    return weights is None or weights.strip().lower() in ("none", "")
 
 
 def put_setting(data: dict, key: str, value: Any) -> None:

@@ -210,17 +210,13 @@ def _clip_name(ident: Any) -> str:
     return f"{ident.get('model')} ({ident.get('pretrained') or 'random weights'})"
 
 
-def model_card(config: dict, metrics: dict | None) -> str:
-    """README.md: YAML front matter (Hub metadata) and the card's text."""
+def _card_front_matter(config: dict, rows: list[tuple[str, dict]], bases: list[str]) -> list[str]:
+    """The card's YAML front matter (the Hub's metadata: library, base models, dataset, model-index)."""
     import yaml
 
-    student, teacher = config.get("student") or {}, config.get("teacher") or {}
-    selected = "val" if config.get("selected_on") == "val" else "last"
-    rows = score_rows(metrics, selected)
-    dataset = config.get("dataset")
+    student, dataset = config.get("student") or {}, config.get("dataset")
     front: dict[str, Any] = {"library_name": LIBRARY_NAME, "pipeline_tag": PIPELINE_TAG,
                              "tags": ["clip", "knowledge-distillation", "prompt-learning", "promptkd"]}
-    bases = base_models(student.get("clip"), teacher.get("clip"))
     if bases:
         front["base_model"] = bases
     benchmark = dataset if isinstance(dataset, str) and ":" not in dataset else None  # not folder:/images:/split:
@@ -233,7 +229,40 @@ def model_card(config: dict, metrics: dict | None) -> str:
                         "split": f"test ({config.get('protocol') or 'protocol unknown'})"},
             "metrics": [{"type": "accuracy" if k != "hm" else "harmonic_mean", "name": f"{label}: {k}", "value": v}
                         for label, scores in rows for k, v in scores.items()]}]}]
-    lines = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(), "---", ""]
+    return ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(), "---", ""]
+
+
+def _card_results(rows: list[tuple[str, dict]], dataset, protocol) -> list[str]:
+    """The card's results table (or the line saying there is none)."""
+    if not rows:
+        return ["No metrics were recorded with this student (it was not exported from a distillation run folder)."]
+    keys = list(dict.fromkeys(k for _, s in rows for k in s))
+    lines = [f"Top-1 accuracy in % on the test split of {dataset} ({protocol} protocol), "
+             "from the run's `metrics.json`:", "",
+             "| model | " + " | ".join("HM" if k == "hm" else k for k in keys) + " |",
+             "|---|" + "---|" * len(keys)]
+    return lines + [f"| {label} | " + " | ".join(f"{s[k]:.2f}" if k in s else "" for k in keys) + " |"
+                    for label, s in rows]
+
+
+def _card_provenance(config: dict) -> list[str]:
+    """How it was made: the distillation and export command lines, the version and precision."""
+    lines = []
+    if config.get("trained_with"):
+        lines += ["Distillation:", "", "```bash", str(config["trained_with"]), "```", ""]
+    if config.get("exported_with"):
+        lines += ["Export:", "", "```bash", str(config["exported_with"]), "```", ""]
+    return lines + [f"promptkd {config.get('promptkd_version')}, precision {config.get('precision')}."]
+
+
+def model_card(config: dict, metrics: dict | None) -> str:
+    """README.md: YAML front matter (Hub metadata) and the card's text."""
+    student, teacher = config.get("student") or {}, config.get("teacher") or {}
+    selected = "val" if config.get("selected_on") == "val" else "last"
+    rows = score_rows(metrics, selected)
+    dataset = config.get("dataset")
+    bases = base_models(student.get("clip"), teacher.get("clip"))
+    lines = _card_front_matter(config, rows, bases)
     s_name, t_name = _clip_name(student.get("clip")), _clip_name(teacher.get("clip"))
     lines += [
         f"# PromptKD student: {student.get('clip', {}).get('model', 'CLIP')} image classifier, {config['num_classes']} classes",
@@ -267,16 +296,7 @@ def model_card(config: dict, metrics: dict | None) -> str:
         "## Results",
         "",
     ]
-    if rows:
-        keys = list(dict.fromkeys(k for _, s in rows for k in s))
-        lines += [f"Top-1 accuracy in % on the test split of {dataset} ({config.get('protocol')} protocol), "
-                  "from the run's `metrics.json`:", "",
-                  "| model | " + " | ".join("HM" if k == "hm" else k for k in keys) + " |",
-                  "|---|" + "---|" * len(keys)]
-        lines += [f"| {label} | " + " | ".join(f"{s[k]:.2f}" if k in s else "" for k in keys) + " |"
-                  for label, s in rows]
-    else:
-        lines += ["No metrics were recorded with this student (it was not exported from a distillation run folder)."]
+    lines += _card_results(rows, dataset, config.get("protocol"))
     lines += [
         "",
         "## Licence",
@@ -289,11 +309,7 @@ def model_card(config: dict, metrics: dict | None) -> str:
         "## How it was made",
         "",
     ]
-    if config.get("trained_with"):
-        lines += ["Distillation:", "", "```bash", str(config["trained_with"]), "```", ""]
-    if config.get("exported_with"):
-        lines += ["Export:", "", "```bash", str(config["exported_with"]), "```", ""]
-    lines += [f"promptkd {config.get('promptkd_version')}, precision {config.get('precision')}."]
+    lines += _card_provenance(config)
     return "\n".join(lines) + "\n"
 
 

@@ -166,20 +166,20 @@ def test_toy_models_take_their_shipped_weights_or_a_toy_weights_file(tmp_path):
 def test_big_files_are_hashed_once_per_path_size_and_mtime(tmp_path, monkeypatch):
     import os
 
-    import promptkd.runs as runs
+    import promptkd.files as files
 
     monkeypatch.setenv("PROMPTKD_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(runs, "_HASH_CACHE_MIN_BYTES", 10)
+    monkeypatch.setattr(files, "_HASH_CACHE_MIN_BYTES", 10)
     big = tmp_path / "weights.pt"
     big.write_bytes(b"x" * 100)
-    assert runs.file_digest(big) == sha256(big)
+    assert files.file_digest(big) == sha256(big)
     cache = json.loads((tmp_path / "cache" / "sha256.json").read_text())
     cache[str(big)][2] = "from-the-cache"
     (tmp_path / "cache" / "sha256.json").write_text(json.dumps(cache))
-    assert runs.file_digest(big) == "from-the-cache"  # same path, size and mtime: not read again
+    assert files.file_digest(big) == "from-the-cache"  # same path, size and mtime: not read again
     os.utime(big, ns=(big.stat().st_atime_ns, big.stat().st_mtime_ns + 10**9))
-    assert runs.file_digest(big) == sha256(big)  # touched: hashed again
+    assert files.file_digest(big) == sha256(big)  # touched: hashed again
     small = tmp_path / "config.json"
     small.write_text("{}")
-    assert runs.file_digest(small) == sha256(small) and str(small) not in json.loads(
+    assert files.file_digest(small) == sha256(small) and str(small) not in json.loads(
         (tmp_path / "cache" / "sha256.json").read_text())

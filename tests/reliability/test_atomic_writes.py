@@ -143,7 +143,7 @@ def test_disk_full_at_a_checkpoint_keeps_the_last_one_and_resume_finishes(world,
 # Writes that may bypass promptkd.artifacts: appends to logs, stdout, and generated image datasets.
 ALLOWED = {
     ("engine/loop.py", 'open(self.path, "a")'),  # metrics.jsonl: one append per step
-    ("toy/pretrain.py", 'open(log_path, "a")'),  # its jsonl log
+    ("toy/pretrain.py", 'open(self.path, "a")'),  # its jsonl log (_JsonLog)
     ("stages/sweep.py", 'open(log, "a")'),  # a sweep job's log: each attempt appended
     ("stages/predict.py", "json.dump("),  # to stdout
     ("toy/world.py", ".save(image_dir / rel)"),  # the toy dataset's PNG images

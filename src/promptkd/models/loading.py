@@ -29,10 +29,10 @@ from torch import nn
 
 from promptkd.artifacts import check_finite
 from promptkd.errors import PromptKDError
+from promptkd.files import check_file_record, file_digest, file_record, is_file_record
 from promptkd.logs import quiet_open_clip
+from promptkd.models.sources import random_weights, source_loader
 from promptkd.models.torchscript import read_torchscript_state_dict
-from promptkd.runs import check_file_record, file_digest, file_record, is_file_record
-from promptkd.settings import random_weights
 
 log = logging.getLogger(__name__)
 
@@ -251,41 +251,16 @@ def load_weights_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str
 
 
 @contextlib.contextmanager
-def _seeded(init_seed: int):
+def seeded_init(init_seed: int):
     """Random initialisation from `init_seed` alone, leaving the global RNG as it was."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
         yield
 
 
-def _warn_random(name: str, init_seed: int) -> None:
+def warn_random_weights(name: str, init_seed: int) -> None:
     log.warning("%s has random weights (seed %d): fine for testing the pipeline, meaningless for accuracy",
                 name, init_seed)
-
-
-def _load_toy(model: str, pretrained: str | None, device, init_seed: int) -> ClipBundle:
-    """A shipped toy CLIP: its shipped weights ('toy', or None in the Python API), a toy weights file
-    (e.g. from `promptkd toy pretrain`), or 'none' for a seeded random initialisation."""
-    from promptkd.toy.models import build_toy_clip, toy_model_names  # refuses an unknown toy name
-
-    if model not in toy_model_names():
-        raise PromptKDError(f"unknown toy model {model!r}; choose one of {toy_model_names()}")
-    if pretrained is not None and random_weights(pretrained):
-        with _seeded(init_seed):
-            clip, preprocess_cfg, tokenizer = build_toy_clip(model, pretrained=False)
-        _warn_random(model, init_seed)
-        return ClipBundle(clip.to(device).eval(), model, None, tokenizer, preprocess_cfg,
-                          {"model": model, "weights": "none", "init_seed": init_seed})
-    if pretrained in (None, "toy"):
-        clip, preprocess_cfg, tokenizer = build_toy_clip(model)
-        return ClipBundle(clip.to(device).eval(), model, "toy", tokenizer, preprocess_cfg,
-                          {"model": model, "weights": "toy"})
-    if not Path(pretrained).is_file():
-        raise PromptKDError(f"{model}: no weights {pretrained!r}: a toy model takes 'toy' (its shipped weights), "
-                            "'none' (random) or a toy weights file from `promptkd toy pretrain`")
-    clip, preprocess_cfg, tokenizer = build_toy_clip(model, weights=pretrained)
-    return ClipBundle(clip.to(device).eval(), model, str(pretrained), tokenizer, preprocess_cfg,
-                      {"model": model, "weights": file_record(pretrained)})
 
 
 def load_clip(model: str, pretrained: str | None = None, *, device: str | torch.device = "cpu",
@@ -293,7 +268,8 @@ def load_clip(model: str, pretrained: str | None = None, *, device: str | torch.
     """Build a CLIP and load its weights.
 
     model: an open_clip model name (`ViT-B-16`), a path to a model-config JSON (tiny test
-      architectures), or a shipped toy model (`toy-teacher`, `toy-student`).
+      architectures), or a name a registered model source claims (models/sources.py: the shipped toy
+      models `toy-teacher`, `toy-student`).
     pretrained: an open_clip weights tag (`openai`, `laion2b_s34b_b88k`, ...), a local checkpoint
       path, or None / 'none' for a random initialisation drawn from `init_seed` (so the same tower
       can be rebuilt later; a warning says the weights are random). The toy models take 'toy'
@@ -303,8 +279,8 @@ def load_clip(model: str, pretrained: str | None = None, *, device: str | torch.
 
     from promptkd.models.downloads import check_downloadable
 
-    if model.startswith("toy-"):
-        return _load_toy(model, pretrained, device, init_seed)
+    if (loader := source_loader(model)) is not None:  # e.g. the toy world's CLIPs (models/sources.py)
+        return loader(model, pretrained, device=device, init_seed=init_seed)
 
     name, model_source = model, model
     if model.endswith(".json"):
@@ -325,7 +301,7 @@ def load_clip(model: str, pretrained: str | None = None, *, device: str | torch.
             sd, openai = read_state_dict(pretrained) if local else ({}, False)
             overrides = openai_head_overrides(open_clip.get_model_config(name), sd, str(pretrained), name) \
                 if openai else {}
-            with quiet_open_clip(), _seeded(init_seed):
+            with quiet_open_clip(), seeded_init(init_seed):
                 clip = open_clip.create_model(name, pretrained=None, force_quick_gelu=openai, **overrides)
             if local:
                 check_geometry(clip, sd, str(pretrained), name)
@@ -333,7 +309,7 @@ def load_clip(model: str, pretrained: str | None = None, *, device: str | torch.
                 source["weights"] = file_record(pretrained)
             else:
                 source["init_seed"] = init_seed
-                _warn_random(name, init_seed)
+                warn_random_weights(name, init_seed)
         else:
             tags = open_clip.list_pretrained_tags_by_model(name)
             if pretrained not in tags:

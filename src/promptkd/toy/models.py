@@ -27,6 +27,9 @@ from safetensors.torch import load_file, save
 
 from promptkd.artifacts import atomic_open
 from promptkd.errors import PromptKDError
+from promptkd.files import file_record
+from promptkd.models.loading import ClipBundle, seeded_init, warn_random_weights
+from promptkd.models.sources import random_weights
 from promptkd.toy import TOY_MODELS
 from promptkd.toy.world import IMAGE_SIZE, vocabulary_words
 
@@ -163,6 +166,31 @@ def build_toy_clip(name: str, pretrained: bool = True, weights: str | Path | Non
     model.eval()
     tokenizer = open_clip.get_tokenizer(name)
     return model, dict(PREPROCESS_CFG), tokenizer
+
+
+def load_toy_clip(model: str, pretrained: str | None, *, device: str | torch.device = "cpu",
+                  init_seed: int = 0) -> ClipBundle:
+    """The toy world's model source for `load_clip` (registered in promptkd/__init__.py): a shipped
+    toy CLIP as a ClipBundle, with its shipped weights ('toy', or None in the Python API), a toy
+    weights file (e.g. from `promptkd toy pretrain`), or 'none' for a seeded random initialisation."""
+    if model not in toy_model_names():
+        raise PromptKDError(f"unknown toy model {model!r}; choose one of {toy_model_names()}")
+    if pretrained is not None and random_weights(pretrained):
+        with seeded_init(init_seed):
+            clip, preprocess_cfg, tokenizer = build_toy_clip(model, pretrained=False)
+        warn_random_weights(model, init_seed)
+        return ClipBundle(clip.to(device).eval(), model, None, tokenizer, preprocess_cfg,
+                          {"model": model, "weights": "none", "init_seed": init_seed})
+    if pretrained in (None, "toy"):
+        clip, preprocess_cfg, tokenizer = build_toy_clip(model)
+        return ClipBundle(clip.to(device).eval(), model, "toy", tokenizer, preprocess_cfg,
+                          {"model": model, "weights": "toy"})
+    if not Path(pretrained).is_file():
+        raise PromptKDError(f"{model}: no weights {pretrained!r}: a toy model takes 'toy' (its shipped weights), "
+                            "'none' (random) or a toy weights file from `promptkd toy pretrain`")
+    clip, preprocess_cfg, tokenizer = build_toy_clip(model, weights=pretrained)
+    return ClipBundle(clip.to(device).eval(), model, str(pretrained), tokenizer, preprocess_cfg,
+                      {"model": model, "weights": file_record(pretrained)})
 
 
 def image_tower_macs(name: str) -> int:

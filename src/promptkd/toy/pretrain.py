@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,6 +39,7 @@ from promptkd.toy.models import (
 from promptkd.toy.world import World, _seed_of
 
 ZERO_SHOT_TEMPLATES = ("a photo of a {}.",)
+_UNCALIBRATED = 10**9  # the step count of a `minutes` run until its speed is measured
 
 
 def normalize_images(images: torch.Tensor) -> torch.Tensor:
@@ -114,6 +116,132 @@ def _param_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+class _JsonLog:
+    """The run's JSON-lines log, each record stamped with seconds since the run started; also echoed."""
+
+    def __init__(self, path: Path, echo):
+        self.path, self.echo, self.t0 = path, echo, time.time()
+
+    def __call__(self, record: dict) -> None:
+        record = {"time": round(time.time() - self.t0, 1), **record}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.echo(json.dumps(record))
+
+
+@dataclass
+class _Progress:
+    """Where a pretraining run stands (what the loop updates and the checks and saves read)."""
+
+    total: int
+    last_eval: float
+    last_ckpt: float
+    step: int = 0
+    images_seen: int = 0
+    calib_start: float | None = None
+    loss_ema: float | None = None
+    lr: float = 0.0
+
+
+def _check_args(which: str, steps, minutes) -> str:
+    if which in ("teacher", "student"):
+        which = f"toy-{which}"
+    if which not in toy_model_names():
+        raise ValueError(f"which must be one of {toy_model_names()}")
+    if (steps is None) == (minutes is None):
+        raise ValueError("give exactly one of steps or minutes")
+    return which
+
+
+def _lr_at(run: _Progress, lr: float, warmup_steps: int, deadline_minutes, t0: float) -> float:
+    """Linear warm-up, then cosine decay over the steps (or the deadline, when that comes first)."""
+    frac = run.step / max(1, run.total)
+    if deadline_minutes is not None:
+        # Anneal by the deadline even when the machine turns out slower than planned.
+        frac = max(frac, (time.time() - t0) / (deadline_minutes * 60))
+    return lr * min(1.0, (run.step + 1) / warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+
+def _train_step(model, opt, tokenizer, world: World, gen, batch_size: int, run: _Progress) -> None:
+    """One contrastive step on a freshly rendered batch, at the learning rate `run.lr`."""
+    for group in opt.param_groups:
+        group["lr"] = run.lr
+    images, captions, true_attrs, said_attrs = world.pretrain_batch(batch_size, gen, return_attributes=True)
+    matches = World.caption_matches(true_attrs, said_attrs)
+    img_f = model.encode_image(normalize_images(images))
+    txt_f = model.encode_text(tokenizer(captions))
+    loss = contrastive_loss(img_f, txt_f, model.logit_scale, matches)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    run.step += 1
+    run.images_seen += batch_size
+    run.loss_ema = loss.item() if run.loss_ema is None else 0.98 * run.loss_ema + 0.02 * loss.item()
+
+
+def _calibrate(run: _Progress, minutes: float, batch_size: int, emit: _JsonLog) -> None:
+    """With `minutes`: set the schedule length from the speed of steps 10..40."""
+    if run.step == 10:
+        run.calib_start = time.time()
+    elif run.step == 40:
+        per_step = (time.time() - run.calib_start) / 30
+        run.total = max(50, int((minutes * 60 - (time.time() - emit.t0)) / per_step) + run.step)
+        emit({"event": "schedule", "steps": run.total, "sec_per_step": round(per_step, 4),
+              "images_per_s": round(batch_size / per_step, 1)})
+
+
+def _save(model, path: Path, which: str, meta: dict, run: _Progress) -> Path:
+    return save_toy_weights(model, path, which, {**meta, "steps": run.step, "images_seen": run.images_seen})
+
+
+def _report(model, tokenizer, world, run: _Progress, emit: _JsonLog, out_dir: Path, which: str, meta: dict,
+            eval_every_s, checkpoint_every_s, eval_n_per_class: int) -> None:
+    """The periodic train line, zero-shot evaluation and checkpoints after a step."""
+    now = time.time()
+    if run.step % 50 == 0:
+        emit({"event": "train", "step": run.step, "loss": round(run.loss_ema, 4), "lr": round(run.lr, 6),
+              "logit_scale": round(model.logit_scale.exp().item(), 2),
+              "images_per_s": round(run.images_seen / (now - emit.t0), 1)})
+    if eval_every_s and now - run.last_eval > eval_every_s:
+        run.last_eval = now
+        emit({"event": "eval", "step": run.step, "zero_shot": zero_shot_eval(model, tokenizer, world, eval_n_per_class),
+              "zero_shot_plain": zero_shot_eval(model, tokenizer, world, eval_n_per_class, shifted=False)})
+    if checkpoint_every_s and now - run.last_ckpt > checkpoint_every_s:
+        run.last_ckpt = now
+        _save(model, out_dir / f"{which}-step{run.step:06d}.safetensors", which, meta, run)
+        _save(model, out_dir / f"{which}-latest.safetensors", which, meta, run)
+
+
+def _stop_early(run: _Progress, stop_after_steps, deadline_minutes, emit: _JsonLog) -> bool:
+    if stop_after_steps is not None and run.step >= stop_after_steps:
+        emit({"event": "stop_after_steps", "step": run.step})
+        return True
+    if deadline_minutes is not None and time.time() - emit.t0 > deadline_minutes * 60:
+        emit({"event": "deadline", "step": run.step})
+        return True
+    return False
+
+
+def _finish(model, tokenizer, world, run: _Progress, emit: _JsonLog, out_dir: Path, which: str, meta: dict,
+            eval_n_per_class: int, ship: bool) -> dict:
+    """Final zero-shot accuracy, the weights (shipped into the package assets with `ship`), the summary."""
+    zs = zero_shot_eval(model, tokenizer, world, eval_n_per_class)
+    zs_plain = zero_shot_eval(model, tokenizer, world, eval_n_per_class, shifted=False)
+    meta["zero_shot"] = zs
+    final = _save(model, out_dir / f"{which}.safetensors", which, meta, run)
+    summary = {"event": "done", "model": which, "steps": run.step, "images_seen": run.images_seen,
+               "minutes": round((time.time() - emit.t0) / 60, 2), "zero_shot": zs, "zero_shot_plain": zs_plain,
+               "loss": round(run.loss_ema or float("nan"), 4), "weights": str(final)}
+    if ship:
+        with atomic_open(toy_weights_path(which), "wb") as f:  # never a half-copied asset
+            f.write(Path(final).read_bytes())
+        summary["shipped"] = str(toy_weights_path(which))
+    emit(summary)
+    model.eval()
+    return summary
+
+
 def pretrain(which: str, out_dir: str | Path, seed: int = 0, minutes: float | None = None,
              steps: int | None = None, batch_size: int = 128, lr: float = 1e-3, weight_decay: float = 0.05,
              warmup_steps: int = 200, threads: int | None = None, eval_every_s: float = 300,
@@ -130,23 +258,11 @@ def pretrain(which: str, out_dir: str | Path, seed: int = 0, minutes: float | No
     then those of that step of the full run: a cheaper, less trained model).
     ``ship=True`` also copies the final weights into the package assets.
     """
-    if which in ("teacher", "student"):
-        which = f"toy-{which}"
-    if which not in toy_model_names():
-        raise ValueError(f"which must be one of {toy_model_names()}")
-    if (steps is None) == (minutes is None):
-        raise ValueError("give exactly one of steps or minutes")
+    which = _check_args(which, steps, minutes)
     if threads:
         torch.set_num_threads(threads)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    log_path = out_dir / f"{which}.log.jsonl"
-
-    def emit(record):
-        record = {"time": round(time.time() - t0, 1), **record}
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        log(json.dumps(record))
 
     torch.manual_seed(seed)
     model = create_toy_model(which)
@@ -158,80 +274,17 @@ def pretrain(which: str, out_dir: str | Path, seed: int = 0, minutes: float | No
     gen = torch.Generator().manual_seed(_seed_of("pretrain", seed))
     opt = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
 
-    t0 = time.time()
+    emit = _JsonLog(out_dir / f"{which}.log.jsonl", log)
     emit({"event": "start", "model": which, "seed": seed, "batch_size": batch_size, "lr": lr,
           "steps": steps, "minutes": minutes, "image_macs": image_tower_macs(which),
           "params": sum(p.numel() for p in model.parameters())})
-    total = steps if steps is not None else 10**9
-    step, images_seen, last_eval, last_ckpt = 0, 0, t0, t0
-    calib_start = None
-    loss_ema = None
+    run = _Progress(total=steps if steps is not None else _UNCALIBRATED, last_eval=emit.t0, last_ckpt=emit.t0)
     meta = {"seed": seed, "batch_size": batch_size, "lr": lr}
-
-    def save(path):
-        return save_toy_weights(model, path, which, {**meta, "steps": step, "images_seen": images_seen})
-
-    while step < total:
-        if stop_after_steps is not None and step >= stop_after_steps:
-            emit({"event": "stop_after_steps", "step": step})
-            break
-        if deadline_minutes is not None and time.time() - t0 > deadline_minutes * 60:
-            emit({"event": "deadline", "step": step})
-            break
-        frac = step / max(1, total)
-        if deadline_minutes is not None:
-            # Anneal by the deadline even when the machine turns out slower than planned.
-            frac = max(frac, (time.time() - t0) / (deadline_minutes * 60))
-        cur_lr = lr * min(1.0, (step + 1) / warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
-        for group in opt.param_groups:
-            group["lr"] = cur_lr
-        images, captions, true_attrs, said_attrs = world.pretrain_batch(batch_size, gen, return_attributes=True)
-        matches = World.caption_matches(true_attrs, said_attrs)
-        img_f = model.encode_image(normalize_images(images))
-        txt_f = model.encode_text(tokenizer(captions))
-        loss = contrastive_loss(img_f, txt_f, model.logit_scale, matches)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        images_seen += batch_size
-        loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
-
-        if minutes is not None and total == 10**9:
-            # Set the schedule length from the speed of steps 10..40.
-            if step == 10:
-                calib_start = time.time()
-            elif step == 40:
-                per_step = (time.time() - calib_start) / 30
-                total = max(50, int((minutes * 60 - (time.time() - t0)) / per_step) + step)
-                emit({"event": "schedule", "steps": total, "sec_per_step": round(per_step, 4),
-                      "images_per_s": round(batch_size / per_step, 1)})
-        now = time.time()
-        if step % 50 == 0:
-            emit({"event": "train", "step": step, "loss": round(loss_ema, 4), "lr": round(cur_lr, 6),
-                  "logit_scale": round(model.logit_scale.exp().item(), 2),
-                  "images_per_s": round(images_seen / (now - t0), 1)})
-        if eval_every_s and now - last_eval > eval_every_s:
-            last_eval = now
-            emit({"event": "eval", "step": step, "zero_shot": zero_shot_eval(model, tokenizer, world, eval_n_per_class),
-                  "zero_shot_plain": zero_shot_eval(model, tokenizer, world, eval_n_per_class, shifted=False)})
-        if checkpoint_every_s and now - last_ckpt > checkpoint_every_s:
-            last_ckpt = now
-            save(out_dir / f"{which}-step{step:06d}.safetensors")
-            save(out_dir / f"{which}-latest.safetensors")
-
-    zs = zero_shot_eval(model, tokenizer, world, eval_n_per_class)
-    zs_plain = zero_shot_eval(model, tokenizer, world, eval_n_per_class, shifted=False)
-    meta["zero_shot"] = zs
-    final = save(out_dir / f"{which}.safetensors")
-    summary = {"event": "done", "model": which, "steps": step, "images_seen": images_seen,
-               "minutes": round((time.time() - t0) / 60, 2), "zero_shot": zs, "zero_shot_plain": zs_plain,
-               "loss": round(loss_ema or float("nan"), 4), "weights": str(final)}
-    if ship:
-        with atomic_open(toy_weights_path(which), "wb") as f:  # never a half-copied asset
-            f.write(Path(final).read_bytes())
-        summary["shipped"] = str(toy_weights_path(which))
-    emit(summary)
-    model.eval()
-    return summary
+    while run.step < run.total and not _stop_early(run, stop_after_steps, deadline_minutes, emit):
+        run.lr = _lr_at(run, lr, warmup_steps, deadline_minutes, emit.t0)
+        _train_step(model, opt, tokenizer, world, gen, batch_size, run)
+        if minutes is not None and run.total == _UNCALIBRATED:
+            _calibrate(run, minutes, batch_size, emit)
+        _report(model, tokenizer, world, run, emit, out_dir, which, meta, eval_every_s, checkpoint_every_s,
+                eval_n_per_class)
+    return _finish(model, tokenizer, world, run, emit, out_dir, which, meta, eval_n_per_class, ship)

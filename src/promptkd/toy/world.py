@@ -59,7 +59,7 @@ PRETRAIN_BACKGROUNDS = ("white", "grey", "black", "noisy", "cluttered")
 # Radius of the shape in pixels per size, (low, high).
 _SIZE_RANGES = {"small": (7.0, 10.0), "medium": (10.0, 13.5), "large": (13.5, 17.5)}
 
-# How the domain differs from pretraining (the pretraining style is fixed in render()).
+# How the domain differs from pretraining (the pretraining style is fixed in render()'s helpers).
 DOMAIN_SHIFT = {
     "size_factor": (0.85, 1.10),  # radius multiplier range
     "rotation_deg": 30.0,  # pretraining: 20
@@ -172,51 +172,28 @@ def _clutter(n, image_size, rand, saturation, ramp, xx):
     return bg + (xx / image_size - 0.5).view(1, 1, image_size, image_size) * (2 * rand(n, 1, 1, 1) - 1) * ramp
 
 
-def render(
-    shape: torch.Tensor,
-    colour: torch.Tensor,
-    texture: torch.Tensor,
-    size: torch.Tensor,
-    background: str | torch.Tensor,
-    generator: torch.Generator,
-    domain: bool,
-    image_size: int = IMAGE_SIZE,
-) -> torch.Tensor:
-    """Render a batch; returns uint8 images (B, 3, H, W). All randomness comes from ``generator``.
-
-    ``shape, colour, texture, size``: (B,) int tensors indexing SHAPES, COLOUR_NAMES,
-    TEXTURES, SIZES. ``background``: (B,) ints indexing PRETRAIN_BACKGROUNDS, or
-    ``"domain"`` for the cluttered domain backgrounds.
-    """
-    g = generator
-    n = shape.shape[0]
-
-    def rand(*s):
-        return torch.rand(*s, generator=g)
-
+def _placement(size: torch.Tensor, rand, domain: bool, image_size: int):
+    """Radius, centre and rotation of each image's shape (pixels, radians)."""
+    n = size.shape[0]
     lo = torch.tensor([_SIZE_RANGES[s][0] for s in SIZES])[size]
     hi = torch.tensor([_SIZE_RANGES[s][1] for s in SIZES])[size]
     radius = lo + (hi - lo) * rand(n)
-    shift = DOMAIN_SHIFT
     if domain:
-        lo_f, hi_f = shift["size_factor"]
+        lo_f, hi_f = DOMAIN_SHIFT["size_factor"]
         radius = radius * (lo_f + (hi_f - lo_f) * rand(n))
     margin = radius + 1.0
     span = image_size - 2 * margin
     cx = margin + span * rand(n)
     cy = margin + span * rand(n)
-    max_rot = math.radians(shift["rotation_deg"] if domain else 20)
+    max_rot = math.radians(DOMAIN_SHIFT["rotation_deg"] if domain else 20)
     theta = (2 * rand(n) - 1) * max_rot
+    return radius, cx, cy, theta
 
-    xx, yy = _grid(image_size)
-    dx = xx.unsqueeze(0) - cx.view(-1, 1, 1)
-    dy = yy.unsqueeze(0) - cy.view(-1, 1, 1)
-    pu, pv = _rotate(dx, dy, theta.view(-1, 1, 1))  # pixel units, shape frame
-    r = radius.view(-1, 1, 1)
-    dist_px = _shape_distance(shape, pu / r, pv / r) * r
-    alpha = (0.5 - dist_px).clamp(0.0, 1.0)  # one-pixel anti-aliased edge
 
-    # Fill colour with per-image jitter.
+def _fill(colour: torch.Tensor, rand, domain: bool) -> torch.Tensor:
+    """Fill colour (B, 3, 1, 1) with per-image jitter."""
+    n = colour.shape[0]
+    shift = DOMAIN_SHIFT
     base = torch.tensor([COLOURS[c] for c in COLOUR_NAMES], dtype=torch.float32)[colour]  # (B, 3)
     if domain:
         gj, (b_lo, b_hi) = shift["channel_gain_jitter"], shift["brightness"]
@@ -224,10 +201,12 @@ def render(
         fill = base * gains * (b_lo + (b_hi - b_lo) * rand(n, 1)) + (2 * rand(n, 3) - 1) * shift["colour_offset"]
     else:
         fill = base + (2 * rand(n, 3) - 1) * 14
-    fill = fill.view(n, 3, 1, 1)
+    return fill.view(n, 3, 1, 1)
 
-    # Texture: darken part of the fill in a pattern tied to the shape's frame.
-    period = (3.0 + 1.5 * rand(n)).view(-1, 1, 1)
+
+def _shade(texture: torch.Tensor, pu: torch.Tensor, pv: torch.Tensor, rand) -> torch.Tensor:
+    """Texture: the factor (B, 1, H, W) that darkens part of the fill in a pattern tied to the shape's frame."""
+    period = (3.0 + 1.5 * rand(texture.shape[0])).view(-1, 1, 1)
     su = torch.sin(pu * math.pi / period * 2)
     sv = torch.sin(pv * math.pi / period * 2)
     patterns = torch.stack(
@@ -239,10 +218,12 @@ def render(
         ]
     )
     pattern = patterns.gather(0, texture.view(1, -1, 1, 1).expand(1, *su.shape)).squeeze(0)
-    shade = 1.0 - 0.55 * pattern.unsqueeze(1)
-    fg = fill * shade
+    return 1.0 - 0.55 * pattern.unsqueeze(1)
 
-    # Background.
+
+def _background(background: str | torch.Tensor, n: int, image_size: int, rand, xx: torch.Tensor):
+    """Background images (B, 3, H, W) and each image's pixel noise sigma (B, 1, 1, 1)."""
+    shift = DOMAIN_SHIFT
     if isinstance(background, str):
         # Domain: strong clutter, a brightness ramp and more noise on every image.
         bg = _clutter(n, image_size, rand, saturation=shift["clutter_saturation"], ramp=shift["ramp"], xx=xx)
@@ -256,10 +237,49 @@ def render(
         bg[cluttered] = _clutter(n, image_size, rand, saturation=0.3, ramp=40.0, xx=xx)[cluttered]
         noisy = (background == PRETRAIN_BACKGROUNDS.index("noisy")).float()
         noise_sigma = (2 + 30 * noisy * (0.6 + 0.4 * rand(n))).view(-1, 1, 1, 1)
+    return bg, noise_sigma
+
+
+def render(
+    shape: torch.Tensor,
+    colour: torch.Tensor,
+    texture: torch.Tensor,
+    size: torch.Tensor,
+    background: str | torch.Tensor,
+    generator: torch.Generator,
+    domain: bool,
+    image_size: int = IMAGE_SIZE,
+) -> torch.Tensor:
+    """Render a batch; returns uint8 images (B, 3, H, W). All randomness comes from ``generator``,
+    drawn in a fixed order (placement, fill, texture, background, noise: the helpers' call order),
+    so the same seed gives the same images bit for bit.
+
+    ``shape, colour, texture, size``: (B,) int tensors indexing SHAPES, COLOUR_NAMES,
+    TEXTURES, SIZES. ``background``: (B,) ints indexing PRETRAIN_BACKGROUNDS, or
+    ``"domain"`` for the cluttered domain backgrounds.
+    """
+    g = generator
+    n = shape.shape[0]
+
+    def rand(*s):
+        return torch.rand(*s, generator=g)
+
+    radius, cx, cy, theta = _placement(size, rand, domain, image_size)
+    xx, yy = _grid(image_size)
+    dx = xx.unsqueeze(0) - cx.view(-1, 1, 1)
+    dy = yy.unsqueeze(0) - cy.view(-1, 1, 1)
+    pu, pv = _rotate(dx, dy, theta.view(-1, 1, 1))  # pixel units, shape frame
+    r = radius.view(-1, 1, 1)
+    dist_px = _shape_distance(shape, pu / r, pv / r) * r
+    alpha = (0.5 - dist_px).clamp(0.0, 1.0)  # one-pixel anti-aliased edge
+
+    fill = _fill(colour, rand, domain)
+    fg = fill * _shade(texture, pu, pv, rand)
+    bg, noise_sigma = _background(background, n, image_size, rand, xx)
     a = alpha.unsqueeze(1)
     img = fg * a + bg * (1 - a)
     if domain:
-        img = img * torch.tensor(shift["tint"], dtype=torch.float32).view(1, 3, 1, 1)
+        img = img * torch.tensor(DOMAIN_SHIFT["tint"], dtype=torch.float32).view(1, 3, 1, 1)
     img = img + torch.randn(img.shape, generator=g) * noise_sigma
     return img.round().clamp(0, 255).to(torch.uint8)
 
