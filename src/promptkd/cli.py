@@ -113,10 +113,20 @@ def _interrupted(args) -> str:
     from pathlib import Path
 
     marker, out = getattr(args, "resume_marker", None), getattr(args, "out", None)
-    if marker and out and (Path(out) / marker).is_file():
+    if marker and out and (Path(out) / marker).is_file() and not _finished(Path(out)):
         return (f"promptkd: interrupted; {out} holds the last checkpoint: rerun the same command with --resume "
                 "to continue")
     return "promptkd: interrupted"
+
+
+def _finished(folder) -> bool:
+    """Whether a run folder holds a finished run (an --overwrite interrupted before it removed it)."""
+    import json
+
+    try:
+        return json.loads((folder / "run.json").read_text()).get("status") == "finished"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 class _SigintWatch:
@@ -134,8 +144,11 @@ class _SigintWatch:
     def __init__(self, program: bool):
         import signal
 
+        from promptkd.errors import note_interrupt
+
         self.program, self.seen, self.redeliver = program, 0, False
         self.previous = self.unraisable = None
+        note_interrupt(reset=True)
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not under a caller's handler
             self.previous = signal.signal(signal.SIGINT, self._handle)
             self.unraisable, sys.unraisablehook = sys.unraisablehook, self._unraisable
@@ -143,7 +156,10 @@ class _SigintWatch:
     def _handle(self, signum, frame):
         import os
 
+        from promptkd.errors import note_interrupt
+
         self.seen += 1
+        note_interrupt()
         if self.seen > 1 and self.program and not self.redeliver:
             print("promptkd: interrupted", file=sys.stderr, flush=True)
             os._exit(130)
@@ -163,6 +179,9 @@ class _SigintWatch:
         import os
         import signal
 
+        from promptkd.errors import note_interrupt
+
+        note_interrupt(reset=True)  # the count is this command's (main() may be called again)
         if self.previous is None:
             return
         sys.unraisablehook = self.unraisable
@@ -176,6 +195,11 @@ class _SigintWatch:
 def main(argv: list[str] | None = None) -> int:
     """The `promptkd` command (argv None: sys.argv, as the program; a list: called from Python)."""
     use_passive_openmp()  # before any command module loads torch (promptkd.cpu says why)
+    import warnings
+
+    # A Ctrl-C inside numpy's import under torch makes torch import numpy again, which warns; the
+    # interrupt is reported in its one line instead.
+    warnings.filterwarnings("ignore", message="The NumPy module was reloaded")
     program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # known before parsing, for an interrupt while the parser is built
@@ -198,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
 
                 resolve_device(args.device)
             code = args.func(args)
+            if watch.seen:  # a Ctrl-C that some code swallowed: still an interrupted command
+                raise KeyboardInterrupt
             if program:
                 sys.stdout.flush()  # a reader that left early (`| head`) is found here, not at exit
         except BrokenPipeError:
@@ -222,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         print(_interrupted(args), file=sys.stderr)
         return 130
     finally:
+        if "promptkd.runs" in sys.modules:
+            sys.modules["promptkd.runs"].release_folders()  # one writer per run folder, for this command's life
         watch.close(interrupted)
 
 

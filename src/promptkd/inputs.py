@@ -9,6 +9,7 @@ model or dataset is loaded.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from promptkd.artifacts import read_artifact_meta
@@ -87,6 +88,27 @@ def one_of(positional, option_value, option: str) -> str | None:
     if positional and option_value and Path(positional) != Path(option_value):
         raise PromptKDError(f"give the {option.lstrip('-')} once: as the first argument or with {option}")
     return positional or option_value
+
+
+def dataset_inputs(dataset: str | None, root) -> tuple[dict, dict]:
+    """(inputs, roots) of a dataset for runs.check_apart: the folder or split file a `folder:`,
+    `images:` or `split:` dataset is read from, and the data root, which an output may lie inside (a
+    benchmark's root holds many datasets; a split file's images lie under it)."""
+    prefix, _, rest = (dataset or "").partition(":")
+    if prefix not in ("folder", "images", "split") or not rest:
+        return {}, ({"data root": root} if root else {})
+    path = Path(os.path.expanduser(rest))
+    if root is not None and not path.is_absolute():
+        path = Path(root) / path
+    if prefix == "split":
+        return {"split file": path}, {"image root": root or path.parent}
+    return {"image folder": path}, {}
+
+
+def clip_inputs(model: str | None, weights: str | None, role: str) -> dict:
+    """A CLIP's local files (config JSON, weights), as inputs for runs.check_apart."""
+    return {f"{role} CLIP {what}": given for what, given in (("config", model), ("weights", weights))
+            if given and os.path.exists(given)}
 
 
 def check_clip_files(model: str | None, weights: str | None, role: str) -> None:

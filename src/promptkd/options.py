@@ -106,6 +106,21 @@ def add_config_options(p, *, several: bool = False, example: str = "configs/...y
                    help="any setting of the preset, e.g. --set train.lr=0.01 (repeatable; YAML values)")
 
 
+def yaml_value(text: str):
+    """YAML as safe_load reads it (no Python objects), except that `1e-3` is a number: YAML 1.1 wants
+    a dot (`1.0e-3`), which nobody writing a learning rate expects."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789."))
+    return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader)
+
+
 def add_other_teacher_option(p) -> None:
     """--allow-other-teacher: the one override of the refusal of class vectors made by another teacher."""
     p.add_argument("--allow-other-teacher", action="store_true",
@@ -169,7 +184,7 @@ def fill_missing_help(parser: argparse.ArgumentParser, command: str = "") -> Non
 
 
 def parse_set(items: list[str] | None) -> list[tuple[str, object]]:
-    """--set KEY=VALUE pairs, the value read as YAML (`--set train.lr=0.01` is a number)."""
+    """--set KEY=VALUE pairs, the value read as YAML (`--set train.lr=0.01` and `1e-3` are numbers)."""
     import yaml
 
     from promptkd.errors import PromptKDError
@@ -180,7 +195,7 @@ def parse_set(items: list[str] | None) -> list[tuple[str, object]]:
         if not sep or not key.strip():
             raise PromptKDError(f"--set {item!r}: expected KEY=VALUE (e.g. train.lr=0.01)")
         try:
-            out.append((key.strip(), yaml.safe_load(value)))
+            out.append((key.strip(), yaml_value(value)))
         except yaml.YAMLError:
             raise PromptKDError(f"--set {item!r}: the value is not valid YAML") from None
     return out

@@ -7,6 +7,10 @@ claims its output.
 - An output that already holds a result is refused, unless `--overwrite` (its promptkd files are
   removed first, so an interrupted overwrite never leaves old and new files mixed) or `--resume`
   (continue an unfinished run) applies; writability is checked before any work starts.
+- An output never clobbers an input (`check_apart`), nor a file of another command's run folder,
+  also with `--overwrite`; a folder holding another command's run is refused by name.
+- One writer per run folder: a run holds an exclusive OS lock (`flock`) on its folder's
+  `.promptkd.lock` for its whole life; the OS drops it when the process dies, even by SIGKILL.
 
 No torch here: the CLI runs these checks before any heavy import.
 """
@@ -20,6 +24,7 @@ import json
 import os
 import shlex
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +34,15 @@ from promptkd.errors import PromptKDError
 from promptkd.files import check_file_record, file_digest, file_record, is_file_record  # noqa: F401 (re-exported)
 
 RUN_FILE = "run.json"
+LOCK_FILE = ".promptkd.lock"
+# Files of a run folder that another command's --out may never replace, while the run's own list of
+# outputs (run.json, written when it finishes) is not there yet.
+RUN_FOLDER_FILES = ("teacher.safetensors", "student.safetensors", "student-best-val.safetensors",
+                    "class_vectors.safetensors", "checkpoint.safetensors", "metrics.json", "metrics.jsonl",
+                    "manifest.json", "images.json", "shard-*.safetensors", RUN_FILE)
+# What each command's run folder is called in messages.
+RUN_KINDS = {"teacher": "teacher run", "distill": "distillation run", "cache": "teacher cache",
+             "import-official": "imported artifact", "demo": "demo"}
 COMMAND_LINE: list[str] | None = None  # set by promptkd.cli.main, recorded in run.json
 
 
@@ -129,22 +143,116 @@ def claim_file(path: str | os.PathLike, *, overwrite: bool, what: str, option: s
     if path.is_dir():
         raise PromptKDError(f"{option} {path} is a folder; give a file name")
     _check_writable(path.parent, option)
+    record = read_run_record(path.parent) if (path.parent / RUN_FILE).is_file() else None
+    if record is not None and path.exists() and not in_place:
+        listed = record.get("outputs") if isinstance(record.get("outputs"), list) else []
+        if path.name in listed or any(fnmatch.fnmatchcase(path.name, pat) for pat in RUN_FOLDER_FILES):
+            raise PromptKDError(f"{option} {path} is a file of the {_made_by(record)} in {path.parent}; "
+                                f"--overwrite never replaces another run's files: choose another {option}")
     if path.exists() and not (overwrite or in_place):
         raise PromptKDError(f"{path} already holds {_a(what)}; pass --overwrite to replace it, or choose another "
                             f"{option}")
     return path
 
 
+def _made_by(record: dict) -> str:
+    """'teacher run (made by `promptkd teacher`)': what a run.json says its folder holds."""
+    command = record.get("command")
+    return f"{RUN_KINDS.get(command, 'run')} (made by `promptkd {command}`)"
+
+
+def check_apart(out: str | os.PathLike, inputs: dict, option: str = "--out", *, roots: dict | None = None) -> None:
+    """An output never clobbers an input, also with --overwrite: `out` may not be an input, lie inside
+    one (a folder: a cache, an image folder) or contain one (a run folder holding the teacher).
+
+    `inputs`: {what: path or None}; `roots`: data roots holding many datasets, which `out` may lie
+    inside (it is only refused when it is or contains one)."""
+    target = Path(out).resolve()
+    for what, given, inside_ok in [*((w, p, False) for w, p in inputs.items()),
+                                   *((w, p, True) for w, p in (roots or {}).items())]:
+        if not given:
+            continue
+        src = Path(given).resolve()
+        if target == src:
+            how = "is"
+        elif target in src.parents:
+            how = "contains"
+        elif src in target.parents and not inside_ok:
+            how = "lies inside"
+        else:
+            continue
+        raise PromptKDError(f"{option} {out} {how} the {what} {given}, an input of this command; an output never "
+                            f"replaces an input (also not with --overwrite): choose another {option}")
+
+
+# ---------------------------------------------------------------------------------------------
+# One writer per run folder
+
+_HELD: dict[Path, int] = {}  # folder -> the descriptor of its locked lock file, while this process runs there
+
+
+def lock_folder(folder: str | os.PathLike, option: str = "--out") -> None:
+    """Take the exclusive lock on `folder` (created if need be) for as long as this process runs there
+    (until release_folders). Another live holder is one line naming its PID, host and start time. A
+    lock left by a killed process is free: the OS releases flock locks when their holder dies."""
+    import fcntl
+
+    folder = Path(folder).resolve()
+    if folder in _HELD:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+        os.close(fd)
+        try:
+            h = json.loads(holder)
+            who = f"PID {h['pid']} on {h['host']}, started {h['started']}: {h.get('command_line') or 'promptkd'}"
+        except (ValueError, KeyError, TypeError):
+            who = "a process that is starting"
+        raise PromptKDError(f"{option} {folder} is in use by another promptkd run ({who}); wait for it to end "
+                            f"or choose another {option}") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    info = {"pid": os.getpid(), "host": socket.gethostname(),
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command_line": shlex.join(COMMAND_LINE) if COMMAND_LINE else None}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+    _HELD[folder] = fd
+
+
+def release_folders() -> None:
+    """Give up every folder lock this process holds (the CLI does, when a command ends)."""
+    while _HELD:
+        os.close(_HELD.popitem()[1])
+
+
+# A forked child (a DataLoader worker) shares the lock with its parent until it closes its copy: it
+# closes it at once, so a killed run's folder is free even while its workers are still exiting.
+os.register_at_fork(after_in_child=release_folders)
+
+
 @dataclass
 class FolderClaim:
-    """An output folder a command may write: `prepare()` removes the stale files an --overwrite
-    replaces (call it once every check has passed) and creates the folder."""
+    """An output folder a command may write: `prepare()` locks it, checks it again under the lock (a
+    run that finished meanwhile is not replaced), removes the stale files an --overwrite replaces
+    (call it once every check has passed) and creates the folder."""
 
     path: Path
     stale: list[Path] = field(default_factory=list)
+    recheck: Callable[[], FolderClaim] | None = None
+    lock: bool = True
 
     def prepare(self) -> Path:
         if is_main_process():
+            if self.lock and Path(self.path).resolve() not in _HELD:
+                lock_folder(self.path)
+                if self.recheck is not None:
+                    self.stale = self.recheck().stale
             for p in self.stale:
                 if p.is_dir() and not p.is_symlink():
                     shutil.rmtree(p)
@@ -171,12 +279,15 @@ def promptkd_files(folder: Path, outputs: tuple[str, ...]) -> list[Path]:
 
 def claim_folder(path: str | os.PathLike, outputs: tuple[str, ...], *, overwrite: bool, resume: bool = False,
                  what: str, finished: str | Callable[[Path], bool] | None = None, marker: str | None = None,
-                 option: str = "--out") -> FolderClaim:
-    """An output folder: a folder (or nothing yet), writable, and holding no result of ours unless
-    --overwrite (remove them first) or --resume (continue from `marker`, e.g. the checkpoint).
+                 option: str = "--out", command: str | None = None, lock: bool = True) -> FolderClaim:
+    """An output folder: a folder (or nothing yet), writable, not in use by another run (its lock),
+    holding no other command's run (run.json's `command`, with --overwrite and --resume too) and no
+    result of ours unless --overwrite (remove them first) or --resume (continue from `marker`, e.g.
+    the checkpoint).
 
     `outputs`: the names (or glob patterns) the command writes; `finished`: the one whose presence
-    means the result is complete (or a test of the folder).
+    means the result is complete (or a test of the folder). `lock` False: no lock file (a folder meant
+    for upload, written once by one command).
     """
     path = Path(path)
     if overwrite and resume:
@@ -186,6 +297,24 @@ def claim_folder(path: str | os.PathLike, outputs: tuple[str, ...], *, overwrite
     _check_writable(path, option)
     if not is_main_process():  # torchrun: rank 0 decides (the others could see its new files)
         return FolderClaim(path)
+    if lock and path.is_dir():  # at once, before any work: a folder in use is refused by its lock
+        lock_folder(path, option)
+
+    def inspect() -> FolderClaim:
+        return _inspect_folder(path, outputs, overwrite=overwrite, resume=resume, what=what, finished=finished,
+                               marker=marker, option=option, command=command)
+
+    claim = inspect()
+    claim.recheck, claim.lock = inspect, lock  # again under the lock, where the folder was made after this check
+    return claim
+
+
+def _inspect_folder(path: Path, outputs, *, overwrite, resume, what, finished, marker, option, command) -> FolderClaim:
+    record = read_run_record(path) if command else None
+    if record is not None and record.get("command") != command:
+        verb = "--resume" if resume else "--overwrite" if overwrite else option
+        raise PromptKDError(f"{verb}: {path} holds {_a(_made_by(record))}, not {_a(what)}; a command only continues "
+                            f"or replaces its own kind of run: choose another {option}")
     present = promptkd_files(path, outputs)
     has_marker = marker is not None and (path / marker).exists()
     if resume:

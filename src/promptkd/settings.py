@@ -42,6 +42,14 @@ def check_field_types(obj: Any, source: str) -> None:
             raise PromptKDError(f"{source}: {f.name} must be {expected}, got {value!r}")
 
 
+def require_two_classes(classnames, dataset: str, what: str = "classes") -> None:
+    """Training needs two classes at least: over one class every softmax is 1, the loss is 0 and
+    the accuracy 100% whatever was learnt."""
+    if len(classnames) < 2:
+        raise PromptKDError(f"{dataset}: {len(classnames)} {what} ({', '.join(map(repr, classnames))}); training "
+                            "needs at least two (over one class the loss is always 0 and the accuracy 100%)")
+
+
 def read_yaml(path: str | Path) -> dict:
     """A YAML settings file as a mapping (safe_load: no Python objects)."""
     import yaml
@@ -50,7 +58,9 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise PromptKDError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        from promptkd.options import yaml_value
+
+        data = yaml_value(path.read_text(encoding="utf-8-sig")) or {}
     except yaml.YAMLError as e:
         raise PromptKDError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):

@@ -23,7 +23,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from promptkd.errors import PromptKDError
+from promptkd.errors import PromptKDError, raise_if_interrupted
 
 FOLDER_FORMAT = "promptkd-model/1"
 CONFIG_FILE, WEIGHTS_FILE, CLASSES_FILE = "config.json", "model.safetensors", "classes.txt"
@@ -196,6 +196,7 @@ def base_models(*idents: Any) -> list[str]:
 
             hub = (open_clip.get_pretrained_cfg(ident["model"], str(ident["pretrained"])) or {}).get("hf_hub", "")
         except Exception:  # a local file or an unknown tag has no Hub id
+            raise_if_interrupted()  # (a Ctrl-C that cut open_clip's import short is no such file)
             hub = ""
         repo = "/".join(hub.strip("/").split("/")[:2]) if hub else ""
         if repo and repo not in out:

@@ -1,5 +1,7 @@
 """Teacher-output cache: replayed views give the teacher's features; builds resume; misuse is refused."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -74,7 +76,7 @@ def test_cache_from_other_teacher_or_images_is_refused(setup, tiny_configs, tmp_
         TeacherCache(d, other.identity())
     with pytest.raises(PromptKDError, match="another image list"):
         TeacherCache(d, teacher.identity(), items[:3])
-    with pytest.raises(PromptKDError, match="another teacher, image list or settings"):
+    with pytest.raises(PromptKDError, match=r"another teacher, image list or settings \(views differ\)"):
         build_teacher_cache(teacher, items, tf, d, CacheSpec(views=2), progress=False)
 
 
@@ -111,3 +113,33 @@ def test_views_replay_the_recorded_crop(setup, tmp_path):
             boxes.add((i, top, left, h, w))
     assert flips == {True, False}  # both branches of the replay were checked
     assert len(boxes) > len(items)  # the two epochs replayed different crops
+
+
+def test_a_mismatched_image_list_says_what_differs(setup, tmp_path):
+    """Issue #23: 'built for another image list (60 images, this run has 60)' said nothing; now the
+    message names the images only on one side, or the first position where the order differs."""
+    teacher, items, tf = setup
+    d = build_teacher_cache(teacher, items, tf, tmp_path / "c", CacheSpec(views=1), progress=False)
+    other = tmp_path / "other.png"
+    Image.new("RGB", (40, 36), (1, 2, 3)).save(other)
+    swapped = [*items[:4], Item(str(other), -1)]  # same count, one image replaced
+    with pytest.raises(PromptKDError) as e:
+        TeacherCache(d, teacher.identity(), swapped)
+    msg = str(e.value)
+    assert "(5 images there, 5 in this run)" in msg and f"1 only in the cache (e.g. {items[4].path})" in msg
+    assert f"1 only in this run (e.g. {other})" in msg
+    with pytest.raises(PromptKDError, match=r"the same 5 images in another order \(position 0: "):
+        TeacherCache(d, teacher.identity(), items[::-1])
+
+
+def test_an_image_changed_after_caching_is_not_served_stale(setup, tmp_path):
+    """An image rewritten in place after the build (same path) is found by its size and mtime."""
+    teacher, items, tf = setup
+    d = build_teacher_cache(teacher, items, tf, tmp_path / "c", CacheSpec(views=1), progress=False)
+    TeacherCache(d, teacher.identity(), items)  # unchanged: accepted
+    path = items[2].path
+    before = os.stat(path)
+    Image.new("RGB", (44, 36), (200, 10, 10)).save(path)  # another picture, same file name
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))  # a second later, on any file system
+    with pytest.raises(PromptKDError, match=rf"1 of its images changed since the cache was built .*e\.g\. {path}"):
+        TeacherCache(d, teacher.identity(), items)

@@ -12,11 +12,13 @@ from cli_helpers import dassl_teacher_checkpoint, distill_command, teacher_comma
 from tinyclip import killed_at_call, one_line
 
 from promptkd.cli import main
+from promptkd.runs import LOCK_FILE
 
 
 def _digests(folder):
+    """sha256 of every file but the folder lock's (it names the last process that ran there, refused or not)."""
     return {p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
-            if p.is_file()}
+            if p.is_file() and p.name != LOCK_FILE}
 
 
 def _one_line(capsys) -> str:
@@ -66,7 +68,7 @@ def test_demo_refuses_a_finished_demo_folder(tmp_path, capsys, monkeypatch):
     seen = []
 
     def fake_demo(out, cfg):
-        seen.append(sorted(p.name for p in out.iterdir()))
+        seen.append(sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE))  # its own lock stays
         (out / "report.md").write_text("new")
         return {k: {} for k in ("student_zeroshot", "teacher_zeroshot", "teacher", "student")}
 

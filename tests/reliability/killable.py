@@ -11,6 +11,11 @@ there on any machine, fast or slow. EVENT is one of:
   update, is done in memory; its checkpoint is not written yet)
 - checkpoint: the N-th checkpoint (mid-epoch or end of epoch) has been written
 - shard: the teacher-cache manifest has been rewritten for the N-th time (one more shard listed)
+- call: RELIABILITY_STOP=call:MODULE.FUNCTION:N stops when MODULE.FUNCTION is called for the N-th
+  time, before it runs (e.g. call:promptkd.stages.export.parity:1, call:os.replace:1). The module's
+  attribute is replaced, so a caller that looks it up when it calls (promptkd's all do) stops there.
+
+A Ctrl-C (SIGINT) sent to a blocked run interrupts it there, as a kill would.
 """
 
 import json
@@ -39,7 +44,21 @@ def stop_here() -> None:
         time.sleep(60)
 
 
-if EVENT:
+if EVENT == "call":
+    import importlib
+
+    TARGET, _, N = N.rpartition(":")
+    module, _, name = TARGET.rpartition(".")
+    owner = importlib.import_module(module)
+    real_call = getattr(owner, name)
+
+    def call(*args, **kwargs):
+        if reached("call"):
+            stop_here()
+        return real_call(*args, **kwargs)
+
+    setattr(owner, name, call)
+elif EVENT:
     from promptkd.engine import loop
 
     real_write, real_save = loop.MetricsLog.write, loop.save_checkpoint
@@ -70,7 +89,7 @@ if EVENT:
 
         def write_json(path, obj):
             real_json(path, obj)
-            if reached("shard"):
+            if os.path.basename(path) == "manifest.json" and reached("shard"):
                 stop_here()
 
         cache.write_json = write_json

@@ -121,6 +121,11 @@ def wait_until_ready(proc: subprocess.Popen, ready: Path, timeout: float = 180) 
         time.sleep(0.01)
 
 
+def child_ctrl_c() -> None:
+    """preexec_fn of a child that Ctrl-C must reach, even where the tests run with SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # the child's Python then turns it into KeyboardInterrupt
+
+
 def seeded_point(name: str, low: int, high: int) -> int:
     """A kill point in [low, high] drawn from RELIABILITY_SEED for `name` (set the seed to try others)."""
     return random.Random(f"{KILL_SEED}:{name}").randint(low, high)

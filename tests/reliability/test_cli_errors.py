@@ -15,7 +15,7 @@ import sys
 import time
 
 import pytest
-from reliability_helpers import KILL_SEED, start_killable, wait_until_ready
+from reliability_helpers import KILL_SEED, child_ctrl_c, start_killable, wait_until_ready
 from tinyclip import one_line
 
 from promptkd.cli import build_parser, main
@@ -169,20 +169,6 @@ def test_real_process_prints_exactly_one_line(tmp_path):
 # Ctrl-C
 
 
-@pytest.fixture
-def student_run(world, tmp_path):
-    """A student run folder (student + class vectors) on the world's CLIPs."""
-    from promptkd.models import load_clip
-    from promptkd.models.wrappers import ClassVectors, Student, Teacher
-
-    folder = tmp_path / "student"
-    Student(load_clip(str(world.student_cfg), str(world.student_weights)), 32, 1, 2).save(folder / "student.safetensors")
-    teacher = Teacher.load(world.teacher)
-    ClassVectors(teacher.encode_classnames(["red", "green"]).detach(), ["red", "green"], teacher.identity()).save(
-        folder / "class_vectors.safetensors")
-    return folder
-
-
 # The stage function each command's work goes through, to interrupt it there.
 WORK = {"teacher": ("promptkd.stages.teacher", "train_teacher"), "cache": ("promptkd.stages.cache", "build_teacher_cache"),
         "export": ("promptkd.stages.export", "load_classifier")}
@@ -224,10 +210,6 @@ def _ctrl_c_raises():
     signal.signal(signal.SIGINT, before)
 
 
-def _child_ctrl_c():
-    signal.signal(signal.SIGINT, signal.SIG_DFL)  # the child's Python then turns it into KeyboardInterrupt
-
-
 def test_ctrl_c_that_surfaces_as_another_error_is_still_one_line(tmp_path, capsys, monkeypatch):
     """A Ctrl-C inside a C extension's import can come out as an ImportError (numpy's "cannot load
     module more than once"): it is reported as the interruption it was, not as a traceback."""
@@ -248,7 +230,7 @@ def test_ctrl_c_that_surfaces_as_another_error_is_still_one_line(tmp_path, capsy
 
 def _interrupt_after(argv: list[str], seconds: float, env=None) -> subprocess.CompletedProcess:
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})}, preexec_fn=_child_ctrl_c)
+                            env={**os.environ, **(env or {})}, preexec_fn=child_ctrl_c)
     time.sleep(seconds)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
@@ -275,7 +257,7 @@ def test_ctrl_c_while_training_advises_resume(world, tmp_path):
     out, ready = tmp_path / "run", tmp_path / "ready"
     # It blocks right after writing its first checkpoint, where the Ctrl-C then lands on any machine.
     proc = start_killable(["-q", *world.distill_args(out, "--checkpoint-every", "1")], "checkpoint:1", ready,
-                          stderr=subprocess.PIPE, preexec_fn=_child_ctrl_c)
+                          stderr=subprocess.PIPE, preexec_fn=child_ctrl_c)
     wait_until_ready(proc, ready, timeout=120)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)

@@ -157,7 +157,7 @@ def build_fgvc_aircraft(root) -> DatasetSplits:
         if not path.is_file():
             raise PromptKDError(f"{path}: split file not found")
         items = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+        for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
             if not line.strip():
                 continue
             image_id, _, variant = line.strip().partition(" ")
@@ -174,7 +174,7 @@ def read_wnid_classnames(path: Path) -> dict[str, str]:
     if not path.is_file():
         raise PromptKDError(f"{path}: classnames file not found (format: '<wnid> <class name>' per line)")
     names: dict[str, str] = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
         if not line.strip():
             continue
         wnid, _, name = line.strip().partition(" ")

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from promptkd.errors import PromptKDError
+from promptkd.errors import PromptKDError, raise_if_interrupted
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,7 @@ def check_image(path: str, max_pixels: int | None = None) -> str | None:
     except Image.DecompressionBombError as e:
         return f"possible decompression bomb ({e})"
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, struct.error, ...) on bad files
+        raise_if_interrupted()  # a Ctrl-C that cut a PIL plugin's import short is no bad file
         return f"not a readable image ({type(e).__name__}: {e})"
     return None
 
@@ -189,6 +190,7 @@ class ImageSource:
         try:  # bytes already read for the header are not read again
             return Image.open(io.BytesIO(self._data) if self._data is not None else self.path)
         except Exception as e:  # PIL raises many types on bad files
+            raise_if_interrupted()
             raise _unreadable(self.path, e) from None
 
     def image(self) -> Image.Image:
@@ -211,6 +213,7 @@ class ImageSource:
                 self._images[reduce] = (rgb, factor)
             except Exception as e:
                 im.close()
+                raise_if_interrupted()
                 raise _unreadable(self.path, e) from None
         return self._images[reduce]
 
@@ -244,6 +247,7 @@ def _decode_jpeg(data: bytearray) -> torch.Tensor | None:
             warnings.simplefilter("ignore")
             return tio.decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=tio.ImageReadMode.RGB).permute(1, 2, 0)
     except Exception:
+        raise_if_interrupted()  # an interrupted torchvision import is no undecodable JPEG
         return None
 
 

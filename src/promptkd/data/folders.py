@@ -23,7 +23,7 @@ def read_classnames(path: str | os.PathLike) -> list[str]:
     path = absolute_path(path)
     if not path.is_file():
         raise PromptKDError(f"{path}: class-names file not found")
-    lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+    lines = (line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines())
     names = [clean_classname(line) for line in lines if line and not line.startswith("#")]
     if not names:
         raise PromptKDError(f"{path}: no class names (one per line expected)")

@@ -37,7 +37,7 @@ from promptkd.engine.checkpoint import (
     trainable_state,
 )
 from promptkd.engine.config import CHECKPOINT_NAME, TrainConfig
-from promptkd.errors import PromptKDError
+from promptkd.errors import PromptKDError, raise_if_interrupted
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,8 @@ class MetricsLog:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(out_dir / "tensorboard"))
-            except Exception:  # tensorboard is optional
+            except Exception:  # tensorboard is optional (but a Ctrl-C that cut its import short is not lost)
+                raise_if_interrupted()
                 self.tb = None
 
     def write(self, record: dict) -> None:
@@ -255,6 +256,7 @@ def _compiled_step_works(step_loss: Callable, batch: tuple, params: list, buffer
     except (torch.cuda.OutOfMemoryError, PromptKDError):
         raise  # not the compiler's fault: eager would fail the same way
     except Exception as e:
+        raise_if_interrupted()  # a Ctrl-C that cut the compiler's imports short is no compiler failure
         text = str(e).strip()
         reason = f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
         if cfg.compile == "on":

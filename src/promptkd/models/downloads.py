@@ -14,7 +14,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from promptkd.errors import PromptKDError
+from promptkd.errors import PromptKDError, raise_if_interrupted
 
 PROBE_SECONDS = 3.0  # a reachable server answers a TCP connect far sooner
 _TRUE = {"1", "on", "yes", "true"}
@@ -38,6 +38,7 @@ def _cached(cfg: dict) -> bool:
         try:
             from huggingface_hub import try_to_load_from_cache
         except ImportError:
+            raise_if_interrupted()  # a Ctrl-C that cut the import short is no missing package
             return False
         repo, filename = os.path.split(hub)  # 'org/name/' (open_clip's default file) or 'org/name/file'
         filename = filename or "open_clip_pytorch_model.bin"

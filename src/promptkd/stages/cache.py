@@ -10,6 +10,9 @@ student, KD setting or class list of the same teacher.
 On disk: `manifest.json` plus shards `shard-00000.safetensors` (features (n, K, D) fp16, views
 (n, K, 5) int32 as top, left, h, w, flip). Shards are written atomically and listed in the
 manifest as they finish, so an interrupted build resumes at the first missing shard.
+`images.json` lists every image with its size and mtime when the build started: a run with another
+image list is told what differs, and an image changed in place since then is found by one `stat`
+per image (its bytes are not hashed: an edit that keeps both size and mtime goes unseen).
 
 When it pays off: online distillation runs the teacher image tower epochs x N times per run; the
 cache runs it K x N times once, for every later run (seeds, students, KD settings, class lists).
@@ -48,6 +51,53 @@ if TYPE_CHECKING:  # torch, the data and model modules are imported where they r
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
+IMAGES_FILE = "images.json"  # the image list with each file's size and mtime (see the module docstring)
+
+
+def _stat(path) -> list[int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def write_image_list(out: Path, items: Sequence[Item]) -> None:
+    """Record the image list with each file's size and mtime (kept as it is when a build resumes)."""
+    if not (out / IMAGES_FILE).is_file():
+        paths = [str(p) for p, _ in items]
+        write_json(out / IMAGES_FILE, {"paths": paths, "stats": [_stat(p) for p in paths]})
+
+
+def image_list_difference(d: Path, m: dict, items: Sequence[Item]) -> str | None:
+    """How `items` differ from the image list a cache was built for, or None when they are the same
+    images, unchanged since the build."""
+    paths = [str(p) for p, _ in items]
+    try:
+        recorded = read_json(d / IMAGES_FILE)
+        old, stats = recorded["paths"], recorded["stats"]
+        if not (isinstance(old, list) and isinstance(stats, list) and len(old) == len(stats) == m["n_images"]):
+            raise TypeError
+    except (OSError, PromptKDError, KeyError, TypeError):
+        old = stats = None  # a cache built before images.json: the digest alone
+    if len(paths) == m["n_images"] and items_digest(items) == m["items_digest"]:
+        changed = [p for p, s in zip(paths, stats or []) if _stat(p) != s]
+        if not changed:
+            return None
+        return (f"{len(changed)} of its images changed since the cache was built (size or modification time), "
+                f"e.g. {changed[0]}; rebuild it with `promptkd cache ... --overwrite`")
+    if old is None:
+        return (f"cache was built for another image list: {m['n_images']} images there, {len(paths)} in this run"
+                + ("; the same count, but other files or another order" if len(paths) == m["n_images"] else ""))
+    only_cache, only_run = sorted(set(old) - set(paths)), sorted(set(paths) - set(old))
+    if not only_cache and not only_run:
+        first = next(i for i, (a, b) in enumerate(zip(old, paths)) if a != b)
+        return (f"cache was built for the same {len(paths)} images in another order (position {first}: "
+                f"{old[first]} there, {paths[first]} in this run); use the same --protocol, --shots and --seed")
+    parts = [f"{len(only_cache)} only in the cache (e.g. {only_cache[0]})" if only_cache else "",
+             f"{len(only_run)} only in this run (e.g. {only_run[0]})" if only_run else ""]
+    return (f"cache was built for another image list ({m['n_images']} images there, {len(paths)} in this run): "
+            + ", ".join(p for p in parts if p))
 
 
 def transform_spec(tf: TrainTransform) -> dict:
@@ -135,13 +185,16 @@ def build_teacher_cache(teacher, items: Sequence[Item], transform: TrainTransfor
     shards: list[dict] = []
     if manifest_path.exists():
         old = check_manifest(read_json(manifest_path), out)
-        same = {k: v for k, v in old.items() if k != "shards"} == header
-        if not same:
-            raise PromptKDError(f"{out}: holds a cache for another teacher, image list or settings; use a new folder")
+        differ = sorted(k for k in {*old, *header} - {"shards"} if old.get(k) != header.get(k))
+        if differ:
+            raise PromptKDError(f"{out}: holds a cache for another teacher, image list or settings ({', '.join(differ)} "
+                                "differ); use a new folder")
         shards = [s for s in old.get("shards", []) if (out / s["file"]).is_file()]
     # Under torchrun each rank renders and encodes whole shards (round-robin over the missing ones),
     # so a shard is computed exactly as one process computes it; rank 0 lists them in the manifest.
     info = distributed.current()
+    if info.is_main:
+        write_image_list(out, items)
     n_shards = math.ceil(len(items) / spec.shard_size)
     done = torch.zeros(n_shards, dtype=torch.int64)
     for s in shards:
@@ -337,9 +390,9 @@ class TeacherCache:
         d, m = self.dir, self.manifest
         if teacher_identity is not None:
             check_same_teacher(m["teacher"], teacher_identity, f"{d}: cache was built by another teacher", "cache")
-        if items is not None and (len(items) != m["n_images"] or items_digest(items) != m["items_digest"]):
-            raise PromptKDError(f"{d}: cache was built for another image list ({m['n_images']} images, "
-                                f"this run has {len(items)})")
+        differs = image_list_difference(d, m, items) if items is not None else None
+        if differs:
+            raise PromptKDError(f"{d}: {differs}")
         if transform is not None:
             want, got = transform_spec(transform), m.get("transform") or {}
             diff = [k for k in want if got.get(k) != want[k]]
@@ -408,7 +461,7 @@ class CachedViewDataset:
 # `promptkd cache`
 
 
-CACHE_OUTPUTS = ("manifest.json", "shard-*.safetensors", "run.json")  # what `promptkd cache` writes
+CACHE_OUTPUTS = ("manifest.json", IMAGES_FILE, "shard-*.safetensors", "run.json")  # what `promptkd cache` writes
 
 
 def cache_complete(folder: Path) -> bool:
@@ -424,20 +477,29 @@ def _run(args) -> int:
     from promptkd.data.protocols import build_protocol
     from promptkd.engine import distributed
     from promptkd.engine.loop import resolve_device, resolve_precision
+    from promptkd.inputs import dataset_inputs
     from promptkd.runs import (
+        check_apart,
         claim_folder,
         dataset_record,
         finish_run_record,
         promptkd_files,
         write_run_record,
     )
-    from promptkd.stages.teacher_choice import TeacherChoice, check_teacher_choice, load_teacher_choice
+    from promptkd.stages.teacher_choice import (
+        TeacherChoice,
+        check_teacher_choice,
+        load_teacher_choice,
+        teacher_inputs,
+    )
 
     choice = TeacherChoice(args.teacher, args.teacher_model, args.teacher_weights)  # or a plain CLIP
     check_teacher_choice(choice, "cache")
+    data, roots = dataset_inputs(args.dataset, args.root)
+    check_apart(args.out, {**teacher_inputs(choice), **data}, roots=roots)
     device, info = distributed.join_ranks(resolve_device(args.device))  # torchrun: each rank builds its shards
     claim = claim_folder(args.out, CACHE_OUTPUTS, overwrite=args.overwrite, resume=args.resume, what="teacher cache",
-                         finished=cache_complete, marker="manifest.json")
+                         finished=cache_complete, marker="manifest.json", command="cache")
     # The same image list `promptkd distill` trains on (same protocol, shots and seed).
     protocol = build_protocol(args.protocol, args.dataset, args.root, num_shots=args.shots, seed=args.seed)
     items = protocol.train

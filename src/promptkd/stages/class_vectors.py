@@ -37,6 +37,26 @@ def _check_names(names: list[str], source: str, existing: list[str] = ()) -> lis
     return names
 
 
+def _shown(name: str) -> str:
+    return repr(name if len(name) <= 60 else f"{name[:36]}...{name[-20:]}")
+
+
+def warn_cut_names(tokens, names: list[str]) -> list[str]:
+    """One warning naming the class names whose prompt fills the text tower's context (CLIP: 77
+    tokens), where the tokenizer cuts it, and the names that thereby become one text (one vector).
+    Returns the cut names."""
+    cut = [n for n, row in zip(names, tokens) if int(row[-1]) != 0]  # no padding left: the text was cut
+    if cut:
+        texts: dict[tuple, list[str]] = {}
+        for n, row in zip(names, tokens):
+            texts.setdefault(tuple(row.tolist()), []).append(n)
+        same = "; ".join(" = ".join(_shown(n) for n in group) for group in texts.values() if len(group) > 1)
+        log.warning("%d class name(s) cut at the text tower's %d-token limit: %s%s", len(cut), tokens.shape[1],
+                    ", ".join(_shown(n) for n in cut[:5]) + (", ..." if len(cut) > 5 else ""),
+                    f"; these become identical (one vector for several classes): {same}" if same else "")
+    return cut
+
+
 def compute_class_vectors(teacher: Teacher, classnames: list[str], chunk_size: int | None = 256) -> ClassVectors:
     """Normalised teacher text features, one row per class name, in order."""
     import torch
@@ -44,6 +64,7 @@ def compute_class_vectors(teacher: Teacher, classnames: list[str], chunk_size: i
     from promptkd.models.wrappers import ClassVectors
 
     names = _check_names(list(classnames), "class vectors")
+    warn_cut_names(teacher.text.tokenize_classnames(names), names)
     was_training = teacher.training
     teacher.eval()
     with torch.no_grad():
@@ -156,9 +177,14 @@ def register(subparsers) -> None:
 def _run(args) -> int:
     from promptkd.engine import distributed
     from promptkd.engine.loop import resolve_device
-    from promptkd.inputs import class_vectors_path, one_of
-    from promptkd.runs import claim_file
-    from promptkd.stages.teacher_choice import TeacherChoice, check_teacher_choice, load_teacher_choice
+    from promptkd.inputs import class_vectors_path, dataset_inputs, one_of
+    from promptkd.runs import check_apart, claim_file
+    from promptkd.stages.teacher_choice import (
+        TeacherChoice,
+        check_teacher_choice,
+        load_teacher_choice,
+        teacher_inputs,
+    )
 
     given = one_of(args.teacher_run, args.teacher, "--teacher")
     if not given and not args.teacher_model:
@@ -173,6 +199,9 @@ def _run(args) -> int:
     if args.append_to:
         class_vectors_path(args.append_to, "--append-to")
     in_place = bool(args.append_to) and Path(out).resolve() == Path(args.append_to).resolve()
+    data, roots = dataset_inputs(args.dataset, args.root)
+    check_apart(out, {**teacher_inputs(choice), "class-name file": args.classes_file, **data,
+                      "class vectors": None if in_place else args.append_to}, roots=roots)
     claim_file(out, overwrite=args.overwrite, what="class-vector file", in_place=in_place)
     device, info = distributed.join_ranks(resolve_device(args.device))  # torchrun: each rank takes class chunks
     names = classnames_from_args(args)

@@ -19,7 +19,7 @@ from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 from promptkd.artifacts import atomic_open, read_json, write_json
-from promptkd.errors import PromptKDError
+from promptkd.errors import PromptKDError, raise_if_interrupted
 from promptkd.inputs import ARTIFACT_FILES, CLASS_VECTORS_FILE
 from promptkd.settings import apply_sets, check_field_types, check_known_keys, read_yaml
 
@@ -344,6 +344,7 @@ def _try_export(student_path, cv_path, onnx_path, student_clip):
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
     except ImportError:
+        raise_if_interrupted()  # a Ctrl-C that cut the import short is not "missing"
         log.warning("ONNX export skipped: install promptkd[onnx]")
         return None, None
     from promptkd.deploy import StudentClassifier
@@ -458,7 +459,8 @@ def _run(args) -> int:
         sets.append(f"cache_views={args.teacher_cache_views}")
     sets += [f"threads={args.threads}", f"progress={str(not args.no_progress).lower()}"]
     cfg = DemoConfig.load(args.config, sets)  # the settings are checked before the folder is touched
-    claim = claim_folder(args.out, DEMO_OUTPUTS, overwrite=args.overwrite, what="demo", finished="report.md")
+    claim = claim_folder(args.out, DEMO_OUTPUTS, overwrite=args.overwrite, what="demo", finished="report.md",
+                         command="demo")
     metrics = run_demo(claim.prepare(), cfg)
     print((Path(args.out) / "report.md").read_text())
     print(summary_table(metrics))

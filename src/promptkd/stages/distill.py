@@ -49,6 +49,7 @@ from promptkd.settings import (
     random_weights,
     read_yaml,
     rename_keys,
+    require_two_classes,
 )
 from promptkd.stages.cache import (
     CachedViewDataset,
@@ -821,6 +822,7 @@ def distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = False) -> Pa
     if not protocol.classnames:
         raise PromptKDError(f"{cfg.dataset}: no class names; give --classes-file FILE (or --class-vectors) for "
                             "unlabelled images")
+    require_two_classes(protocol.classnames, cfg.dataset)
     if cv is None:  # pre-store once, after the teacher's prompts are loaded (§6.1)
         cv = compute_class_vectors(teacher, protocol.classnames)
     more = []
@@ -901,15 +903,21 @@ def config_from_args(args) -> DistillConfig:
 def _run(args) -> int:
     from promptkd.engine import distributed
     from promptkd.engine.loop import resolve_device
-    from promptkd.inputs import check_clip_files
-    from promptkd.runs import claim_folder
+    from promptkd.inputs import check_clip_files, clip_inputs, dataset_inputs
+    from promptkd.runs import check_apart, claim_folder
+    from promptkd.stages.teacher_choice import teacher_inputs
 
     cfg = config_from_args(args)  # types and ranges of every setting
     _check_required(cfg)  # every teacher: its files, class vectors, cache and templates
     resolve_device(cfg.train.device)
     check_clip_files(cfg.student_model, cfg.student_weights, "student")
+    data, roots = dataset_inputs(cfg.dataset, cfg.root)
+    teachers = {k: v for i, choice in enumerate(teacher_choices(cfg))  # the first teacher, then " 2", " 3", ...
+                for k, v in teacher_inputs(choice, f" {i + 1}" if i else "").items()}
+    check_apart(args.out, {**teachers, **data, **clip_inputs(cfg.student_model, cfg.student_weights, "student")},
+                roots=roots)
     claim = claim_folder(args.out, DISTILL_OUTPUTS, overwrite=args.overwrite, resume=args.resume,
-                         what="distillation run", finished=STUDENT_FILE, marker=CHECKPOINT_NAME)
+                         what="distillation run", finished=STUDENT_FILE, marker=CHECKPOINT_NAME, command="distill")
     path = distill(cfg, claim.prepare(), resume=args.resume)
     if distributed.current().is_main:
         metrics = read_json(Path(args.out) / METRICS_FILE)

@@ -91,6 +91,13 @@ def run_eval(args) -> dict:
         raise PromptKDError("no dataset: pass --dataset NAME (or folder:PATH)")
     root = args.root if args.dataset else args.root or recorded.get("root")
     protocol_name = args.protocol or (recorded.get("protocol") if not args.dataset else None) or "base2novel"
+    if args.out:  # the metrics file never replaces an input
+        from promptkd.inputs import dataset_inputs
+        from promptkd.runs import check_apart
+
+        data, roots = dataset_inputs(dataset, root)
+        check_apart(args.out, {"teacher": teacher_path, "student": student_path, "class vectors": cv_path, **data},
+                    roots=roots)
     device, info = distributed.join_ranks(resolve_device(args.device))  # torchrun: each rank takes test batches
     precision = resolve_precision(args.precision, device)
     cv = ClassVectors.load(cv_path) if cv_path else None

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from promptkd.artifacts import about_file, atomic_open, save_artifact
-from promptkd.errors import PromptKDError
+from promptkd.errors import PromptKDError, optional_import
 
 if TYPE_CHECKING:  # torch and the models are imported where they run: `promptkd export --help` stays fast
     import torch
@@ -274,8 +274,8 @@ def _run_metrics(student: Path, cv: Path) -> tuple[dict | None, str | None]:
 def _run(args) -> int:
     from promptkd import runs, sharing
     from promptkd.deploy import OnnxClassifier, StudentClassifier
-    from promptkd.inputs import artifact_path, check_clip_files, one_of, student_class_vectors
-    from promptkd.runs import claim_file, claim_folder
+    from promptkd.inputs import artifact_path, check_clip_files, clip_inputs, one_of, student_class_vectors
+    from promptkd.runs import check_apart, claim_file, claim_folder
 
     fmt = getattr(args, "format", "onnx")
     given = one_of(args.student_run, args.student, "--student")
@@ -284,19 +284,18 @@ def _run(args) -> int:
     student = artifact_path(given, "student")
     cv = student_class_vectors(student, args.class_vectors)
     out = Path(args.out or default_out(student, fmt))
-    if out.resolve() in (student.resolve(), cv.resolve()):
-        raise PromptKDError(f"--out {out} would overwrite an input file; choose another path")
+    inputs = {"student": student, "class vectors": cv, **clip_inputs(args.student_model, args.student_weights, "student")}
+    check_apart(out, inputs)  # a file, or a model folder that may not hold them either
     folder = None
     if fmt == "folder":
-        if student.resolve().is_relative_to(out.resolve()) or cv.resolve().is_relative_to(out.resolve()):
-            raise PromptKDError(f"--out {out} holds the student or its class vectors; choose another folder")
         folder = claim_folder(out, sharing.FOLDER_FILES, overwrite=args.overwrite, what="model folder",
-                              finished=sharing.CONFIG_FILE)
+                              finished=sharing.CONFIG_FILE, lock=False)  # for upload: no lock file in it
         out_file = out / sharing.WEIGHTS_FILE
     else:
         out_file = claim_file(out, overwrite=args.overwrite, what="exported model")
     beside = paired_class_vectors(out) if fmt == "image-features" else None
     if beside is not None:
+        check_apart(beside, inputs)
         claim_file(beside, overwrite=args.overwrite, what="class-vector file")
     check_clip_files(args.student_model, args.student_weights, "student")
     onnx_format = fmt in ("onnx", "image-features")
@@ -308,12 +307,9 @@ def _run(args) -> int:
                           allow_other_teacher=args.allow_other_teacher)
     ref = reference_logits(clf, source=str(student))  # nothing is written for a broken model
     check = not args.no_check
-    if check and onnx_format:
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError:
-            check = False
-            print("parity check skipped: onnxruntime is not installed (pip install 'promptkd[onnx]')", file=sys.stderr)
+    if check and onnx_format and optional_import("onnxruntime") is None:  # a Ctrl-C here is one, not "missing"
+        check = False
+        print("parity check skipped: onnxruntime is not installed (pip install 'promptkd[onnx]')", file=sys.stderr)
     if folder is not None:
         folder.prepare()
     target = out_file.with_name(f".{out_file.name}.unchecked") if check else out_file

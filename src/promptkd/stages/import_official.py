@@ -289,9 +289,16 @@ def register(sub) -> None:
 
 
 def _run(args) -> None:
-    from promptkd.inputs import ARTIFACT_FILES, check_clip_files
+    from promptkd.inputs import ARTIFACT_FILES, check_clip_files, clip_inputs
     from promptkd.models.loading import load_clip
-    from promptkd.runs import claim_file, claim_folder, file_record, finish_run_record, write_run_record
+    from promptkd.runs import (
+        check_apart,
+        claim_file,
+        claim_folder,
+        file_record,
+        finish_run_record,
+        write_run_record,
+    )
 
     role, other = args.kind, "student" if args.kind == "teacher" else "teacher"
     if getattr(args, f"{other}_model") or getattr(args, f"{other}_weights"):
@@ -305,10 +312,11 @@ def _run(args) -> None:
     if not Path(args.checkpoint).is_file():
         raise PromptKDError(f"{args.checkpoint}: checkpoint not found")
     check_clip_files(model, weights, role)
+    check_apart(args.out, {"checkpoint": args.checkpoint, **clip_inputs(model, weights, role)})
     folder = Path(args.out).suffix != ".safetensors"
     if folder:
         claim = claim_folder(args.out, (ARTIFACT_FILES[role], "run.json"), overwrite=args.overwrite,
-                             what=f"imported {role}", finished=ARTIFACT_FILES[role])
+                             what=f"imported {role}", finished=ARTIFACT_FILES[role], command="import-official")
         out = claim.path / ARTIFACT_FILES[role]
     else:
         out = claim_file(args.out, overwrite=args.overwrite, what=f"{role} artifact")

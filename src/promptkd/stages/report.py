@@ -236,4 +236,13 @@ def register(sub) -> None:
                    help="which result of each run: last epoch (default), best on val, or the official "
                         "best-on-test number (only with runs made with --official-best-on-test)")
     p.add_argument("--no-plot", action="store_true")
-    p.set_defaults(func=lambda a: (report(a.run_dirs, a.out, a.select, not a.no_plot), 0)[1])
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    from promptkd.runs import check_apart
+
+    for run in args.run_dirs:  # `report runs --out runs/report` is fine: out may lie inside a run folder
+        check_apart(args.out, {}, roots={"run folder": run})
+    report(args.run_dirs, args.out, args.select, not args.no_plot)
+    return 0

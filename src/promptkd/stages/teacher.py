@@ -32,6 +32,7 @@ from promptkd.settings import (
     random_weights,
     read_yaml,
     rename_keys,
+    require_two_classes,
 )
 from promptkd.stages.templates import IMAGENET_TEMPLATES
 
@@ -185,6 +186,9 @@ class TeacherObjective:
         self.teacher, self.cfg = teacher, cfg
         device = teacher.logit_scale.device
         self.tokens = teacher.text.tokenize_classnames(classnames).to(device)
+        from promptkd.stages.class_vectors import warn_cut_names
+
+        warn_cut_names(self.tokens, classnames)
         self.text_reference = None
         if cfg.mode == "promptsrc":
             log.info("frozen text reference: %d classes x %d templates", len(classnames), len(IMAGENET_TEMPLATES))
@@ -367,6 +371,7 @@ def train_teacher(cfg: TeacherConfig, out_dir: str | Path, resume: bool = False)
     split = teacher_split(ds, cfg.shots, cfg.seed)
     if not split.train:
         raise PromptKDError(f"{cfg.dataset}: no training images for the base classes")
+    require_two_classes(split.classnames, cfg.dataset, "base classes")
     if resume:
         _check_resume(Path(out_dir), cfg, split.classnames)
     set_random_seed(cfg.seed)  # prompt initialisation depends on the seed alone
@@ -485,16 +490,18 @@ def _check_labelled(dataset: str) -> None:
 
 def _run(args) -> int:
     from promptkd.engine.loop import resolve_device
-    from promptkd.inputs import check_clip_files
-    from promptkd.runs import claim_folder
+    from promptkd.inputs import check_clip_files, clip_inputs, dataset_inputs
+    from promptkd.runs import check_apart, claim_folder
 
     cfg = config_from_args(args)  # types and ranges of every setting
     resolve_device(cfg.train.device)  # the device exists here
     if not cfg.dataset:
         raise PromptKDError("no dataset: pass --dataset NAME (or folder:PATH) or set 'dataset' in the config")
+    data, roots = dataset_inputs(cfg.dataset, cfg.root)
+    check_apart(args.out, {**data, **clip_inputs(cfg.model, cfg.weights, "teacher")}, roots=roots)
     _check_labelled(cfg.dataset)  # before --out is touched
     claim = claim_folder(args.out, TEACHER_OUTPUTS, overwrite=args.overwrite, resume=args.resume,
-                         what="teacher run", finished=TEACHER_NAME, marker=CHECKPOINT_NAME)
+                         what="teacher run", finished=TEACHER_NAME, marker=CHECKPOINT_NAME, command="teacher")
     check_clip_files(cfg.model, cfg.weights, "teacher")
     path = train_teacher(cfg, claim.prepare(), resume=args.resume)
     print(path)

@@ -85,6 +85,16 @@ def check_teacher_choice(choice: TeacherChoice, where: str = "distill") -> None:
     check_clip_files(choice.teacher_model, choice.teacher_weights, "teacher")
 
 
+def teacher_inputs(choice: TeacherChoice, suffix: str = "") -> dict:
+    """The files a teacher choice reads (artifact, class vectors, cache, CLIP files), as inputs for
+    runs.check_apart."""
+    from promptkd.inputs import artifact_path, clip_inputs
+
+    return {f"teacher{suffix}": artifact_path(choice.teacher, "teacher") if choice.teacher else None,
+            f"class vectors{suffix}": choice.class_vectors, f"teacher cache{suffix}": choice.teacher_cache,
+            **{f"{k}{suffix}": v for k, v in clip_inputs(choice.teacher_model, choice.teacher_weights, "teacher").items()}}
+
+
 def _recorded_templates(class_vectors: str | None) -> list | None:
     if not class_vectors:
         return None
