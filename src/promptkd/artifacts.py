@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = 1
 _META_KEY = "promptkd"
+# The artifacts a run folder holds, by the names every command finds them by.
+ARTIFACT_FILES = {"teacher": "teacher.safetensors", "student": "student.safetensors"}
+CLASS_VECTORS_FILE = "class_vectors.safetensors"
 
 
 def _new_file_mode(path: Path) -> int:
@@ -284,3 +287,44 @@ def _pread_into(fd: int, buf: bytearray, offset: int) -> int:
         data = os.read(fd, len(buf))
     buf[: len(data)] = data
     return len(data)
+
+
+def artifact_path(given: str | Path, kind: str, option: str | None = None) -> Path:
+    """A `kind` artifact named by its file or by the run folder holding it; the wrong kind, a folder
+    of another stage or a missing file is one line naming the option."""
+    option = option or f"--{kind}"
+    path = Path(given)
+    if path.is_dir():
+        inside = path / ARTIFACT_FILES[kind]
+        if not inside.is_file():
+            other = [k for k, name in ARTIFACT_FILES.items() if (path / name).is_file()]
+            what = f"a {other[0]} run folder" if other else f"a folder without {ARTIFACT_FILES[kind]}"
+            raise PromptKDError(f"{option} {path}: {what}, not a {kind} file or run folder")
+        path = inside
+    elif not path.is_file():
+        raise PromptKDError(f"{option} {path}: {kind} file or run folder not found")
+    meta = read_artifact_meta(path)
+    if meta.get("kind") != kind:
+        raise PromptKDError(f"{option} {path}: expected a {kind} artifact, found kind={meta.get('kind')!r}")
+    return path
+
+
+def student_class_vectors(student: Path, given: str | Path | None, missing: str | None = None) -> Path:
+    """The class vectors a student classifies with: `given` (--class-vectors), else those distillation
+    wrote next to it (the classifier it was trained on); none is one line (`missing`, or the default)."""
+    if given:
+        return class_vectors_path(given)
+    path = Path(student).parent / CLASS_VECTORS_FILE
+    if not path.is_file():
+        raise PromptKDError(missing or f"{student}: no class vectors beside it; give --class-vectors FILE")
+    return path
+
+
+def class_vectors_path(given: str | Path, option: str = "--class-vectors") -> Path:
+    path = Path(given)
+    if path.is_dir() and (path / CLASS_VECTORS_FILE).is_file():
+        path = path / CLASS_VECTORS_FILE
+    if not path.is_file():
+        raise PromptKDError(f"{option} {path}: class-vector file not found")
+    read_artifact_meta(path, "class_vectors")
+    return path

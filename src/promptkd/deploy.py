@@ -173,7 +173,7 @@ class StudentClassifier(nn.Module, _Predictor):
         file (or its run folder) and a class-vector file (default: those beside it in a run folder);
         `clip` overrides the student's CLIP (local weights). `promptkd.load` takes every kind."""
         if Path(student).is_dir():  # a run folder, as every command takes it
-            from promptkd.inputs import artifact_path, student_class_vectors
+            from promptkd.artifacts import artifact_path, student_class_vectors
 
             student = artifact_path(student, "student", "student")
             class_vectors = student_class_vectors(student, class_vectors)
@@ -203,9 +203,9 @@ class StudentClassifier(nn.Module, _Predictor):
     def with_classes(self, classnames: Sequence[str], teacher: Teacher, *,
                      allow_other_teacher: bool = False) -> StudentClassifier:
         """A classifier for other classes: their vectors from the teacher's text tower (shares the student)."""
-        from promptkd.stages.class_vectors import compute_class_vectors
+        from promptkd.models.classnames import class_vectors_of
 
-        return StudentClassifier(self.student, compute_class_vectors(teacher, list(classnames)),
+        return StudentClassifier(self.student, class_vectors_of(teacher, list(classnames)),
                                  allow_other_teacher=allow_other_teacher)
 
     def with_class_vectors(self, class_vectors: ClassVectors | str | Path, *,

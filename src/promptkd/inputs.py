@@ -12,33 +12,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from promptkd.artifacts import read_artifact_meta
+from promptkd.artifacts import (  # noqa: F401  (the run-folder names live beside the artifact files)
+    ARTIFACT_FILES,
+    CLASS_VECTORS_FILE,
+    artifact_path,
+    class_vectors_path,
+    read_artifact_meta,
+    student_class_vectors,
+)
 from promptkd.errors import PromptKDError
 from promptkd.runs import read_run_record
 from promptkd.settings import random_weights
-
-ARTIFACT_FILES = {"teacher": "teacher.safetensors", "student": "student.safetensors"}
-CLASS_VECTORS_FILE = "class_vectors.safetensors"
-
-
-def artifact_path(given: str | Path, kind: str, option: str | None = None) -> Path:
-    """A `kind` artifact named by its file or by the run folder holding it; the wrong kind, a folder
-    of another stage or a missing file is one line naming the option."""
-    option = option or f"--{kind}"
-    path = Path(given)
-    if path.is_dir():
-        inside = path / ARTIFACT_FILES[kind]
-        if not inside.is_file():
-            other = [k for k, name in ARTIFACT_FILES.items() if (path / name).is_file()]
-            what = f"a {other[0]} run folder" if other else f"a folder without {ARTIFACT_FILES[kind]}"
-            raise PromptKDError(f"{option} {path}: {what}, not a {kind} file or run folder")
-        path = inside
-    elif not path.is_file():
-        raise PromptKDError(f"{option} {path}: {kind} file or run folder not found")
-    meta = read_artifact_meta(path)
-    if meta.get("kind") != kind:
-        raise PromptKDError(f"{option} {path}: expected a {kind} artifact, found kind={meta.get('kind')!r}")
-    return path
 
 
 def artifact_kind(given: str | Path, option: str) -> tuple[str, Path]:
@@ -60,27 +44,6 @@ def artifact_kind(given: str | Path, option: str) -> tuple[str, Path]:
 def run_record_of(artifact: Path) -> dict:
     """The run.json of the folder an artifact sits in ({} outside a run folder)."""
     return read_run_record(Path(artifact).parent) or {}
-
-
-def student_class_vectors(student: Path, given: str | Path | None, missing: str | None = None) -> Path:
-    """The class vectors a student classifies with: `given` (--class-vectors), else those distillation
-    wrote next to it (the classifier it was trained on); none is one line (`missing`, or the default)."""
-    if given:
-        return class_vectors_path(given)
-    path = Path(student).parent / CLASS_VECTORS_FILE
-    if not path.is_file():
-        raise PromptKDError(missing or f"{student}: no class vectors beside it; give --class-vectors FILE")
-    return path
-
-
-def class_vectors_path(given: str | Path, option: str = "--class-vectors") -> Path:
-    path = Path(given)
-    if path.is_dir() and (path / CLASS_VECTORS_FILE).is_file():
-        path = path / CLASS_VECTORS_FILE
-    if not path.is_file():
-        raise PromptKDError(f"{option} {path}: class-vector file not found")
-    read_artifact_meta(path, "class_vectors")
-    return path
 
 
 def one_of(positional, option_value, option: str) -> str | None:

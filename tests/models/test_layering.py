@@ -1,7 +1,10 @@
 """Dependencies point down: nothing under promptkd/models/ reaches a promptkd module above it (run
 folders, settings, inputs, the engine, stages, deploy, the CLI, the toy world, the package's entry
 layer), neither directly nor through the modules it imports, and not even inside a function. Model
-sources from above (the toy world) reach models/ through its registry (models/sources.py)."""
+sources from above (the toy world) reach models/ through its registry (models/sources.py).
+
+promptkd/deploy.py (the classifier a user loads) sits just above models/ and is held to the same
+rule, with one more name: the package itself, for its `__version__` (its imports are followed too)."""
 
 from __future__ import annotations
 
@@ -74,7 +77,12 @@ def _import_graph() -> dict[str, set[str]]:
 
 def _reached_from_models(graph: dict[str, set[str]]) -> list[str]:
     """Each module outside ALLOWED that a models/ module reaches, with the chain of imports."""
-    chains = {m: [m] for m in graph if m == "promptkd.models" or m.startswith("promptkd.models.")}
+    return _reached_from(graph, [m for m in graph if m == "promptkd.models" or m.startswith("promptkd.models.")])
+
+
+def _reached_from(graph: dict[str, set[str]], starts: list[str], also: tuple[str, ...] = ()) -> list[str]:
+    """Each module outside ALLOWED (and the exact names `also`) that `starts` reach, with the chain."""
+    chains = {m: [m] for m in starts}
     todo, out = list(chains), []
     while todo:
         module = todo.pop()
@@ -82,7 +90,7 @@ def _reached_from_models(graph: dict[str, set[str]]) -> list[str]:
             if target in chains:
                 continue
             chains[target] = [*chains[module], target]
-            if _allowed(target):
+            if _allowed(target) or target in also:
                 todo.append(target)  # an allowed module may still lead upward
             else:
                 out.append(" -> ".join(chains[target]))
@@ -91,6 +99,17 @@ def _reached_from_models(graph: dict[str, set[str]]) -> list[str]:
 
 def test_models_reach_nothing_above_them():
     assert _reached_from_models(_import_graph()) == []
+
+
+def test_deploy_reaches_nothing_above_it():
+    assert _reached_from(_import_graph(), ["promptkd.deploy"], also=("promptkd",)) == []
+
+
+def test_the_deploy_check_finds_a_stage_reached_through_the_package():
+    graph = {"promptkd.deploy": {"promptkd", "promptkd.models.wrappers"}, "promptkd": {"promptkd.stages.a"},
+             "promptkd.models.wrappers": set()}
+    assert _reached_from(graph, ["promptkd.deploy"], also=("promptkd",)) == [
+        "promptkd.deploy -> promptkd -> promptkd.stages.a"]
 
 
 def test_the_chain_check_finds_an_import_from_above_through_an_allowed_module():

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from promptkd.errors import PromptKDError
+from promptkd.models.classnames import _check_names, warn_cut_names  # noqa: F401  (warn_cut_names: re-exported)
 
 if TYPE_CHECKING:  # imported where they run, so that the CLI's parser does not import torch
     from promptkd.models.wrappers import ClassVectors, Teacher
@@ -21,56 +22,12 @@ if TYPE_CHECKING:  # imported where they run, so that the CLI's parser does not 
 log = logging.getLogger(__name__)
 
 
-def _check_names(names: list[str], source: str, existing: list[str] = ()) -> list[str]:
-    """Non-empty names, none repeated, also not up to case ('Cat' and 'cat' would get one text feature
-    from a lower-casing tokenizer, and two rows for one class)."""
-    names = [n.strip() for n in names]
-    if not names or any(not n for n in names):
-        raise PromptKDError(f"{source}: class names must be non-empty")
-    seen = {n.casefold(): n for n in existing}
-    for n in names:
-        if n.casefold() in seen:
-            where = "already in the file" if seen[n.casefold()] in existing else "given twice"
-            same = "" if seen[n.casefold()] == n else f" as {seen[n.casefold()]!r}: names differing only in case clash"
-            raise PromptKDError(f"{source}: duplicate class name {n!r} ({where}{same})")
-        seen[n.casefold()] = n
-    return names
-
-
-def _shown(name: str) -> str:
-    return repr(name if len(name) <= 60 else f"{name[:36]}...{name[-20:]}")
-
-
-def warn_cut_names(tokens, names: list[str]) -> list[str]:
-    """One warning naming the class names whose prompt fills the text tower's context (CLIP: 77
-    tokens), where the tokenizer cuts it, and the names that thereby become one text (one vector).
-    Returns the cut names."""
-    cut = [n for n, row in zip(names, tokens) if int(row[-1]) != 0]  # no padding left: the text was cut
-    if cut:
-        texts: dict[tuple, list[str]] = {}
-        for n, row in zip(names, tokens):
-            texts.setdefault(tuple(row.tolist()), []).append(n)
-        same = "; ".join(" = ".join(_shown(n) for n in group) for group in texts.values() if len(group) > 1)
-        log.warning("%d class name(s) cut at the text tower's %d-token limit: %s%s", len(cut), tokens.shape[1],
-                    ", ".join(_shown(n) for n in cut[:5]) + (", ..." if len(cut) > 5 else ""),
-                    f"; these become identical (one vector for several classes): {same}" if same else "")
-    return cut
-
-
 def compute_class_vectors(teacher: Teacher, classnames: list[str], chunk_size: int | None = 256) -> ClassVectors:
-    """Normalised teacher text features, one row per class name, in order."""
-    import torch
+    """Normalised teacher text features, one row per class name, in order; under torchrun the ranks
+    share the text passes."""
+    from promptkd.models.classnames import class_vectors_of
 
-    from promptkd.models.wrappers import ClassVectors
-
-    names = _check_names(list(classnames), "class vectors")
-    warn_cut_names(teacher.text.tokenize_classnames(names), names)
-    was_training = teacher.training
-    teacher.eval()
-    with torch.no_grad():
-        vectors = _encode_sharded(teacher, names, chunk_size)
-    teacher.train(was_training)
-    return ClassVectors(vectors, names, teacher.identity())
+    return class_vectors_of(teacher, classnames, chunk_size, encode=_encode_sharded)
 
 
 def _encode_sharded(teacher: Teacher, names: list[str], chunk_size: int | None):
@@ -79,9 +36,10 @@ def _encode_sharded(teacher: Teacher, names: list[str], chunk_size: int | None):
     import torch
 
     from promptkd.engine import distributed
+    from promptkd.models.classnames import encode_here
 
     if not distributed.current().enabled:
-        return teacher.encode_classnames(names, chunk_size).float().cpu()
+        return encode_here(teacher, names, chunk_size)
     chunk = chunk_size or len(names)
     starts = range(0, len(names), chunk)
     vectors = torch.zeros(len(names), teacher.dim)

@@ -48,60 +48,23 @@ def _subject(args):
 
 def run_eval(args) -> dict:
     """Evaluate a zero-shot CLIP, a teacher or a student on a dataset under a protocol."""
-    import torch
-
     from promptkd.artifacts import write_json
-    from promptkd.data.protocols import align_class_vectors, build_protocol
-    from promptkd.data.transforms import transforms_for
-    from promptkd.deploy import OTHER_TEACHER_HINT, other_teacher
+    from promptkd.data.protocols import build_protocol
     from promptkd.engine import distributed
-    from promptkd.engine.loop import autocast, resolve_device, resolve_precision
-    from promptkd.inputs import (
-        check_clip_files,
-        class_vectors_path,
-        load_student,
-        load_teacher,
-        run_record_of,
-        student_class_vectors,
-    )
-    from promptkd.metrics import evaluate_splits
-    from promptkd.models import load_clip
-    from promptkd.models.teachers import template_class_vectors
+    from promptkd.engine.loop import resolve_device, resolve_precision
+    from promptkd.inputs import class_vectors_path
     from promptkd.models.wrappers import ClassVectors
-    from promptkd.stages.teacher_choice import TeacherChoice, check_teacher_choice, load_teacher_choice
-    from promptkd.templates import resolve_templates
 
-    clip_model, teacher_path, student_path = _subject(args)
-    plain = not (clip_model or teacher_path or student_path)
-    if args.template and args.templates:
-        raise PromptKDError("give the zero-shot templates once: --template or --templates")
-    if plain:
-        choice = TeacherChoice(None, args.teacher_model, args.teacher_weights, args.class_vectors,
-                               templates=args.template or args.templates)
-        check_teacher_choice(choice, "eval")
-    cv_path = student_class_vectors(student_path, args.class_vectors) if student_path else None
-    for role, model, weights in (("clip", args.clip_model, args.clip_weights), ("teacher", args.teacher_model,
-                                 args.teacher_weights), ("student", args.student_model, args.student_weights)):
-        check_clip_files(model, weights, role)
-    # A run folder remembers its data: --dataset, --root and --protocol default to the run's.
-    recorded = (run_record_of(teacher_path or student_path).get("inputs") or {}).get("dataset") or {} \
-        if (teacher_path or student_path) else {}
-    dataset = args.dataset or recorded.get("name")
-    if not dataset:
-        raise PromptKDError("no dataset: pass --dataset NAME (or folder:PATH)")
-    root = args.root if args.dataset else args.root or recorded.get("root")
-    protocol_name = args.protocol or (recorded.get("protocol") if not args.dataset else None) or "base2novel"
+    subject, choice, cv_path = _checked_subject(args)
+    clip_model, teacher_path, student_path = subject
+    dataset, root, protocol_name = _data_of(args, teacher_path or student_path)
     if args.out:  # the metrics file never replaces an input
-        from promptkd.inputs import dataset_inputs
-        from promptkd.runs import check_apart
-
-        data, roots = dataset_inputs(dataset, root)
-        check_apart(args.out, {"teacher": teacher_path, "student": student_path, "class vectors": cv_path, **data},
-                    roots=roots)
+        _check_out_apart(args.out, dataset, root, {"teacher": teacher_path, "student": student_path,
+                                                   "class vectors": cv_path})
     device, info = distributed.join_ranks(resolve_device(args.device))  # torchrun: each rank takes test batches
     precision = resolve_precision(args.precision, device)
     cv = ClassVectors.load(cv_path) if cv_path else None
-    if plain and args.class_vectors:
+    if choice is not None and args.class_vectors:
         cv = ClassVectors.load(class_vectors_path(args.class_vectors))
     protocol = build_protocol(protocol_name, dataset, root, num_shots=args.shots, seed=args.seed,
                               reference_classnames=cv.classnames if cv is not None else None)
@@ -110,50 +73,8 @@ def run_eval(args) -> dict:
         raise PromptKDError(f"{protocol.dataset}: no labelled {args.split} images under the {protocol_name} protocol"
                             + (" (a folder without a val/ sub-folder has none; use --split test)"
                                if args.split == "val" else ""))
-    with torch.no_grad():
-        if clip_model:
-            clip = load_clip(clip_model, default_clip_weights(clip_model, args.clip_weights), device=device,
-                             init_seed=args.seed)
-            encode, preprocess = clip.model.encode_image, clip.preprocess_cfg
-            templates = resolve_templates(args.template or args.templates, dataset)
-            classifier = template_class_vectors(lambda tokens: clip.model.encode_text(tokens.to(device)),
-                                                clip.tokenizer, protocol.classnames, templates)
-            what = {"clip": clip.identity(), "templates": templates}
-        elif plain:
-            teacher, _ = load_teacher_choice(choice, device=device, seed=args.seed, dataset=dataset)
-            encode, preprocess = teacher.encode_images, teacher.clip.preprocess_cfg
-            if cv is not None:  # its own class vectors: made by this CLIP with these templates, or refused
-                ClassVectors.load(args.class_vectors, teacher=teacher, dim=teacher.dim)
-                classifier = align_class_vectors(cv, protocol, str(args.class_vectors))
-            else:
-                classifier = teacher.encode_classnames(protocol.classnames, chunk_size=args.text_chunk)
-            what = {"plain_clip_teacher": teacher.identity()}
-        elif teacher_path:
-            teacher = load_teacher(teacher_path, args.teacher_model, args.teacher_weights, device)
-            encode, preprocess = teacher.encode_images, teacher.clip.preprocess_cfg
-            classifier = teacher.encode_classnames(protocol.classnames, chunk_size=args.text_chunk)
-            what = {"teacher": str(teacher_path), **teacher.identity()}
-        else:
-            student = load_student(student_path, args.student_model, args.student_weights, device)
-            if cv.dim != student.projector.out_dim:
-                raise PromptKDError(f"{cv_path}: class vectors have dim {cv.dim}, the student "
-                                    f"projects to {student.projector.out_dim}")
-            other = other_teacher(student, cv.teacher)
-            if other and not getattr(args, "allow_other_teacher", False):
-                raise PromptKDError(f"{cv_path}: class vectors come from another teacher than the one "
-                                    f"{student_path} was distilled from ({other}); {OTHER_TEACHER_HINT}")
-            classifier = align_class_vectors(cv, protocol, str(cv_path))
-            encode, preprocess = student, student.clip.preprocess_cfg
-            what = {"student": str(student_path), "class_vectors": str(cv_path)}
-
-    def encode_amp(x):
-        with autocast(device, precision):
-            return encode(x)
-
-    results = evaluate_splits(encode_amp, classifier, splits, transforms_for(preprocess)[1],
-                              batch_size=args.batch_size, device=device, num_workers=args.num_workers,
-                              progress=not args.no_progress and info.is_main,
-                              announce="eval" if info.is_main else None, shard=True)
+    encode, preprocess, classifier, what = _load_model(args, subject, choice, cv, cv_path, protocol, dataset, device)
+    results = _score(args, encode, preprocess, classifier, splits, device, precision, info.is_main)
     counts = {k: sum(1 for it in s.items if it.label >= 0) for k, s in splits.items()}
     out = {"kind": "eval_metrics", "dataset": protocol.dataset, "protocol": protocol_name, "split": args.split,
            "model": what, "results": results, "images": counts}
@@ -163,6 +84,131 @@ def run_eval(args) -> dict:
     if args.out:
         write_json(args.out, out)
     return out
+
+
+def _checked_subject(args):
+    """(the _subject triple, the plain CLIP teacher's choice | None, the student's class-vector file |
+    None), with every option and CLIP file checked before anything heavy runs."""
+    from promptkd.inputs import check_clip_files, student_class_vectors
+    from promptkd.stages.teacher_choice import TeacherChoice, check_teacher_choice
+
+    clip_model, teacher_path, student_path = subject = _subject(args)
+    plain = not (clip_model or teacher_path or student_path)
+    if args.template and args.templates:
+        raise PromptKDError("give the zero-shot templates once: --template or --templates")
+    choice = None
+    if plain:
+        choice = TeacherChoice(None, args.teacher_model, args.teacher_weights, args.class_vectors,
+                               templates=args.template or args.templates)
+        check_teacher_choice(choice, "eval")
+    cv_path = student_class_vectors(student_path, args.class_vectors) if student_path else None
+    for role, model, weights in (("clip", args.clip_model, args.clip_weights), ("teacher", args.teacher_model,
+                                 args.teacher_weights), ("student", args.student_model, args.student_weights)):
+        check_clip_files(model, weights, role)
+    return subject, choice, cv_path
+
+
+def _data_of(args, run_file) -> tuple[str, str | None, str]:
+    """(dataset, root, protocol): a run folder remembers its data, so --dataset, --root and --protocol
+    default to the run's."""
+    from promptkd.inputs import run_record_of
+
+    recorded = (run_record_of(run_file).get("inputs") or {}).get("dataset") or {} if run_file else {}
+    dataset = args.dataset or recorded.get("name")
+    if not dataset:
+        raise PromptKDError("no dataset: pass --dataset NAME (or folder:PATH)")
+    root = args.root if args.dataset else args.root or recorded.get("root")
+    protocol_name = args.protocol or (recorded.get("protocol") if not args.dataset else None) or "base2novel"
+    return dataset, root, protocol_name
+
+
+def _check_out_apart(out, dataset: str, root, inputs: dict) -> None:
+    from promptkd.inputs import dataset_inputs
+    from promptkd.runs import check_apart
+
+    data, roots = dataset_inputs(dataset, root)
+    check_apart(out, {**inputs, **data}, roots=roots)
+
+
+def _load_model(args, subject, choice, cv, cv_path, protocol, dataset, device):
+    """(image encoder, preprocessing config, class-vector classifier, what the metrics name) of the
+    model evaluated."""
+    import torch
+
+    clip_model, teacher_path, student_path = subject
+    with torch.no_grad():
+        if clip_model:
+            return _zero_shot_clip(args, clip_model, protocol, dataset, device)
+        if choice is not None:
+            return _plain_teacher(args, choice, cv, protocol, dataset, device)
+        if teacher_path:
+            from promptkd.inputs import load_teacher
+
+            teacher = load_teacher(teacher_path, args.teacher_model, args.teacher_weights, device)
+            classifier = teacher.encode_classnames(protocol.classnames, chunk_size=args.text_chunk)
+            return (teacher.encode_images, teacher.clip.preprocess_cfg, classifier,
+                    {"teacher": str(teacher_path), **teacher.identity()})
+        return _student(args, student_path, cv, cv_path, protocol, device)
+
+
+def _zero_shot_clip(args, clip_model, protocol, dataset, device):
+    from promptkd.models import load_clip
+    from promptkd.models.teachers import template_class_vectors
+    from promptkd.templates import resolve_templates
+
+    clip = load_clip(clip_model, default_clip_weights(clip_model, args.clip_weights), device=device,
+                     init_seed=args.seed)
+    templates = resolve_templates(args.template or args.templates, dataset)
+    classifier = template_class_vectors(lambda tokens: clip.model.encode_text(tokens.to(device)),
+                                        clip.tokenizer, protocol.classnames, templates)
+    return clip.model.encode_image, clip.preprocess_cfg, classifier, {"clip": clip.identity(), "templates": templates}
+
+
+def _plain_teacher(args, choice, cv, protocol, dataset, device):
+    from promptkd.data.protocols import align_class_vectors
+    from promptkd.models.wrappers import ClassVectors
+    from promptkd.stages.teacher_choice import load_teacher_choice
+
+    teacher, _ = load_teacher_choice(choice, device=device, seed=args.seed, dataset=dataset)
+    if cv is not None:  # its own class vectors: made by this CLIP with these templates, or refused
+        ClassVectors.load(args.class_vectors, teacher=teacher, dim=teacher.dim)
+        classifier = align_class_vectors(cv, protocol, str(args.class_vectors))
+    else:
+        classifier = teacher.encode_classnames(protocol.classnames, chunk_size=args.text_chunk)
+    return teacher.encode_images, teacher.clip.preprocess_cfg, classifier, {"plain_clip_teacher": teacher.identity()}
+
+
+def _student(args, student_path, cv, cv_path, protocol, device):
+    from promptkd.data.protocols import align_class_vectors
+    from promptkd.deploy import OTHER_TEACHER_HINT, other_teacher
+    from promptkd.inputs import load_student
+
+    student = load_student(student_path, args.student_model, args.student_weights, device)
+    if cv.dim != student.projector.out_dim:
+        raise PromptKDError(f"{cv_path}: class vectors have dim {cv.dim}, the student "
+                            f"projects to {student.projector.out_dim}")
+    other = other_teacher(student, cv.teacher)
+    if other and not getattr(args, "allow_other_teacher", False):
+        raise PromptKDError(f"{cv_path}: class vectors come from another teacher than the one "
+                            f"{student_path} was distilled from ({other}); {OTHER_TEACHER_HINT}")
+    classifier = align_class_vectors(cv, protocol, str(cv_path))
+    return student, student.clip.preprocess_cfg, classifier, {"student": str(student_path), "class_vectors": str(cv_path)}
+
+
+def _score(args, encode, preprocess, classifier, splits, device, precision, is_main: bool) -> dict:
+    """Accuracy per split (and HM), the image encoder run under the chosen precision."""
+    from promptkd.data.transforms import transforms_for
+    from promptkd.engine.loop import autocast
+    from promptkd.metrics import evaluate_splits
+
+    def encode_amp(x):
+        with autocast(device, precision):
+            return encode(x)
+
+    return evaluate_splits(encode_amp, classifier, splits, transforms_for(preprocess)[1],
+                           batch_size=args.batch_size, device=device, num_workers=args.num_workers,
+                           progress=not args.no_progress and is_main,
+                           announce="eval" if is_main else None, shard=True)
 
 
 def register(sub) -> None:

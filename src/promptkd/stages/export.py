@@ -272,12 +272,55 @@ def _run_metrics(student: Path, cv: Path) -> tuple[dict | None, str | None]:
 
 
 def _run(args) -> int:
-    from promptkd import runs, sharing
-    from promptkd.deploy import OnnxClassifier, StudentClassifier
-    from promptkd.inputs import artifact_path, check_clip_files, clip_inputs, one_of, student_class_vectors
-    from promptkd.runs import check_apart, claim_file, claim_folder
+    from promptkd.inputs import check_clip_files
 
     fmt = getattr(args, "format", "onnx")
+    student, cv, out, out_file, folder, beside = _claim_outputs(args, fmt)
+    check_clip_files(args.student_model, args.student_weights, "student")
+    onnx_format = fmt in ("onnx", "image-features")
+    if onnx_format:
+        _require_onnx()
+        if args.opset > _max_opset():
+            raise PromptKDError(f"--opset {args.opset}: this torch exports opsets {DEFAULT_OPSET} to {_max_opset()}")
+    clf = load_classifier(str(student), str(cv), student_model=args.student_model, student_weights=args.student_weights,
+                          allow_other_teacher=args.allow_other_teacher)
+    ref = reference_logits(clf, source=str(student))  # nothing is written for a broken model
+    check = not args.no_check
+    if check and onnx_format and optional_import("onnxruntime") is None:  # a Ctrl-C here is one, not "missing"
+        check = False
+        print("parity check skipped: onnxruntime is not installed (pip install 'promptkd[onnx]')", file=sys.stderr)
+    if folder is not None:
+        folder.prepare()
+    target = out_file.with_name(f".{out_file.name}.unchecked") if check else out_file
+    try:
+        _write(args, fmt, clf, target, beside)
+        if check:
+            checked = _check_parity(args, fmt, clf, ref, target, cv, out)
+            os.replace(target, out_file)
+            if not getattr(args, "quiet", False):
+                print(checked, file=sys.stderr)
+        if beside is not None:
+            _copy(cv, beside)
+        if folder is not None:
+            _write_folder_files(args, clf, student, cv, out)
+    except OSError as e:  # name the file asked for, not the temporary one checked first
+        raise about_file(e, out) from None
+    finally:
+        if target != out_file:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(target)
+    print(out)
+    return 0
+
+
+def _claim_outputs(args, fmt: str):
+    """(student file, class-vector file, --out, the file written, the claimed model folder | None, the
+    class-vector file written beside an image-features model | None): inputs found, outputs checked
+    apart from them and claimed (--overwrite), before anything is loaded."""
+    from promptkd import sharing
+    from promptkd.inputs import artifact_path, clip_inputs, one_of, student_class_vectors
+    from promptkd.runs import check_apart, claim_file, claim_folder
+
     given = one_of(args.student_run, args.student, "--student")
     if not given:
         raise PromptKDError("no student: give its file or run folder (promptkd export runs/NAME/student ...)")
@@ -297,58 +340,44 @@ def _run(args) -> int:
     if beside is not None:
         check_apart(beside, inputs)
         claim_file(beside, overwrite=args.overwrite, what="class-vector file")
-    check_clip_files(args.student_model, args.student_weights, "student")
-    onnx_format = fmt in ("onnx", "image-features")
-    if onnx_format:
-        _require_onnx()
-        if args.opset > _max_opset():
-            raise PromptKDError(f"--opset {args.opset}: this torch exports opsets {DEFAULT_OPSET} to {_max_opset()}")
-    clf = load_classifier(str(student), str(cv), student_model=args.student_model, student_weights=args.student_weights,
-                          allow_other_teacher=args.allow_other_teacher)
-    ref = reference_logits(clf, source=str(student))  # nothing is written for a broken model
-    check = not args.no_check
-    if check and onnx_format and optional_import("onnxruntime") is None:  # a Ctrl-C here is one, not "missing"
-        check = False
-        print("parity check skipped: onnxruntime is not installed (pip install 'promptkd[onnx]')", file=sys.stderr)
-    if folder is not None:
-        folder.prepare()
-    target = out_file.with_name(f".{out_file.name}.unchecked") if check else out_file
+    return student, cv, out, out_file, folder, beside
+
+
+def _write(args, fmt: str, clf: StudentClassifier, target: Path, beside: Path | None) -> None:
+    if fmt == "onnx":
+        export_onnx(clf, target, fp16=args.fp16, opset=args.opset)
+    elif fmt == "image-features":
+        export_image_features(clf, target, class_vectors_file=beside.name, fp16=args.fp16, opset=args.opset)
+    else:
+        export_safetensors(clf, target, fp16=args.fp16)
+
+
+def _check_parity(args, fmt: str, clf: StudentClassifier, ref: torch.Tensor, target: Path, cv: Path, out: Path) -> str:
+    """The written file, run on the probe batch, must match PyTorch's logits within parity_limit;
+    returns the line that says by how much it does."""
+    from promptkd.deploy import OnnxClassifier, StudentClassifier
+
+    runtime = "onnxruntime" if fmt in ("onnx", "image-features") else "the reloaded file"
     try:
-        if fmt == "onnx":
-            export_onnx(clf, target, fp16=args.fp16, opset=args.opset)
-        elif fmt == "image-features":
-            export_image_features(clf, target, class_vectors_file=beside.name, fp16=args.fp16, opset=args.opset)
-        else:
-            export_safetensors(clf, target, fp16=args.fp16)
-        if check:
-            runtime = "onnxruntime" if onnx_format else "the reloaded file"
-            try:
-                exported = OnnxClassifier(target, class_vectors=cv, allow_other_teacher=args.allow_other_teacher) \
-                    if fmt == "image-features" else OnnxClassifier(target) if fmt == "onnx" else \
-                    StudentClassifier.load(target)
-                diff = parity(clf, exported, reference=ref)
-            except PromptKDError as e:
-                raise PromptKDError(f"{out}: parity check failed: {e}; nothing written") from None
-            limit = parity_limit(clf, args.fp16)
-            if not diff <= limit:
-                raise PromptKDError(f"{out}: parity check failed: max |logit diff| {runtime} vs PyTorch fp32 is "
-                                    f"{diff:.2e}, above the limit {limit:.1e}; nothing written")
-            os.replace(target, out_file)
-            if not getattr(args, "quiet", False):
-                print(f"max |logit diff| {runtime} vs PyTorch fp32: {diff:.2e} (limit {limit:.1e})", file=sys.stderr)
-        if beside is not None:
-            _copy(cv, beside)
-        if folder is not None:
-            _copy(cv, out / sharing.CLASS_VECTORS_FILE)
-            metrics, trained_by = _run_metrics(student, cv)
-            sharing.write_folder_files(out, clf.standalone_metadata("fp16" if args.fp16 else "fp32"), metrics=metrics,
-                                       made_by=sharing.command_line(runs.COMMAND_LINE), trained_by=trained_by,
-                                       selected_on=(getattr(clf.student, "meta", None) or {}).get("selected_on"))
-    except OSError as e:  # name the file asked for, not the temporary one checked first
-        raise about_file(e, out) from None
-    finally:
-        if target != out_file:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(target)
-    print(out)
-    return 0
+        exported = OnnxClassifier(target, class_vectors=cv, allow_other_teacher=args.allow_other_teacher) \
+            if fmt == "image-features" else OnnxClassifier(target) if fmt == "onnx" else \
+            StudentClassifier.load(target)
+        diff = parity(clf, exported, reference=ref)
+    except PromptKDError as e:
+        raise PromptKDError(f"{out}: parity check failed: {e}; nothing written") from None
+    limit = parity_limit(clf, args.fp16)
+    if not diff <= limit:
+        raise PromptKDError(f"{out}: parity check failed: max |logit diff| {runtime} vs PyTorch fp32 is "
+                            f"{diff:.2e}, above the limit {limit:.1e}; nothing written")
+    return f"max |logit diff| {runtime} vs PyTorch fp32: {diff:.2e} (limit {limit:.1e})"
+
+
+def _write_folder_files(args, clf: StudentClassifier, student: Path, cv: Path, out: Path) -> None:
+    """The model folder's class vectors, config, metrics and card (sharing.write_folder_files)."""
+    from promptkd import runs, sharing
+
+    _copy(cv, out / sharing.CLASS_VECTORS_FILE)
+    metrics, trained_by = _run_metrics(student, cv)
+    sharing.write_folder_files(out, clf.standalone_metadata("fp16" if args.fp16 else "fp32"), metrics=metrics,
+                               made_by=sharing.command_line(runs.COMMAND_LINE), trained_by=trained_by,
+                               selected_on=(getattr(clf.student, "meta", None) or {}).get("selected_on"))
