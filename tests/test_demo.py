@@ -41,10 +41,12 @@ def test_quick_demo_writes_report_and_metrics(quick_demo):
     for artifact in ("teacher", "class_vectors", "student"):
         assert Path(metrics["artifacts"][artifact]).exists()
     assert "student, distilled (PromptKD)" in printed and "sh stages.sh" in printed
-    # it ends with a table of the four models (one decimal), not a JSON dump
-    *_, header, _, _, _, distilled, where = printed.strip().splitlines()
+    # it ends with a table of every model it made (one decimal), not a JSON dump
+    *_, header, _, _, _, distilled, no_labels, both, where = printed.strip().splitlines()
     assert header.split() == ["model", "base", "novel", "HM"] and where.startswith("(all numbers: ")
-    assert distilled.split()[-3:] == [f"{metrics['student'][k]:.1f}" for k in ("base", "novel", "hm")]
+    for line, key in ((distilled, "student"), (no_labels, "student_no_labels"), (both, "student_two_teachers")):
+        assert line.split()[-3:] == [f"{metrics[key][k]:.1f}" for k in ("base", "novel", "hm")], line
+    assert "no labels" in no_labels and "both teachers" in both
     # the demo's student rows are the distillation's own baseline and result
     run = json.loads((out / "student" / "metrics.json").read_text())
     assert metrics["student_zeroshot"]["hm"] == run["baseline"]["student_zero_shot"]["hm"]

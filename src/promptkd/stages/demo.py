@@ -470,15 +470,18 @@ def _run(args) -> int:
 
 SUMMARY_ROWS = (("student_zeroshot", "student CLIP, zero-shot"), ("teacher_zeroshot", "teacher CLIP, zero-shot"),
                 ("teacher", "teacher, PromptSRC-tuned"), ("student", "student, distilled (PromptKD)"))
+EXTRA_ROWS = (("student_no_labels", "student, zero-shot teacher, no labels"),
+              ("student_two_teachers", "student, both teachers"))  # only where the preset ran them
 
 
 def summary_table(metrics: dict) -> str:
-    """The demo's last word: test accuracy (%) of the four models, base / novel / HM, one decimal."""
-    width = max(len(label) for _, label in SUMMARY_ROWS)
+    """The demo's last word: test accuracy (%) of every model it made, base / novel / HM, one decimal."""
+    rows = SUMMARY_ROWS + tuple(row for row in EXTRA_ROWS if row[0] in metrics)
+    width = max(len(label) for _, label in rows)
     lines = [f"{'model':<{width}}  {'base':>5}  {'novel':>5}  {'HM':>5}"]
     def cell(value) -> str:
         return f"{value:>5.1f}" if isinstance(value, (int, float)) else f"{'-':>5}"
 
     lines += [f"{label:<{width}}  " + "  ".join(cell((metrics.get(key) or {}).get(k)) for k in ("base", "novel", "hm"))
-              for key, label in SUMMARY_ROWS]
+              for key, label in rows]
     return "\n".join(lines)
