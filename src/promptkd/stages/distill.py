@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from promptkd.artifacts import load_artifact, read_json, write_json
 from promptkd.data.protocols import PROTOCOLS, EvalSplit, Protocol, align_class_vectors, build_protocol
+from promptkd.data.views import ViewsOverImages
 from promptkd.engine.config import CHECKPOINT_NAME, COMPILE_MODES, TrainConfig
 from promptkd.errors import PromptKDError
 from promptkd.kd import (  # noqa: F401  (re-exported: the names this module always had)
@@ -78,7 +79,7 @@ DISTILL_OUTPUTS = (STUDENT_FILE, BEST_VAL_FILE, CLASS_VECTORS_FILE, CHECKPOINT_N
                    "run.json", "tensorboard")
 
 
-class PairedViews:
+class PairedViews(ViewsOverImages):
     """The same random crop and flip rendered for the student's and the teacher's input format
     (a map-style dataset for DataLoader).
 
@@ -91,18 +92,6 @@ class PairedViews:
 
         self.base = ImageDataset(items, student_tf, seed=seed, train=True)
         self.teacher_tf = teacher_tf
-
-    def set_epoch(self, epoch: int) -> None:
-        self.base.set_epoch(epoch)
-
-    def set_on_bad_image(self, policy: str) -> None:
-        self.base.set_on_bad_image(policy)
-
-    def unreadable_count(self) -> int:
-        return self.base.unreadable_count()
-
-    def __len__(self) -> int:
-        return len(self.base)
 
     def _draw(self, index: int, j: int):
         from promptkd.data.dataset import ImageSource

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from promptkd.data.views import ViewsOverImages
 from promptkd.errors import PromptKDError
 
 if TYPE_CHECKING:
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
     from promptkd.data.protocols import Protocol
 
 
-class EnsembleViews:
+class EnsembleViews(ViewsOverImages):
     """(student view, one input per teacher, label, index) for DataLoader. A teacher's input is its
     cached feature of the view ("cache", TeacherCache), the view rendered with its transform
     ("online", TrainTransform), or an empty tensor when it reads the student's tensor ("online", None)."""
@@ -41,18 +42,9 @@ class EnsembleViews:
         self.empty = torch.zeros(0)
 
     def set_epoch(self, epoch: int) -> None:
-        self.base.set_epoch(epoch)
+        super().set_epoch(epoch)
         if self.replay is not None:
             self.replay.set_epoch(epoch)
-
-    def set_on_bad_image(self, policy: str) -> None:
-        self.base.set_on_bad_image(policy)
-
-    def unreadable_count(self) -> int:
-        return self.base.unreadable_count()
-
-    def __len__(self) -> int:
-        return len(self.base)
 
     def _load(self, index: int, j: int):
         from promptkd.data.dataset import ImageSource
