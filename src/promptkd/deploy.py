@@ -133,6 +133,10 @@ def other_teacher(student: Student | dict, made_by: dict) -> str:
         return f"teacher CLIP {made_by['clip']} vs {made_for['clip']}"
     if made_for.get("prompts_hash") and made_by.get("prompts_hash") != made_for["prompts_hash"]:
         return f"prompts hash {made_by.get('prompts_hash')} vs {made_for['prompts_hash']}"
+    if "templates" in made_for and "templates" in made_by and made_by["templates"] != made_for["templates"]:
+        # a plain CLIP teacher's classifier is its class names in its templates (distill refuses these too)
+        return f"templates ({len(made_by['templates'])} vs {len(made_for['templates'])}: " \
+               f"{made_by['templates'][:1]} vs {made_for['templates'][:1]})"
     return ""
 
 

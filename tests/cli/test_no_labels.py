@@ -76,6 +76,12 @@ def test_plain_clip_teacher_without_any_label(clips, unlabelled, tmp_path, capsy
                  "--out", str(tmp_path / "student2")]) == 0
     written = read_artifact_meta(tmp_path / "student2" / "class_vectors.safetensors", "class_vectors")
     assert written["classnames"] == NAMES and written["teacher"]["templates"] == ["a photo of a {}."]
+    # the same CLIP with other templates is another teacher at deployment too, unless the user says so
+    predict = ["-q", "predict", str(photos), "--student", str(tmp_path / "student2"), "--class-vectors", str(cv),
+               "--device", "cpu", "--no-progress"]
+    err = _fails(predict, capsys)
+    assert "templates" in err and "--allow-other-teacher" in err
+    assert main([*predict, "--allow-other-teacher"]) == 0
 
 
 def test_class_vectors_of_another_plain_clip_are_refused(clips, unlabelled, data, tmp_path, capsys):
