@@ -121,12 +121,9 @@ def _interrupted(args) -> str:
 
 def _finished(folder) -> bool:
     """Whether a run folder holds a finished run (an --overwrite interrupted before it removed it)."""
-    import json
+    from promptkd.runs import run_finished
 
-    try:
-        return json.loads((folder / "run.json").read_text()).get("status") == "finished"
-    except (OSError, ValueError, AttributeError):
-        return False
+    return run_finished(folder)
 
 
 class _SigintWatch:

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from promptkd.artifacts import ARTIFACT_FILES, CLASS_VECTORS_FILE
 from promptkd.errors import PromptKDError
 from promptkd.files import check_file_record, file_digest, file_record, is_file_record  # noqa: F401 (re-exported)
 
@@ -37,8 +38,8 @@ RUN_FILE = "run.json"
 LOCK_FILE = ".promptkd.lock"
 # Files of a run folder that another command's --out may never replace, while the run's own list of
 # outputs (run.json, written when it finishes) is not there yet.
-RUN_FOLDER_FILES = ("teacher.safetensors", "student.safetensors", "student-best-val.safetensors",
-                    "class_vectors.safetensors", "checkpoint.safetensors", "metrics.json", "metrics.jsonl",
+RUN_FOLDER_FILES = (*ARTIFACT_FILES.values(), "student-best-val.safetensors", CLASS_VECTORS_FILE,
+                    "checkpoint.safetensors", "metrics.json", "metrics.jsonl",
                     "manifest.json", "images.json", "shard-*.safetensors", RUN_FILE)
 # What each command's run folder is called in messages.
 RUN_KINDS = {"teacher": "teacher run", "distill": "distillation run", "cache": "teacher cache",
@@ -107,6 +108,14 @@ def read_run_record(folder: str | os.PathLike) -> dict | None:
     return record
 
 
+def run_finished(folder: str | os.PathLike) -> bool:
+    """Whether a folder's run.json says its run finished (False for none, or an unreadable one)."""
+    try:
+        return json.loads((Path(folder) / RUN_FILE).read_text()).get("status") == "finished"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 # ---------------------------------------------------------------------------------------------
 # Claiming an output
 
@@ -143,7 +152,7 @@ def claim_file(path: str | os.PathLike, *, overwrite: bool, what: str, option: s
     if path.is_dir():
         raise PromptKDError(f"{option} {path} is a folder; give a file name")
     _check_writable(path.parent, option)
-    record = read_run_record(path.parent) if (path.parent / RUN_FILE).is_file() else None
+    record = read_run_record(path.parent)
     if record is not None and path.exists() and not in_place:
         listed = record.get("outputs") if isinstance(record.get("outputs"), list) else []
         if path.name in listed or any(fnmatch.fnmatchcase(path.name, pat) for pat in RUN_FOLDER_FILES):

@@ -61,7 +61,7 @@ def load(model: str | os.PathLike, *, class_vectors: str | os.PathLike | None = 
     path = hub_snapshot(given[len(HUB_PREFIX):], revision) if given.startswith(HUB_PREFIX) else Path(given)
     if path.is_dir() and (path / CONFIG_FILE).is_file():
         clf = load_folder(path, device=device)
-    elif path.is_dir() or (path.is_file() and _artifact_kind(path) == "student"):
+    elif path.is_dir() or (path.is_file() and path.suffix != ".onnx" and _artifact_kind(path) == "student"):
         from promptkd.inputs import artifact_path, student_class_vectors
 
         student = artifact_path(path, "student", "promptkd.load:")

@@ -14,7 +14,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from promptkd.errors import PromptKDError, raise_if_interrupted
+from promptkd.errors import PromptKDError, optional_import
 
 PROBE_SECONDS = 3.0  # a reachable server answers a TCP connect far sooner
 _TRUE = {"1", "on", "yes", "true"}
@@ -35,16 +35,14 @@ def _cached(cfg: dict) -> bool:
         return Path(cfg["file"]).is_file()
     hub = cfg.get("hf_hub", "")
     if hub:
-        try:
-            from huggingface_hub import try_to_load_from_cache
-        except ImportError:
-            raise_if_interrupted()  # a Ctrl-C that cut the import short is no missing package
+        hf = optional_import("huggingface_hub")
+        if hf is None:
             return False
         repo, filename = os.path.split(hub)  # 'org/name/' (open_clip's default file) or 'org/name/file'
         filename = filename or "open_clip_pytorch_model.bin"
         names = [filename, "open_clip_model.safetensors" if filename == "open_clip_pytorch_model.bin"
                  else filename.rsplit(".", 1)[0] + ".safetensors"]
-        return any(isinstance(try_to_load_from_cache(repo, n), str) for n in names)
+        return any(isinstance(hf.try_to_load_from_cache(repo, n), str) for n in names)
     url = cfg.get("url", "")
     return bool(url) and (Path.home() / ".cache" / "clip" / os.path.basename(url)).is_file()
 

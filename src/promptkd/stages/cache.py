@@ -212,7 +212,7 @@ def build_teacher_cache(teacher, items: Sequence[Item], transform: TrainTransfor
             _build_shard(teacher, items, transform, spec, out, round_[info.rank], device, precision)
             finished[round_[info.rank]] = 1
         for s in distributed.sum_over_ranks(finished).nonzero().flatten().tolist():
-            start, end = s * spec.shard_size, min((s + 1) * spec.shard_size, len(items))
+            start, end = _shard_range(s, spec, len(items))
             shards.append({"file": _shard_name(s), "start": start, "end": end})
             bar.update((end - start) * spec.views)
         if info.is_main:
@@ -222,6 +222,11 @@ def build_teacher_cache(teacher, items: Sequence[Item], transform: TrainTransfor
         write_json(manifest_path, {**header, "shards": []})
     distributed.barrier()  # every rank returns once the manifest lists every shard
     return out
+
+
+def _shard_range(s: int, spec: CacheSpec, n: int) -> tuple[int, int]:
+    """Item indices [start, end) of shard s: one rule for the manifest and the shard file."""
+    return s * spec.shard_size, min((s + 1) * spec.shard_size, n)
 
 
 def _shard_name(s: int) -> str:
@@ -235,7 +240,7 @@ def _build_shard(teacher, items, transform, spec: CacheSpec, out: Path, s: int, 
 
     from promptkd.engine.loop import autocast
 
-    start, end = s * spec.shard_size, min((s + 1) * spec.shard_size, len(items))
+    start, end = _shard_range(s, spec, len(items))
     loader = DataLoader(_ViewRenderer(items, list(range(start, end)), transform, spec.views, spec.seed),
                         batch_size=max(1, spec.batch_size // spec.views), num_workers=spec.num_workers,
                         pin_memory=device.type == "cuda")

@@ -141,8 +141,9 @@ def stage_commands(cfg: DemoConfig) -> list[str]:
         if cfg.cache_views:
             commands.append(f"promptkd cache {plain} {data} --views {cfg.cache_views} --view-seed {cfg.seed} "
                             f"--device cpu --out {ZS_CACHE_DIR} --overwrite")
+    extra = label_free_settings(cfg, ".")
     for name, folder in (("no_labels", NO_LABELS_DIR), ("two_teachers", BOTH_DIR)):
-        if name in label_free_settings(cfg, "."):
+        if name in extra:
             commands.append(f"promptkd distill --config configs/distill_{name}.yaml --out {folder} --overwrite")
     return commands
 

@@ -63,9 +63,9 @@ def run_eval(args) -> dict:
                                                    "class vectors": cv_path})
     device, info = distributed.join_ranks(resolve_device(args.device))  # torchrun: each rank takes test batches
     precision = resolve_precision(args.precision, device)
-    cv = ClassVectors.load(cv_path) if cv_path else None
     if choice is not None and args.class_vectors:
-        cv = ClassVectors.load(class_vectors_path(args.class_vectors))
+        cv_path = class_vectors_path(args.class_vectors)
+    cv = ClassVectors.load(cv_path) if cv_path else None
     protocol = build_protocol(protocol_name, dataset, root, num_shots=args.shots, seed=args.seed,
                               reference_classnames=cv.classnames if cv is not None else None)
     splits = protocol.val if args.split == "val" else protocol.test
@@ -166,12 +166,13 @@ def _zero_shot_clip(args, clip_model, protocol, dataset, device):
 
 def _plain_teacher(args, choice, cv, protocol, dataset, device):
     from promptkd.data.protocols import align_class_vectors
+    from promptkd.inputs import class_vectors_path
     from promptkd.models.wrappers import ClassVectors
     from promptkd.stages.teacher_choice import load_teacher_choice
 
     teacher, _ = load_teacher_choice(choice, device=device, seed=args.seed, dataset=dataset)
     if cv is not None:  # its own class vectors: made by this CLIP with these templates, or refused
-        ClassVectors.load(args.class_vectors, teacher=teacher, dim=teacher.dim)
+        ClassVectors.load(class_vectors_path(args.class_vectors), teacher=teacher, dim=teacher.dim)
         classifier = align_class_vectors(cv, protocol, str(args.class_vectors))
     else:
         classifier = teacher.encode_classnames(protocol.classnames, chunk_size=args.text_chunk)

@@ -66,8 +66,9 @@ def _classes(names: Any) -> str | None:
 def _scores(d: Any) -> str:
     if not isinstance(d, dict):
         return ""
-    order = ("base", "novel", "hm", "accuracy")
-    keys = [k for k in order if k in d] + [k for k in d if k not in order and k not in ("epoch", "val")]
+    from promptkd.sharing import SCORE_ORDER
+
+    keys = [k for k in SCORE_ORDER if k in d] + [k for k in d if k not in SCORE_ORDER and k not in ("epoch", "val")]
     return ", ".join(f"{'HM' if k == 'hm' else k} {d[k]:.2f}" for k in keys
                      if isinstance(d[k], (int, float)) and not isinstance(d[k], bool) and math.isfinite(d[k]))
 

@@ -15,7 +15,6 @@ log paths; their dependents do not start.
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import subprocess
@@ -25,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from promptkd.errors import PromptKDError
+from promptkd.runs import RUN_FILE, run_finished
 
 REPO = Path(__file__).resolve().parents[3]  # a checkout: src/promptkd/stages/sweep.py
 PROTOCOL_FILES = {"base2novel": "base2novel.yaml", "cross": "cross_dataset.yaml", "dg": "domain_generalisation.yaml"}
@@ -58,13 +58,9 @@ class Job:
             return (self.out / "report.json").is_file()
         if self.out.suffix == ".safetensors":  # a file written atomically: there means finished
             return self.out.is_file()
-        record = self.out / "run.json"
-        if not record.is_file():  # e.g. a teacher file put there by hand
+        if not (self.out / RUN_FILE).is_file():  # e.g. a teacher file put there by hand
             return self.product is not None and (self.out / self.product).is_file()
-        try:
-            return json.loads(record.read_text()).get("status") == "finished"
-        except (OSError, ValueError, AttributeError):
-            return False
+        return run_finished(self.out)
 
     def command(self) -> list[str]:
         """The command line as it should run now: --resume where a checkpoint is, --overwrite where a

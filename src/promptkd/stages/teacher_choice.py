@@ -120,7 +120,7 @@ def load_teacher_choice(choice: TeacherChoice, *, device, seed: int = 0, dataset
         return teacher, {"teacher": file_record(path), "teacher_clip": teacher.clip.source}
     if choice.teacher_model:
         clip = load_clip(choice.teacher_model, choice.teacher_weights, device=device, init_seed=seed)
-        templates = choice.templates
+        templates = choice.templates or _recorded_templates(choice.class_vectors)
     else:  # what the cache recorded: its teacher artifact, or its plain CLIP and templates
         recorded = cache_teacher_record(choice.teacher_cache)
         where = f"--teacher-cache {choice.teacher_cache}"
@@ -130,7 +130,7 @@ def load_teacher_choice(choice: TeacherChoice, *, device, seed: int = 0, dataset
                                        device=device, seed=seed, dataset=dataset)
         clip = clip_from_source(recorded["teacher_clip"], where=where, role="teacher", device=device)
         templates = choice.templates or _recorded_templates(choice.class_vectors) or recorded.get("teacher_templates")
-    templates = resolve_templates(templates or _recorded_templates(choice.class_vectors), dataset)
+    templates = resolve_templates(templates, dataset)
     teacher = ZeroShotTeacher(clip, templates).to(device).eval()
     return teacher, {"teacher": None, "teacher_clip": clip.source, "teacher_templates": templates}
 
