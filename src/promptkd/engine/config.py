@@ -8,6 +8,11 @@ from promptkd.errors import PromptKDError
 from promptkd.settings import check_field_types, check_ranges
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
+METRICS_LOG_NAME = "metrics.jsonl"  # one JSON line per step and per epoch
+TENSORBOARD_DIR = "tensorboard"  # written when tensorboard is installed
+# Every file the engine (promptkd.engine.loop) writes into the folder it trains in: a run folder's
+# list of outputs is composed from these, the run's own files and the stage's artifacts (runs.run_outputs).
+ENGINE_FILES = (CHECKPOINT_NAME, METRICS_LOG_NAME, TENSORBOARD_DIR)
 COMPILE_MODES = ("auto", "on", "off")
 
 
