@@ -145,17 +145,19 @@ def _dest(f: Field) -> str:
     return _flag(f).lstrip("-").replace("-", "_") if f.metadata.get("global") else f.name
 
 
-def _option_fields(cls: type) -> list[tuple[str | None, Field]]:
-    """(section or None, field) of every setting of `cls` that has an option (sections: their `options`)."""
+def option_fields(cls: type) -> list[tuple[str | None, Field, str]]:
+    """(section or None, field, flag) of every setting of `cls` that has an option, in field order (a
+    section: the fields its `options` name, and its global ones)."""
     out = []
     for f in fields(cls):
         section = f.metadata.get("options")
         if section:
             inner = {g.name: g for g in fields(f.default_factory)}
-            out += [(f.name, inner[name]) for name in section]
-            out += [(f.name, g) for g in inner.values() if g.metadata.get("global") and g.name not in section]
+            chosen = [inner[name] for name in section] + [g for g in inner.values()
+                                                          if g.metadata.get("global") and g.name not in section]
+            out += [(f.name, g, _flag(g)) for g in chosen]
         elif _flag(f):
-            out.append((None, f))
+            out.append((None, f, _flag(f)))
     return out
 
 
@@ -179,10 +181,10 @@ def _option_kwargs(f: Field) -> dict:
 def add_setting_options(p: argparse.ArgumentParser, cls: type) -> None:
     """An option for every setting of `cls` that has one (its flag, help, choices and value check
     from the field), in field order; what they set: `settings_from_args`."""
-    for _, f in _option_fields(cls):
+    for _, f, flag in option_fields(cls):
         if not f.metadata.get("global"):
             assert f.metadata["help"], f"{cls.__name__}.{f.name}: an option needs help"
-            p.add_argument(_flag(f), **_option_kwargs(f))
+            p.add_argument(flag, **_option_kwargs(f))
 
 
 def settings_from_args(cls: type, args: argparse.Namespace) -> dict:
@@ -193,9 +195,9 @@ def settings_from_args(cls: type, args: argparse.Namespace) -> dict:
     data: dict = {}
     for key, value in parse_set(getattr(args, "set", None)):
         put_setting(data, key, value)
-    for section, f in _option_fields(cls):
+    for section, f, flag in option_fields(cls):
         value = getattr(args, _dest(f), None)
-        if f.metadata.get("global") and _flag(f).startswith("--no-"):
+        if f.metadata.get("global") and flag.startswith("--no-"):
             value = False if value else None
         if value is not None:
             (data.setdefault(section, {}) if section else data)[f.name] = value
