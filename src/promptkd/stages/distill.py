@@ -728,6 +728,7 @@ class DistillConfig:
         "on_bad_image", "compile"))
 
     def __post_init__(self):
+        self.train = {} if self.train is None else self.train  # `train:` with nothing under it
         if isinstance(self.train, dict):
             if "precision" in self.train:
                 raise PromptKDError("set `precision` at the top level of a distill config, not under `train`")

@@ -145,6 +145,7 @@ class TeacherConfig:
 def _train_config(d: dict | TrainConfig, source: str = "config") -> TrainConfig:
     if isinstance(d, TrainConfig):
         return d
+    d = {} if d is None else d  # `train:` with nothing under it
     if not isinstance(d, dict):
         raise PromptKDError(f"{source}: 'train' must be a mapping")
     check_known_keys(TrainConfig, d, source, "train setting")
