@@ -169,3 +169,54 @@ def test_a_text_fitted_projector_learns_at_a_tenth_of_the_rate(tiny_configs):
     for name in full:
         want = full[name] * (PROJECTOR_LR_SCALE if name.startswith("projector.") else 1.0)
         assert torch.allclose(slow[name], want, rtol=1e-4, atol=1e-8), name
+
+
+def test_ensemble_baseline_encodes_each_teachers_test_images_once(tiny_configs, tmp_path):
+    """Three teachers on base-to-novel: each teacher's own scores and the ensemble's come from one
+    pass over the test images per teacher, and equal the separate computations bit for bit."""
+    from distill_helpers import write_split_file
+
+    from promptkd.data.protocols import build_protocol
+    from promptkd.data.transforms import transforms_for
+    from promptkd.engine.config import TrainConfig
+    from promptkd.kd import class_logits
+    from promptkd.metrics import encode_items, evaluate_splits, harmonic_mean
+    from promptkd.stages.distill import _ensemble_baseline
+
+    name, _ = write_split_file(tmp_path, per_class=7)
+    protocol = build_protocol("base2novel", name)
+    t_cfg = tiny_configs[0]
+    teachers = [ZeroShotTeacher(load_clip(str(t_cfg), init_seed=seed), TEMPLATES[:k]) for seed, k in ((4, 1), (5, 3), (6, 2))]
+    members = [(t, t.encode_classnames(protocol.classnames), None) for t in teachers]
+    encoded = [0] * len(teachers)
+
+    def counted(k, encode):
+        def encode_images(x):
+            encoded[k] += len(x)
+            return encode(x)
+        return encode_images
+
+    plain = [t.encode_images for t in teachers]
+    for k, t in enumerate(teachers):
+        t.encode_images = counted(k, plain[k])
+    weights = [0.5, 0.3, 0.2]
+    got = _ensemble_baseline(members, protocol, 2.0, weights, "confidence", 3, TrainConfig(progress=False))
+    n_test = sum(len(s.items) for s in protocol.test.values())
+    assert n_test == 8 and encoded == [n_test] * 3  # 2 test images per class, 4 classes
+    # the separate computations: evaluate_splits per further teacher, logits of every teacher combined
+    for k, t in enumerate(teachers):
+        t.encode_images = plain[k]
+    tf = [transforms_for(t.clip.preprocess_cfg)[1] for t in teachers]
+    want_alone = [evaluate_splits(t.encode_images, W, protocol.test, tf[k], batch_size=3, progress=False)
+                  for k, (t, W, _) in enumerate(members)]
+    assert got["more_teachers"] == want_alone[1:] and set(want_alone[1]) == {"base", "novel", "hm"}
+    want = {}
+    for split_name, split in protocol.test.items():
+        logits = []
+        for k, (t, W, _) in enumerate(members):
+            feats, labels = encode_items(t.encode_images, split.items, tf[k], batch_size=3, progress=False)
+            logits.append(class_logits(feats, W[split.classes], t.logit_scale))
+        pred = ensemble_log_probs(logits, 2.0, weights, "confidence").argmax(-1)
+        want[split_name] = 100.0 * (pred == labels).float().mean().item()
+    want["hm"] = harmonic_mean(want["base"], want["novel"])
+    assert got["ensemble"] == want
