@@ -15,6 +15,7 @@ from promptkd.errors import PromptKDError
 from promptkd.kd import ensemble_log_probs, kd_loss
 from promptkd.models import load_clip
 from promptkd.models.teachers import ZeroShotTeacher
+from promptkd.models.wrappers import Teacher
 from promptkd.templates import CLIP_IMAGENET_TEMPLATES, DATASET_TEMPLATES, resolve_templates
 
 TEMPLATES = ["a photo of a {}.", "a drawing of the {}.", "itap of my {}."]
@@ -40,6 +41,43 @@ def test_template_ensemble_is_clips_average_of_normalised_features(tiny_configs)
         plain = F.normalize(clip.model.encode_text(clip.tokenizer(["a photo of a red fox.", "a photo of a blue whale."])), dim=-1)
     assert torch.allclose(one, plain, atol=1e-6)
     assert teacher.identity()["templates"] == TEMPLATES
+
+
+def test_template_means_of_normalised_and_of_raw_features(tiny_configs):
+    """normalize_each: CLIP's classifier (each template counts the same) or PromptSRC's reference and
+    the zero-shot baseline (raw features averaged: a template with longer features weighs more)."""
+    from promptkd.models.teachers import template_class_vectors
+    from promptkd.stages.teacher import IMAGENET_TEMPLATES, TeacherConfig, TeacherObjective
+
+    clip = load_clip(str(tiny_configs[0]), init_seed=3)
+    names, two = ["red fox", "blue_whale"], ["a photo of a {}.", "itap of my {}."]
+
+    def vectors(templates, normalize_each):
+        return template_class_vectors(clip.model.encode_text, clip.tokenizer, names, templates,
+                                      normalize_each=normalize_each)
+
+    with torch.no_grad():
+        feats = [clip.model.encode_text(clip.tokenizer([t.format(n) for n in ("red fox", "blue whale")])) for t in two]
+    norms = torch.stack([f.norm(dim=-1) for f in feats])
+    assert ((norms[0] - norms[1]).abs() > 0.05 * norms.min(0).values).all()  # the templates' norms differ
+    # one template: the normalised text feature either way (renormalising a unit vector: a few ulps)
+    torch.testing.assert_close(vectors(two[:1], True), vectors(two[:1], False), atol=1e-6, rtol=0)
+    torch.testing.assert_close(vectors(two[:1], True), F.normalize(feats[0], dim=-1), atol=1e-6, rtol=0)
+    # two templates: each mode is its formula by hand (fp32 sums of two terms: a few ulps), and they differ
+    by_hand_normalised = F.normalize(F.normalize(feats[0], dim=-1) + F.normalize(feats[1], dim=-1), dim=-1)
+    by_hand_raw = F.normalize(feats[0] + feats[1], dim=-1)
+    normalised, raw = vectors(two, True), vectors(two, False)
+    torch.testing.assert_close(normalised, by_hand_normalised, atol=1e-6, rtol=0)
+    torch.testing.assert_close(raw, by_hand_raw, atol=1e-6, rtol=0)
+    assert (normalised - raw).norm(dim=-1).min() > 1e-3
+    # the raw mean leans towards the template with the longer feature
+    longer = F.normalize(torch.where((norms[0] > norms[1])[:, None], feats[0], feats[1]), dim=-1)
+    assert ((raw * longer).sum(-1) > (normalised * longer).sum(-1)).all()
+    # where each is used: PromptSRC's frozen text reference and the zero-shot baseline average raw features
+    reference = TeacherObjective(Teacher(clip, vision_depth=0, text_depth=0), names, TeacherConfig()).text_reference
+    torch.testing.assert_close(reference, vectors(IMAGENET_TEMPLATES, False), atol=0, rtol=0)
+    assert (reference - vectors(IMAGENET_TEMPLATES, True)).norm(dim=-1).min() > 1e-3
+    assert torch.equal(ZeroShotTeacher(clip, two).encode_classnames(names), normalised)
 
 
 def test_named_template_sets():
