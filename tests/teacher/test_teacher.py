@@ -216,6 +216,22 @@ def test_config_presets_and_overrides(tmp_path):
     assert cfg.train.batch_size == 8
 
 
+def test_precision_is_top_level_as_in_distill(tmp_path, caplog):
+    """`precision` is a top-level setting in teacher and distill configs alike; the old place under
+    `train` is still read for one release, with a warning naming the new one."""
+    assert TeacherConfig.from_dict({"precision": "bf16"}).precision == "bf16"
+    old = tmp_path / "old.yaml"
+    old.write_text("train:\n  precision: bf16\n  epochs: 3\n")
+    with caplog.at_level("WARNING", logger="promptkd"):
+        cfg = TeacherConfig.from_yaml(old)
+    assert (cfg.precision, cfg.train.epochs) == ("bf16", 3)
+    assert "'train.precision' is deprecated; use 'precision'" in caplog.text
+    with pytest.raises(PromptKDError, match="both"):
+        TeacherConfig.from_dict({"precision": "fp32", "train": {"precision": "bf16"}})
+    with pytest.raises(PromptKDError, match="precision must be"):
+        TeacherConfig.from_dict({"precision": "fp64"})
+
+
 def test_cli_teacher_on_a_folder(tiny_clip, image_folder, tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["-q", "teacher", "--dataset", f"folder:{image_folder}", "--teacher-model", tiny_clip[0],

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from promptkd.artifacts import read_artifact_meta, write_json
 from promptkd.engine.config import CHECKPOINT_NAME, TrainConfig
 from promptkd.errors import PromptKDError
+from promptkd.options import PRECISIONS
 from promptkd.settings import (
     check_field_types,
     check_known_keys,
@@ -82,12 +83,16 @@ class TeacherConfig:
     val_every: int = 0  # also validate every N epochs (0: only the final prompts)
     zero_shot: bool = True  # also report plain CLIP's zero-shot val accuracy
     eval_batch_size: int = 100
+    precision: str = "fp32"  # autocast dtype; auto: bf16 (fp16 without bf16) on CUDA, fp32 elsewhere (as distill)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
         if isinstance(self.train, dict):
             self.train = _train_config(self.train)
         check_field_types(self, "teacher settings")
+        if self.precision not in PRECISIONS:
+            raise PromptKDError(f"precision must be {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}, "
+                                f"got {self.precision!r}")
         if self.mode not in MODES:
             raise PromptKDError(f"teacher mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.gpa is None:
@@ -108,6 +113,11 @@ class TeacherConfig:
         if not isinstance(d, dict):
             raise PromptKDError(f"{source}: expected a mapping of teacher settings")
         d = rename_keys(d, {"pretrained": "weights"}, source)
+        train = d.get("train")
+        if isinstance(train, dict) and "precision" in train:  # before 0.2 it sat under train; distill's is top-level
+            moved = rename_keys({"train.precision": train["precision"], **{k: d[k] for k in ("precision",) if k in d}},
+                                {"train.precision": "precision"}, source)
+            d = {**d, **moved, "train": {k: v for k, v in train.items() if k != "precision"}}
         check_known_keys(cls, d, source, "teacher setting")
         if "train" in d:
             d["train"] = _train_config(d["train"], source)
@@ -278,11 +288,12 @@ def train_teacher_on(teacher: Teacher, train_items, val_items, classnames: list[
     from promptkd.data.dataset import ImageDataset
     from promptkd.data.transforms import transforms_for
     from promptkd.engine import distributed
-    from promptkd.engine.loop import resolve_device, train_loop
+    from promptkd.engine.loop import resolve_device, resolve_precision, train_loop
 
     out_dir = Path(out_dir)
     device = resolve_device(cfg.train.device)
     distributed.init_distributed(device.type)
+    train_cfg = replace(cfg.train, precision=resolve_precision(cfg.precision, device))
     teacher.clip.model.to(device)  # parts of CLIP the teacher does not own (the zero-shot path uses them)
     teacher.to(device)
     # Chunking only saves memory when each chunk is recomputed in backward.
@@ -311,7 +322,7 @@ def train_teacher_on(teacher: Teacher, train_items, val_items, classnames: list[
             record["val_acc"] = teacher_accuracy(teacher, val_items, classnames, test_tf, **eval_kw)
         return record
 
-    result = train_loop(teacher, objective, dataset, cfg.train, out_dir, resume=resume, on_epoch_end=on_epoch_end,
+    result = train_loop(teacher, objective, dataset, train_cfg, out_dir, resume=resume, on_epoch_end=on_epoch_end,
                         extra_state=[gpa] if gpa is not None else [], desc="teacher",
                         checkpoint_meta={"teacher_config": cfg.to_dict(), "classnames": list(classnames)})
     if gpa is not None:
@@ -341,7 +352,8 @@ def train_teacher_on(teacher: Teacher, train_items, val_items, classnames: list[
         "gpa_weights": gpa.weights if gpa is not None else None,
         "seconds": result.seconds,
     }
-    teacher.save(path, **(meta or {}), **summary, config=cfg.to_dict())
+    teacher.save(path, **(meta or {}), **summary,
+                 config={**cfg.to_dict(), "precision": train_cfg.precision, "train": asdict(train_cfg)})
     write_json(out_dir / "metrics.json", {**summary, "history": result.history})
     log.info("teacher written to %s (val acc %s, zero-shot %s)", path, _pct(val_acc), _pct(zs_acc))
     return path
@@ -399,7 +411,7 @@ _FLAGS = {
     "seed": "seed", "mode": "mode", "text_chunk": "text_chunk", "vision_depth": "vision_depth",
     "text_depth": "text_depth", "n_ctx_vision": "n_ctx_vision", "n_ctx_text": "n_ctx_text",
     "gpa_mean": "gpa_mean", "gpa_std": "gpa_std", "val_every": "val_every",
-    "epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "train.lr", "precision": "train.precision",
+    "epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "train.lr", "precision": "precision",
     "device": "train.device", "num_workers": "train.num_workers", "max_steps_per_epoch": "train.max_steps_per_epoch",
     "checkpoint_every": "train.checkpoint_every", "on_nonfinite": "train.on_nonfinite", "on_bad_image": "train.on_bad_image",
 }
@@ -422,10 +434,6 @@ def config_from_args(args) -> TeacherConfig:
         overrides.append(("train.progress", False))
     for key, value in overrides:
         put_setting(data, key, value)
-    if data["train"].get("precision") == "auto":  # bf16 (or fp16) on CUDA, fp32 elsewhere
-        from promptkd.engine.loop import resolve_device, resolve_precision
-
-        data["train"]["precision"] = resolve_precision("auto", resolve_device(data["train"].get("device", "auto")))
     return TeacherConfig.from_dict(data, args.config or "settings")
 
 
