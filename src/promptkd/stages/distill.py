@@ -524,20 +524,14 @@ def _check_options(o: DistillOptions, kd: KDSettings) -> None:
 
 def _ensemble_baseline(members, protocol: Protocol, temperature: float, weights, mode: str, batch_size: int,
                        cfg: TrainConfig) -> dict:
-    """Each further teacher's scores on the test split, and the ensemble's (metrics.json "baseline")."""
-    from promptkd.data.transforms import transforms_for
-    from promptkd.metrics import evaluate_splits
+    """Each further teacher's scores on the test split, and the ensemble's (metrics.json "baseline"),
+    from one pass of each teacher over the test images."""
     from promptkd.stages.ensemble import ensemble_scores
 
-    teachers = []
-    for t, w, _ in members[1:]:
-        teachers.append(evaluate_splits(t.encode_images, w, protocol.test, transforms_for(t.clip.preprocess_cfg)[1],
-                                        batch_size=batch_size, device=next(t.parameters()).device,
-                                        num_workers=cfg.num_workers, progress=cfg.progress))
-    combined = ensemble_scores([t for t, _, _ in members], [w for _, w, _ in members], protocol,
-                               temperature=temperature, weights=weights, mode=mode, batch_size=batch_size,
-                               num_workers=cfg.num_workers, progress=cfg.progress)
-    return {"more_teachers": teachers, "ensemble": combined}
+    combined, alone = ensemble_scores([t for t, _, _ in members], [w for _, w, _ in members], protocol,
+                                      temperature=temperature, weights=weights, mode=mode, batch_size=batch_size,
+                                      num_workers=cfg.num_workers, progress=cfg.progress)
+    return {"more_teachers": alone[1:], "ensemble": combined}
 
 
 def _extra_classifier(cv: ClassVectors, teacher: Teacher, first: ClassVectors, protocol: Protocol):

@@ -203,7 +203,7 @@ class TeacherObjective:
     """
 
     def __init__(self, teacher: Teacher, classnames: list[str], cfg: TeacherConfig):
-        from promptkd.metrics import zero_shot_class_vectors
+        from promptkd.models.teachers import template_class_vectors
 
         self.teacher, self.cfg = teacher, cfg
         device = teacher.logit_scale.device
@@ -214,7 +214,9 @@ class TeacherObjective:
         self.text_reference = None
         if cfg.mode == "promptsrc":
             log.info("frozen text reference: %d classes x %d templates", len(classnames), len(IMAGENET_TEMPLATES))
-            self.text_reference = zero_shot_class_vectors(teacher.clip, classnames, IMAGENET_TEMPLATES, device)
+            self.text_reference = template_class_vectors(lambda tokens: teacher.clip.model.encode_text(tokens.to(device)),
+                                                          teacher.clip.tokenizer, classnames, IMAGENET_TEMPLATES,
+                                                          normalize_each=False)  # PromptSRC's: raw features averaged
 
     def terms(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each loss term as it enters the total (weights applied)."""
