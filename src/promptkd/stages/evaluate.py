@@ -217,8 +217,8 @@ def register(sub) -> None:
     from promptkd.options import (
         PRECISIONS,
         add_model_options,
+        add_old_spellings,
         add_other_teacher_option,
-        deprecated,
         non_negative_int,
         positive_int,
     )
@@ -256,11 +256,5 @@ def register(sub) -> None:
                    help="compute precision: auto (bf16 on CUDA), fp32 (default), bf16 or fp16")
     p.add_argument("--num-workers", type=non_negative_int, default=0, help="data-loader processes (default 0)")
     p.add_argument("--out", metavar="FILE", help="write the results here (JSON)")
-    deprecated(p, "--clip", "--clip-model")
-    deprecated(p, "--pretrained", "--clip-weights")
-    deprecated(p, "--teacher-clip-model", "--teacher-model")
-    deprecated(p, "--teacher-clip", "--teacher-weights")
-    deprecated(p, "--student-clip-model", "--student-model")
-    deprecated(p, "--student-clip", "--student-weights")
-    deprecated(p, "--num-shots", "--shots", type=non_negative_int)
+    add_old_spellings(p, "eval")
     p.set_defaults(func=lambda a: (run_eval(a), 0)[1])
