@@ -232,13 +232,16 @@ class StudentClassifier(nn.Module, _Predictor):
         from promptkd import __version__
 
         t = self.transform
-        return {"format": ONNX_FORMAT, "promptkd_version": __version__, "classnames": self.classnames,
+        meta = {"format": ONNX_FORMAT, "promptkd_version": __version__, "classnames": self.classnames,
                 "student": {"clip": self.student.clip.identity(), "prompts": self.student.prompt_config,
                             "teacher_dim": self.student.projector.out_dim},
                 "teacher": (getattr(self.student, "meta", None) or {}).get("teacher"),
                 "class_vectors_teacher": self.teacher_identity, "image_size": t.size, "mean": t.mean,
                 "std": t.std, "interpolation": t.interpolation.value, "resize_mode": t.resize_mode,
                 "logit_scale": float(self.logit_scale)}
+        if self.other_teacher:  # exported with --allow-other-teacher: the file says so, and loads as made
+            meta["class_vectors_other_teacher"] = self.other_teacher
+        return meta
 
     def standalone_tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor the classifier runs on: the student CLIP's image tower (`visual.*`; not its
@@ -257,8 +260,6 @@ class StudentClassifier(nn.Module, _Predictor):
         from promptkd.models.loading import vision_tower_config
 
         meta = {**self.metadata(), "kind": STANDALONE_KIND, "format": STANDALONE_FORMAT, "precision": precision}
-        if self.other_teacher:  # exported with --allow-other-teacher: the file says so, and loads as made
-            meta["class_vectors_other_teacher"] = self.other_teacher
         meta["student"] = {**meta["student"], "tower": vision_tower_config(self.student.clip)}
         return meta
 
@@ -411,6 +412,10 @@ class OnnxClassifier(_Predictor):
             raise PromptKDError(f"{cv_path}: class vectors have dim {cv.dim}, {path} gives features of dim "
                                 f"{self.meta.get('feature_dim')}")
         other = other_teacher(self.meta.get("teacher") or {}, cv.teacher)
+        if other and self.meta.get("class_vectors_other_teacher"):  # exported with --allow-other-teacher:
+            exported_with = self.meta.get("class_vectors_teacher")  # vectors of that same teacher load as made
+            allow_other_teacher = allow_other_teacher or (isinstance(exported_with, dict) and bool(exported_with)
+                                                          and not other_teacher(exported_with, cv.teacher))
         if other and not allow_other_teacher:
             raise PromptKDError(f"{cv_path}: class vectors come from another teacher than the one {path} was distilled "
                                 f"from ({other}); {OTHER_TEACHER_HINT}")

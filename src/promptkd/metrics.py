@@ -86,24 +86,6 @@ def _my_batches(items: list, batch_size: int) -> list:
     return [it for b in distributed.my_units(len(batches)) for it in items[batches[b]:batches[b] + batch_size]]
 
 
-@torch.no_grad()
-def zero_shot_class_vectors(clip, classnames: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
-                            device: str | torch.device = "cpu", batch_size: int = 256) -> torch.Tensor:
-    """Plain-CLIP classifier: normalised text features averaged over templates, renormalised.
-
-    Averaging unnormalised features then normalising is what PromptSRC's frozen reference does.
-    """
-    model, tokenizer = clip.model, clip.tokenizer
-    names = [c.replace("_", " ") for c in classnames]
-    per_template = []
-    for t in templates:
-        texts = [t.format(n) for n in names]
-        feats = [model.encode_text(tokenizer(texts[i : i + batch_size]).to(device))
-                 for i in range(0, len(texts), batch_size)]
-        per_template.append(torch.cat(feats).float())
-    return F.normalize(torch.stack(per_template).mean(0), dim=-1)
-
-
 def evaluate_splits(encode: Callable[[torch.Tensor], torch.Tensor], classifier: torch.Tensor,
                     splits: dict[str, EvalSplit], transform, *, batch_size: int = 100,
                     device: str | torch.device = "cpu", num_workers: int = 0, progress: bool = True,
@@ -151,9 +133,11 @@ def zero_shot_scores(clip, classnames: Sequence[str], splits: dict[str, EvalSpli
     trains on `device`).
     """
     from promptkd.data.transforms import transforms_for
+    from promptkd.models.teachers import template_class_vectors
 
     text_device = next((p.device for n, p in clip.model.named_parameters() if not n.startswith("visual.")), device)
-    classifier = zero_shot_class_vectors(clip, classnames, templates, device=text_device)
+    classifier = template_class_vectors(lambda tokens: clip.model.encode_text(tokens.to(text_device)), clip.tokenizer,
+                                        classnames, templates, normalize_each=False)
     return evaluate_splits(clip.model.encode_image, classifier, splits, transforms_for(clip.preprocess_cfg)[1],
                            batch_size=batch_size, device=device, num_workers=num_workers, progress=progress,
                            announce=announce)

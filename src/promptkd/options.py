@@ -35,10 +35,18 @@ def _number(kind, test, what):
     return parse
 
 
-positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
-non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
-positive_float = _number(float, lambda v: 0 < v < float("inf"), "a number > 0")
-non_negative_float = _number(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
+def ranged(kind: type, op: str, bound: float):
+    """An int or (finite) float `op` bound, op '>' or '>=': the check of a setting's range as a flag."""
+    above = (lambda v: v > bound) if op == ">" else (lambda v: v >= bound)
+    if kind is int:
+        return _number(int, above, f"an integer {op} {bound:g}")
+    return _number(float, lambda v: above(v) and v < float("inf"), f"a number {op} {bound:g}")
+
+
+positive_int = ranged(int, ">=", 1)
+non_negative_int = ranged(int, ">=", 0)
+positive_float = ranged(float, ">", 0)
+non_negative_float = ranged(float, ">=", 0)
 
 
 def int_range(low: int, high: int):
@@ -74,15 +82,28 @@ def add_global_options(p: argparse.ArgumentParser, *, top: bool = False) -> None
     g.add_argument("--device", type=device_name, default=default(None), metavar="DEVICE", help=DEVICE_HELP)
 
 
-def add_model_options(p, role: str, *, what: str | None = None, default_note: str = "from the artifact") -> None:
-    """--ROLE-model MODEL and --ROLE-weights TAG|PATH|none for role in teacher, student, clip."""
+MODEL_METAVAR, WEIGHTS_METAVAR = "MODEL", "TAG|PATH|none"
+
+
+def model_option_help(role: str, *, what: str | None = None, default_note: str = "from the artifact") -> tuple[str, str]:
+    """The help of --ROLE-model and --ROLE-weights (also of the settings fields they fill)."""
     assert role in ROLES, role
     what = what or f"the {role}'s CLIP"
-    p.add_argument(f"--{role}-model", metavar="MODEL",
-                   help=f"{what}: open_clip name, model-config JSON or toy-teacher/toy-student ({default_note})")
-    p.add_argument(f"--{role}-weights", metavar="TAG|PATH|none",
-                   help=f"{what}'s weights: open_clip tag, local checkpoint, or none for a seeded random "
-                        f"initialisation ({default_note})")
+    return (f"{what}: open_clip name, model-config JSON or toy-teacher/toy-student ({default_note})",
+            f"{what}'s weights: open_clip tag, local checkpoint, or none for a seeded random "
+            f"initialisation ({default_note})")
+
+
+def add_model_options(p, role: str, *, what: str | None = None, default_note: str = "from the artifact") -> None:
+    """--ROLE-model MODEL and --ROLE-weights TAG|PATH|none for role in teacher, student, clip."""
+    model_help, weights_help = model_option_help(role, what=what, default_note=default_note)
+    p.add_argument(f"--{role}-model", metavar=MODEL_METAVAR, help=model_help)
+    p.add_argument(f"--{role}-weights", metavar=WEIGHTS_METAVAR, help=weights_help)
+
+
+TEMPLATES_METAVAR = "NAME|TEMPLATE|FILE"
+TEMPLATES_HELP = ("a plain CLIP's zero-shot templates: imagenet80 (CLIP's 80, averaged as CLIP does), dataset (the "
+                  "benchmark's CoOp template), one template with {} or a file of templates (default 'a photo of a {}.')")
 
 
 def add_output_options(p, kind: str, *, required: bool = True, resume: bool = False, what: str = "result",
@@ -131,26 +152,9 @@ def add_other_teacher_option(p) -> None:
 # Help of options whose command did not give one: the vocabulary's meaning (docs/cli.md), once.
 # Keys: "--option" for every command, "COMMAND --option" for one. tests/cli/test_help.py requires
 # every option of every command to have help, so a new option needs it here or where it is added.
-_PRESET = "(default: the preset's)"
+# (The options derived from settings fields take their help from the field: settings.setting.)
+PRESET_DEFAULT = "(default: the preset's)"
 OPTION_HELP = {
-    "--vision-depth": f"prompted blocks of the trained image tower {_PRESET}",
-    "--text-depth": f"prompted blocks of the teacher's text tower {_PRESET}",
-    "--n-ctx-vision": f"vision prompt tokens per block {_PRESET}",
-    "--n-ctx-text": f"text prompt tokens per block {_PRESET}",
-    "--gpa-mean": f"Gaussian prompt aggregation: the epoch of largest weight {_PRESET}",
-    "--gpa-std": f"Gaussian prompt aggregation: the spread in epochs {_PRESET}",
-    "--epochs": f"training epochs {_PRESET}",
-    "--batch-size": f"images per step, global across processes {_PRESET}",
-    "--lr": f"learning rate, > 0 {_PRESET}",
-    "--seed": f"the run's seed: few-shot draw, initialisation, batch order, weights of --*-weights none {_PRESET}",
-    "--num-workers": f"data-loader processes {_PRESET}",
-    "--precision": f"autocast dtype: auto (bf16 on CUDA, fp32 elsewhere), fp32, bf16, fp16; weights stay fp32 {_PRESET}",
-    "--protocol": "base2novel, cross or dg (docs/datasets.md) (default: the preset's, else base2novel)",
-    "--temperature": f"KD softmax temperature, > 0 {_PRESET}",
-    "--kd-reduction": f"how the KD loss is averaged: official (over batch x classes) or batchmean {_PRESET}",
-    "--max-steps-per-epoch": "cap the steps of each epoch (quick runs)",
-    "--checkpoint-every": "also checkpoint every N steps (for --resume)",
-    "--eval-batch-size": f"images per forward in validation and test passes {_PRESET}",
     "cache --view-seed": "seed of the recorded augmentations (default 0)",
     "cache --shard-size": "images per shard file (default 1024)",
     "cache --num-workers": "data-loader processes (default 0)",
@@ -204,6 +208,37 @@ def parse_set(items: list[str] | None) -> list[tuple[str, object]]:
 # ---------------------------------------------------------------------------------------------
 # Old spellings: accepted for one release, with one warning line on stderr.
 
+# The one table of old spellings, per command: {old: new}. An entry starting with "--" is an option
+# (a hidden alias of the new option, with its type: add_old_spellings); any other is a key of the
+# command's settings (YAML presets and --set; `section.key` inside a section: settings.rename_keys).
+# An old option standing for either of two new ones sets `old_<what>` (import-official reads it).
+# docs/cli.md lists them ("Old spellings"), and tests/cli/test_vocabulary.py holds it to them.
+OLD_SPELLINGS: dict[str, dict[str, str]] = {
+    "teacher": {"--model": "--teacher-model", "--pretrained": "--teacher-weights",
+                "pretrained": "weights", "train.precision": "precision"},
+    "distill": {"--teacher-clip-model": "--teacher-model", "--teacher-clip": "--teacher-weights",
+                "--student-pretrained": "--student-weights", "--num-shots": "--shots",
+                "num_shots": "shots", "teacher_clip_model": "teacher_model", "teacher_clip": "teacher_weights",
+                "student_pretrained": "student_weights"},
+    "eval": {"--clip": "--clip-model", "--pretrained": "--clip-weights", "--teacher-clip-model": "--teacher-model",
+             "--teacher-clip": "--teacher-weights", "--student-clip-model": "--student-model",
+             "--student-clip": "--student-weights", "--num-shots": "--shots"},
+    "cache": {"--teacher-clip-model": "--teacher-model", "--teacher-clip": "--teacher-weights",
+              "--num-shots": "--shots"},
+    "class-vectors": {"--teacher-clip": "--teacher-weights", "--chunk": "--text-chunk",
+                      "--classnames-file": "--classes-file"},
+    "predict": {"--onnx": "--model", "--teacher-clip": "--teacher-weights", "--student-clip": "--student-weights"},
+    "export": {"--student-clip": "--student-weights"},
+    "import-official": {"--clip": "--teacher-model or --student-model",
+                        "--pretrained": "--teacher-weights or --student-weights"},
+    "toy pretrain": {"--eval-every": "--eval-seconds", "--checkpoint-every": "--checkpoint-seconds"},
+}
+
+
+def old_keys(command: str) -> dict[str, str]:
+    """{old settings key: new} of one command (OLD_SPELLINGS' entries that are not options)."""
+    return {old: new for old, new in OLD_SPELLINGS.get(command, {}).items() if not old.startswith("--")}
+
 
 class _Deprecated(argparse.Action):
     def __init__(self, option_strings, dest, new: str = "", **kwargs):
@@ -221,6 +256,19 @@ def deprecated(p, old: str, new: str, *, dest: str | None = None, type=None) -> 
     dest = dest or new.lstrip("-").replace("-", "_")
     p.add_argument(old, dest=dest, action=_Deprecated, new=new, type=type, default=argparse.SUPPRESS,
                    help=argparse.SUPPRESS)
+
+
+def add_old_spellings(p: argparse.ArgumentParser, command: str) -> None:
+    """The command's old options (OLD_SPELLINGS), each filling its new option's setting with its type;
+    call it after the command's own options."""
+    actions = {s: a for a in p._actions for s in a.option_strings}
+    for old, new in OLD_SPELLINGS[command].items():
+        if not old.startswith("--"):
+            continue
+        if " or " in new:
+            deprecated(p, old, new, dest="old_" + new.rsplit("-", 1)[-1])
+        else:
+            deprecated(p, old, new, dest=actions[new].dest, type=actions[new].type)
 
 
 def deprecated_spellings(parser: argparse.ArgumentParser) -> dict[str, str]:

@@ -1,10 +1,15 @@
-"""Settings files and type checks for the settings dataclasses, so a bad YAML preset or a
-`--set KEY=VALUE` of the wrong type is a one-line error naming the setting, not a TypeError deep
-in training."""
+"""One path for every setting of a stage (TrainConfig, DistillConfig, TeacherConfig): each is a
+dataclass field made by `setting()`, holding its default, help, choices, range and flag. From the
+fields come the command's options (`add_setting_options`), what they set (`settings_from_args`) and
+the checks (`validate`, once, in the config's __post_init__); YAML presets and `--set KEY=VALUE`
+set the same fields by name. So a bad value is a one-line error naming the setting, not a
+TypeError deep in training, and a new option is one field."""
 
 from __future__ import annotations
 
-from dataclasses import fields
+import argparse
+import math
+from dataclasses import MISSING, Field, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +31,18 @@ def _matches(value: Any, name: str) -> bool:
     return isinstance(value, str)
 
 
+def _type_names(f: Field) -> list[str]:
+    annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+    return [part.strip() for part in annotation.split("|")]
+
+
 def check_field_types(obj: Any, source: str) -> None:
     """Raise PromptKDError if a field annotated with int/float/bool/str (or `| None`) holds another type.
 
     Fields with other annotations (nested configs, lists, tuples) are left to their own checks.
     """
     for f in fields(obj):
-        annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
-        names = [part.strip() for part in annotation.split("|")]
+        names = _type_names(f)
         if not names or any(n not in _NAMES for n in names):
             continue
         value = getattr(obj, f.name)
@@ -76,20 +85,135 @@ def check_known_keys(cls: type, d: dict, source: str, what: str = "setting") -> 
         raise PromptKDError(f"{source}: unknown {what}(s) {unknown}; known: {', '.join(sorted(known))}")
 
 
+def _in_range(value, op: str, bound: float) -> bool:
+    return not (isinstance(value, float) and math.isnan(value)) and (value > bound if op == ">" else value >= bound)
+
+
 def check_ranges(obj: Any, source: str, limits: dict[str, tuple[str, float]]) -> None:
     """Each named field (when not None) must be `op` its bound: {"lr": (">", 0), "epochs": (">=", 1)}.
 
     A setting out of range is a one-line error naming it, before any model or data is loaded
     (e.g. zero steps per epoch would otherwise train nothing and still write an artifact)."""
-    import math
-
     for name, (op, bound) in limits.items():
         value = getattr(obj, name)
+        if value is not None and not _in_range(value, op, bound):
+            raise PromptKDError(f"{source}: {name} must be {op} {bound:g}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings fields: one declaration gives the default, the checks and the command-line option.
+
+
+def setting(default: Any = MISSING, *, help: str | None = None, flag: str | bool | None = None,
+            choices=None, range: tuple[str, float] | None = None, metavar: str | None = None, arg_type=None,
+            global_option: bool = False, default_factory: Any = MISSING, options: tuple[str, ...] = ()) -> Any:
+    """A settings field. `choices` and `range` (op '>' or '>=', bound) are checked by `validate` and
+    by the option while parsing. `flag`: the option's name (default --NAME-WITH-DASHES; a bool is a
+    switch to the other value, e.g. --no-val; False: no option, YAML and --set only), `help` its
+    help; `arg_type` replaces the check derived from the type and range; `global_option`: the
+    option is one of options.add_global_options (--device, --no-progress), read, not added.
+    A section (TrainConfig under `train`) lists in `options` the fields of it the command offers."""
+    meta = {"help": help, "flag": flag, "choices": tuple(choices) if choices else None, "range": range,
+            "metavar": metavar, "arg_type": arg_type, "global": global_option, "options": tuple(options)}
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def validate(obj: Any, source: str) -> None:
+    """The checks a settings dataclass declares: types, then choices and ranges (None passes)."""
+    check_field_types(obj, source)
+    for f in fields(obj):
+        value, choices, limit = getattr(obj, f.name), f.metadata.get("choices"), f.metadata.get("range")
         if value is None:
             continue
-        ok = not (isinstance(value, float) and math.isnan(value)) and (value > bound if op == ">" else value >= bound)
-        if not ok:
-            raise PromptKDError(f"{source}: {name} must be {op} {bound:g}, got {value!r}")
+        if choices and value not in choices:
+            raise PromptKDError(f"{source}: {f.name} must be one of {', '.join(choices)}, got {value!r}")
+        if limit:
+            check_ranges(obj, source, {f.name: limit})
+
+
+def _flag(f: Field) -> str | None:
+    flag = f.metadata.get("flag")
+    if flag is False or (flag is None and "help" not in f.metadata):  # no option / a plain field
+        return None
+    return flag or "--" + f.name.replace("_", "-")
+
+
+def _dest(f: Field) -> str:
+    """Where argparse puts the value: the field's name (a global option: its own dest)."""
+    return _flag(f).lstrip("-").replace("-", "_") if f.metadata.get("global") else f.name
+
+
+def option_fields(cls: type) -> list[tuple[str | None, Field, str]]:
+    """(section or None, field, flag) of every setting of `cls` that has an option, in field order (a
+    section: the fields its `options` name, and its global ones)."""
+    out = []
+    for f in fields(cls):
+        section = f.metadata.get("options")
+        if section:
+            inner = {g.name: g for g in fields(f.default_factory)}
+            chosen = [inner[name] for name in section] + [g for g in inner.values()
+                                                          if g.metadata.get("global") and g.name not in section]
+            out += [(f.name, g, _flag(g)) for g in chosen]
+        elif _flag(f):
+            out.append((None, f, _flag(f)))
+    return out
+
+
+def _option_kwargs(f: Field) -> dict:
+    """argparse keyword arguments of a field's option: a switch for a bool, else a checked value."""
+    from promptkd.options import ranged
+
+    meta, kinds = f.metadata, [n for n in _type_names(f) if n != "None"]
+    kwargs = {"dest": f.name, "help": meta["help"], "default": None}
+    if kinds == ["bool"]:
+        return {**kwargs, "action": "store_const", "const": not _flag(f).startswith("--no-")}
+    if meta["metavar"]:
+        kwargs["metavar"] = meta["metavar"]
+    if meta["choices"]:
+        kwargs["choices"] = meta["choices"]
+    kind = {"int": int, "float": float}.get(kinds[0]) if len(kinds) == 1 else None
+    arg_type = meta["arg_type"] or (ranged(kind, *meta["range"]) if kind and meta["range"] else kind)
+    return {**kwargs, "type": arg_type} if arg_type else kwargs
+
+
+def add_setting_options(p: argparse.ArgumentParser, cls: type) -> None:
+    """An option for every setting of `cls` that has one (its flag, help, choices and value check
+    from the field), in field order; what they set: `settings_from_args`."""
+    for _, f, flag in option_fields(cls):
+        if not f.metadata.get("global"):
+            assert f.metadata["help"], f"{cls.__name__}.{f.name}: an option needs help"
+            p.add_argument(flag, **_option_kwargs(f))
+
+
+def settings_from_args(cls: type, args: argparse.Namespace) -> dict:
+    """The settings of `cls` the command line set: --set KEY=VALUE (NAME or train.NAME), then the
+    options of `add_setting_options` and the global ones (a switch counts only when given)."""
+    from promptkd.options import parse_set
+
+    data: dict = {}
+    for key, value in parse_set(getattr(args, "set", None)):
+        put_setting(data, key, value)
+    for section, f, flag in option_fields(cls):
+        value = getattr(args, _dest(f), None)
+        if f.metadata.get("global") and flag.startswith("--no-"):
+            value = False if value else None
+        if value is not None:
+            (data.setdefault(section, {}) if section else data)[f.name] = value
+    return data
+
+
+def merge_settings(*layers: dict) -> dict:
+    """Settings mappings (presets, then overrides) merged left to right, a section key by key."""
+    merged: dict = {}
+    for layer in layers:
+        for k, v in layer.items():
+            if isinstance(v, dict) and isinstance(merged.get(k), dict):
+                merged[k] = {**merged[k], **v}
+            else:
+                merged[k] = v
+    return merged
 
 
 def put_setting(data: dict, key: str, value: Any) -> None:
@@ -102,16 +226,21 @@ def put_setting(data: dict, key: str, value: Any) -> None:
 
 
 def rename_keys(d: dict, renames: dict[str, str], source: str) -> dict:
-    """Old setting names still read for one release, with a warning naming the new one."""
+    """Old setting names still read for one release (options.OLD_SPELLINGS), with a warning naming the
+    new one; a `section.key` name is the key inside that section."""
     import logging
 
-    out = dict(d)
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
     for old, new in renames.items():
-        if old in out:
-            if new in out:
-                raise PromptKDError(f"{source}: both '{old}' (the old name) and '{new}' are set; keep '{new}'")
-            logging.getLogger("promptkd").warning("%s: setting '%s' is deprecated; use '%s'", source, old, new)
-            out[new] = out.pop(old)
+        (old_section, _, old_key), (new_section, _, new_key) = old.rpartition("."), new.rpartition(".")
+        src = out.get(old_section) if old_section else out
+        if not isinstance(src, dict) or old_key not in src:
+            continue
+        dst = out.setdefault(new_section, {}) if new_section else out
+        if new_key in dst:
+            raise PromptKDError(f"{source}: both '{old}' (the old name) and '{new}' are set; keep '{new}'")
+        logging.getLogger("promptkd").warning("%s: setting '%s' is deprecated; use '%s'", source, old, new)
+        dst[new_key] = src.pop(old_key)
     return out
 
 

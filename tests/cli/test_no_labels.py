@@ -161,3 +161,30 @@ def test_two_teachers_a_promptsrc_artifact_and_a_plain_clip(clips, data, runs, t
                   "--dataset", f"folder:{data}", "--protocol", "cross", *_student(clips), "--device", "cpu",
                   "--out", str(tmp_path / "s2")], capsys)
     assert "same class names" in err
+
+
+def test_eval_of_a_plain_clip_teacher_with_class_vectors_from_a_run_folder(clips, data, tmp_path, capsys):
+    """--class-vectors RUNDIR (a folder holding class_vectors.safetensors) scores as the file itself."""
+    run = tmp_path / "run"
+    run.mkdir()
+    cv = run / "class_vectors.safetensors"
+    assert main(["-q", "class-vectors", *_teacher(clips), "--dataset", f"folder:{data}", "--device", "cpu",
+                 "--out", str(cv)]) == 0
+    scored = {}
+    for name, given in (("folder", run), ("file", cv)):
+        capsys.readouterr()
+        assert main(["-q", "eval", *_teacher(clips), "--class-vectors", str(given), "--dataset", f"folder:{data}",
+                     "--protocol", "cross", "--no-progress", "--out", str(tmp_path / f"{name}.json")]) == 0
+        printed = capsys.readouterr().out
+        scored[name] = json.loads((tmp_path / f"{name}.json").read_text())
+        assert f"{scored[name]['results']['accuracy']:.2f}" in printed
+    assert scored["folder"]["results"] == scored["file"]["results"] and scored["folder"]["images"]["accuracy"] == 8
+    assert scored["folder"]["model"] == scored["file"]["model"]
+    assert scored["folder"]["model"]["plain_clip_teacher"]["templates"] == ["a photo of a {}."]
+    # the class vectors are an input: --out may not replace them, named through the folder or not
+    before = cv.read_bytes()
+    for given in (run, cv):
+        err = _fails(["-q", "eval", *_teacher(clips), "--class-vectors", str(given), "--dataset", f"folder:{data}",
+                      "--protocol", "cross", "--no-progress", "--out", str(cv)], capsys)
+        assert "class vectors" in err
+    assert cv.read_bytes() == before

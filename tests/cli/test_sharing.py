@@ -166,6 +166,39 @@ def test_other_teachers_class_vectors_are_refused_unless_allowed(runs, tmp_path,
         promptkd.load(runs.student, class_vectors=other)
 
 
+def test_image_features_export_with_another_teachers_class_vectors_loads_as_made(runs, tmp_path, capsys, data):
+    """--allow-other-teacher at export is recorded in the image-features ONNX: promptkd.load and
+    predict --model use its class vectors (and others of that teacher) without the option again."""
+    other = _other_teachers_vectors(runs, tmp_path / "other.safetensors")
+    out = tmp_path / "features.onnx"
+    photos = data / "test" / "red"
+    export = ["export", str(runs.student), "--class-vectors", str(other), "--format", "image-features",
+              "--out", str(out)]
+    capsys.readouterr()
+    assert main(export) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "another teacher" in err and "--allow-other-teacher" in err
+    assert not out.exists() and not list(tmp_path.glob("features*"))
+    assert main(["-q", *export, "--allow-other-teacher"]) == 0
+    clf = promptkd.load(out)
+    assert clf.classes == ["blue", "green", "red", "yellow"]
+    want = promptkd.load(runs.student, class_vectors=other, allow_other_teacher=True)
+    images = [Image.open(p) for p in sorted(photos.iterdir())]
+    _same_predictions(clf.predict(images, topk=4), want.predict(images, topk=4), ONNX_PROB_TOL)
+    assert promptkd.load(out, class_vectors=other).classes == clf.classes  # the same teacher's file, given
+    capsys.readouterr()
+    assert main(["-q", "predict", str(photos), "--model", str(out), "--json", "--no-progress"]) == 0
+    printed = json.loads(capsys.readouterr().out)["predictions"]
+    assert len(printed) == len(images) and printed[0]["top"][0]["class"] in clf.classes
+    # the allowance is for that teacher: a third teacher's vectors are still refused
+    third = tmp_path / "third.safetensors"
+    cv = ClassVectors.load(other)
+    ClassVectors(cv.vectors, cv.classnames, {**cv.teacher, "prompts_hash": "fedcba9876543210"}).save(third)
+    with pytest.raises(PromptKDError, match="another teacher"):
+        promptkd.load(out, class_vectors=third)
+    assert promptkd.load(out, class_vectors=third, allow_other_teacher=True).classes == clf.classes
+
+
 def test_new_class_vectors_pair_with_the_image_side_export(runs, exported, tmp_path, images):
     """Open vocabulary without re-exporting: class vectors of the same teacher for a subset of classes."""
     cv = ClassVectors.load(runs.student / "class_vectors.safetensors")

@@ -15,6 +15,7 @@ from promptkd.errors import PromptKDError
 from promptkd.kd import ensemble_log_probs, kd_loss
 from promptkd.models import load_clip
 from promptkd.models.teachers import ZeroShotTeacher
+from promptkd.models.wrappers import Teacher
 from promptkd.templates import CLIP_IMAGENET_TEMPLATES, DATASET_TEMPLATES, resolve_templates
 
 TEMPLATES = ["a photo of a {}.", "a drawing of the {}.", "itap of my {}."]
@@ -40,6 +41,43 @@ def test_template_ensemble_is_clips_average_of_normalised_features(tiny_configs)
         plain = F.normalize(clip.model.encode_text(clip.tokenizer(["a photo of a red fox.", "a photo of a blue whale."])), dim=-1)
     assert torch.allclose(one, plain, atol=1e-6)
     assert teacher.identity()["templates"] == TEMPLATES
+
+
+def test_template_means_of_normalised_and_of_raw_features(tiny_configs):
+    """normalize_each: CLIP's classifier (each template counts the same) or PromptSRC's reference and
+    the zero-shot baseline (raw features averaged: a template with longer features weighs more)."""
+    from promptkd.models.teachers import template_class_vectors
+    from promptkd.stages.teacher import IMAGENET_TEMPLATES, TeacherConfig, TeacherObjective
+
+    clip = load_clip(str(tiny_configs[0]), init_seed=3)
+    names, two = ["red fox", "blue_whale"], ["a photo of a {}.", "itap of my {}."]
+
+    def vectors(templates, normalize_each):
+        return template_class_vectors(clip.model.encode_text, clip.tokenizer, names, templates,
+                                      normalize_each=normalize_each)
+
+    with torch.no_grad():
+        feats = [clip.model.encode_text(clip.tokenizer([t.format(n) for n in ("red fox", "blue whale")])) for t in two]
+    norms = torch.stack([f.norm(dim=-1) for f in feats])
+    assert ((norms[0] - norms[1]).abs() > 0.05 * norms.min(0).values).all()  # the templates' norms differ
+    # one template: the normalised text feature either way (renormalising a unit vector: a few ulps)
+    torch.testing.assert_close(vectors(two[:1], True), vectors(two[:1], False), atol=1e-6, rtol=0)
+    torch.testing.assert_close(vectors(two[:1], True), F.normalize(feats[0], dim=-1), atol=1e-6, rtol=0)
+    # two templates: each mode is its formula by hand (fp32 sums of two terms: a few ulps), and they differ
+    by_hand_normalised = F.normalize(F.normalize(feats[0], dim=-1) + F.normalize(feats[1], dim=-1), dim=-1)
+    by_hand_raw = F.normalize(feats[0] + feats[1], dim=-1)
+    normalised, raw = vectors(two, True), vectors(two, False)
+    torch.testing.assert_close(normalised, by_hand_normalised, atol=1e-6, rtol=0)
+    torch.testing.assert_close(raw, by_hand_raw, atol=1e-6, rtol=0)
+    assert (normalised - raw).norm(dim=-1).min() > 1e-3
+    # the raw mean leans towards the template with the longer feature
+    longer = F.normalize(torch.where((norms[0] > norms[1])[:, None], feats[0], feats[1]), dim=-1)
+    assert ((raw * longer).sum(-1) > (normalised * longer).sum(-1)).all()
+    # where each is used: PromptSRC's frozen text reference and the zero-shot baseline average raw features
+    reference = TeacherObjective(Teacher(clip, vision_depth=0, text_depth=0), names, TeacherConfig()).text_reference
+    torch.testing.assert_close(reference, vectors(IMAGENET_TEMPLATES, False), atol=0, rtol=0)
+    assert (reference - vectors(IMAGENET_TEMPLATES, True)).norm(dim=-1).min() > 1e-3
+    assert torch.equal(ZeroShotTeacher(clip, two).encode_classnames(names), normalised)
 
 
 def test_named_template_sets():
@@ -169,3 +207,54 @@ def test_a_text_fitted_projector_learns_at_a_tenth_of_the_rate(tiny_configs):
     for name in full:
         want = full[name] * (PROJECTOR_LR_SCALE if name.startswith("projector.") else 1.0)
         assert torch.allclose(slow[name], want, rtol=1e-4, atol=1e-8), name
+
+
+def test_ensemble_baseline_encodes_each_teachers_test_images_once(tiny_configs, tmp_path):
+    """Three teachers on base-to-novel: each teacher's own scores and the ensemble's come from one
+    pass over the test images per teacher, and equal the separate computations bit for bit."""
+    from distill_helpers import write_split_file
+
+    from promptkd.data.protocols import build_protocol
+    from promptkd.data.transforms import transforms_for
+    from promptkd.engine.config import TrainConfig
+    from promptkd.kd import class_logits
+    from promptkd.metrics import encode_items, evaluate_splits, harmonic_mean
+    from promptkd.stages.distill import _ensemble_baseline
+
+    name, _ = write_split_file(tmp_path, per_class=7)
+    protocol = build_protocol("base2novel", name)
+    t_cfg = tiny_configs[0]
+    teachers = [ZeroShotTeacher(load_clip(str(t_cfg), init_seed=seed), TEMPLATES[:k]) for seed, k in ((4, 1), (5, 3), (6, 2))]
+    members = [(t, t.encode_classnames(protocol.classnames), None) for t in teachers]
+    encoded = [0] * len(teachers)
+
+    def counted(k, encode):
+        def encode_images(x):
+            encoded[k] += len(x)
+            return encode(x)
+        return encode_images
+
+    plain = [t.encode_images for t in teachers]
+    for k, t in enumerate(teachers):
+        t.encode_images = counted(k, plain[k])
+    weights = [0.5, 0.3, 0.2]
+    got = _ensemble_baseline(members, protocol, 2.0, weights, "confidence", 3, TrainConfig(progress=False))
+    n_test = sum(len(s.items) for s in protocol.test.values())
+    assert n_test == 8 and encoded == [n_test] * 3  # 2 test images per class, 4 classes
+    # the separate computations: evaluate_splits per further teacher, logits of every teacher combined
+    for k, t in enumerate(teachers):
+        t.encode_images = plain[k]
+    tf = [transforms_for(t.clip.preprocess_cfg)[1] for t in teachers]
+    want_alone = [evaluate_splits(t.encode_images, W, protocol.test, tf[k], batch_size=3, progress=False)
+                  for k, (t, W, _) in enumerate(members)]
+    assert got["more_teachers"] == want_alone[1:] and set(want_alone[1]) == {"base", "novel", "hm"}
+    want = {}
+    for split_name, split in protocol.test.items():
+        logits = []
+        for k, (t, W, _) in enumerate(members):
+            feats, labels = encode_items(t.encode_images, split.items, tf[k], batch_size=3, progress=False)
+            logits.append(class_logits(feats, W[split.classes], t.logit_scale))
+        pred = ensemble_log_probs(logits, 2.0, weights, "confidence").argmax(-1)
+        want[split_name] = 100.0 * (pred == labels).float().mean().item()
+    want["hm"] = harmonic_mean(want["base"], want["novel"])
+    assert got["ensemble"] == want

@@ -1,11 +1,14 @@
-"""Training settings, importable without torch (the CLI checks them before any heavy import)."""
+"""Training settings, importable without torch (the CLI checks them before any heavy import).
+
+Each field is a `settings.setting`: its help, choices and range are the checks of YAML and --set and
+the options of the commands that offer it (DistillConfig's and TeacherConfig's `train` section)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from promptkd.errors import PromptKDError
-from promptkd.settings import check_field_types, check_ranges
+from promptkd.options import PRESET_DEFAULT
+from promptkd.settings import setting, validate
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 METRICS_LOG_NAME = "metrics.jsonl"  # one JSON line per step and per epoch
@@ -14,45 +17,44 @@ TENSORBOARD_DIR = "tensorboard"  # written when tensorboard is installed
 # list of outputs is composed from these, the run's own files and the stage's artifacts (runs.run_outputs).
 ENGINE_FILES = (CHECKPOINT_NAME, METRICS_LOG_NAME, TENSORBOARD_DIR)
 COMPILE_MODES = ("auto", "on", "off")
+NONFINITE_ACTIONS = ("stop", "skip")
+BAD_IMAGE_ACTIONS = ("substitute", "error")
 
 
 @dataclass
 class TrainConfig:
     """Optimisation settings; the defaults are the official PromptKD/PromptSRC ViT configs."""
 
-    epochs: int = 20
-    batch_size: int = 8  # global batch (split across DDP ranks)
-    lr: float = 0.005
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_epochs: int = 1
-    warmup_lr: float = 1e-5
-    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast, master weights stay fp32
-    seed: int = 1
-    num_workers: int = 0
+    epochs: int = setting(20, help=f"training epochs {PRESET_DEFAULT}", range=(">=", 1))
+    batch_size: int = setting(8, help=f"images per step, global across processes {PRESET_DEFAULT}",
+                              range=(">=", 1))  # split across DDP ranks
+    lr: float = setting(0.005, help=f"learning rate, > 0 {PRESET_DEFAULT}", range=(">", 0))
+    momentum: float = setting(0.9, help="SGD momentum", range=(">=", 0))
+    weight_decay: float = setting(5e-4, help="SGD weight decay", range=(">=", 0))
+    warmup_epochs: int = setting(1, help="epochs of constant warm-up learning rate", range=(">=", 0))
+    warmup_lr: float = setting(1e-5, help="the warm-up learning rate", range=(">", 0))
+    precision: str = setting("fp32", help="autocast dtype; master weights stay fp32",
+                             choices=("fp32", "bf16", "fp16"))
+    seed: int = setting(1, help="the run's seed: few-shot draw, initialisation, batch order, weights of "
+                                f"--*-weights none {PRESET_DEFAULT}")
+    num_workers: int = setting(0, help=f"data-loader processes {PRESET_DEFAULT}", range=(">=", 0))
     drop_last: bool = True
-    grad_clip: float | None = None
-    on_nonfinite: str = "stop"  # stop | skip
-    on_bad_image: str = "substitute"  # substitute (next readable image, counted) | error
-    checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch (0: end of epoch only)
-    max_steps_per_epoch: int | None = None  # cap, for quick runs
-    device: str = "auto"
-    progress: bool = True
-    compile: str = "auto"  # auto | on | off: torch.compile the loss (CUDA graphs on CUDA); see train_loop
+    grad_clip: float | None = setting(None, help="clip the gradients' norm to this", range=(">", 0))
+    on_nonfinite: str = setting("stop", help="NaN/inf loss or gradients: stop (default) or skip the batch",
+                                choices=NONFINITE_ACTIONS)
+    on_bad_image: str = setting("substitute", choices=BAD_IMAGE_ACTIONS,
+                                help="unreadable training image: use the next readable one (default, counted) or stop")
+    checkpoint_every: int = setting(0, help="also checkpoint every N steps (for --resume)", metavar="STEPS",
+                                    range=(">=", 0))  # 0: at the end of each epoch only
+    max_steps_per_epoch: int | None = setting(None, help="cap the steps of each epoch (quick runs)", metavar="N",
+                                              range=(">=", 1))
+    device: str = setting("auto", flag="--device", global_option=True, help="the device")
+    progress: bool = setting(True, flag="--no-progress", global_option=True, help="progress bars")
+    compile: str = setting("auto", choices=COMPILE_MODES,
+                           help="torch.compile the training step (CUDA graphs on CUDA); auto (default): on for "
+                                "--teacher-cache runs on one CUDA GPU")  # see train_loop
 
     def __post_init__(self):
         if isinstance(self.compile, bool):  # YAML reads a bare on/off as a boolean
             self.compile = "on" if self.compile else "off"
-        check_field_types(self, "train settings")
-        if self.compile not in COMPILE_MODES:
-            raise PromptKDError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise PromptKDError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
-        if self.on_nonfinite not in ("stop", "skip"):
-            raise PromptKDError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
-        if self.on_bad_image not in ("substitute", "error"):
-            raise PromptKDError(f"on_bad_image must be 'substitute' or 'error', got {self.on_bad_image!r}")
-        check_ranges(self, "train settings", {
-            "epochs": (">=", 1), "batch_size": (">=", 1), "lr": (">", 0), "momentum": (">=", 0),
-            "weight_decay": (">=", 0), "warmup_epochs": (">=", 0), "warmup_lr": (">", 0), "num_workers": (">=", 0),
-            "grad_clip": (">", 0), "checkpoint_every": (">=", 0), "max_steps_per_epoch": (">=", 1)})
+        validate(self, "train settings")

@@ -27,21 +27,31 @@ from promptkd.templates import DEFAULT_TEMPLATE
 
 @torch.no_grad()
 def template_class_vectors(encode_text: Callable[[torch.Tensor], torch.Tensor], tokenizer, classnames: Sequence[str],
-                           templates: Sequence[str], chunk_size: int | None = 256) -> torch.Tensor:
-    """Zero-shot class vectors as CLIP makes them: per template, the normalised text feature of each
-    class; their mean over templates, normalised again. (n_classes, dim), fp32.
+                           templates: Sequence[str], chunk_size: int | None = 256, *,
+                           normalize_each: bool = True) -> torch.Tensor:
+    """Zero-shot class vectors from prompt templates: per template, the text feature of each class;
+    their mean over templates, normalised. (n_classes, dim), fp32.
 
-    One template gives exactly the normalised feature of that text.
+    `normalize_each` True is CLIP's zero-shot classifier (and a plain CLIP teacher's): each template's
+    features are normalised before the mean, so every template counts the same. False averages the
+    raw features, as PromptSRC's frozen text reference and the student's zero-shot baseline do. One
+    template gives exactly the normalised feature of that text either way.
     """
     names = [c.replace("_", " ") for c in classnames]
     step = chunk_size or len(names)
-    total = None
+    total, raw = None, []
     for template in templates:
         texts = [template.format(n) for n in names]
-        feats = torch.cat([encode_text(tokenizer(texts[i: i + step])) for i in range(0, len(texts), step)])
-        feats = F.normalize(feats.float(), dim=-1)
-        total = feats if total is None else total + feats
-    return F.normalize(total / len(templates), dim=-1)
+        feats = torch.cat([encode_text(tokenizer(texts[i: i + step])) for i in range(0, len(texts), step)]).float()
+        if normalize_each:  # a running sum: one (n_classes, dim) buffer for any number of templates
+            feats = F.normalize(feats, dim=-1)
+            total = feats if total is None else total + feats
+        else:
+            raw.append(feats)
+    # The running sum and the stacked mean round differently (from ~18 templates on): each mode keeps
+    # the arithmetic it has always had, so classifiers and the scores made with them stay bit-identical.
+    mean = total / len(templates) if normalize_each else torch.stack(raw).mean(0)
+    return F.normalize(mean, dim=-1)
 
 
 class ZeroShotTeacher(Teacher):

@@ -531,7 +531,13 @@ def _run(args) -> int:
 def register(sub) -> None:
     from promptkd.data.protocols import PROTOCOLS
     from promptkd.inputs import add_clip_args
-    from promptkd.options import PRECISIONS, add_output_options, deprecated, non_negative_int, positive_int
+    from promptkd.options import (
+        PRECISIONS,
+        add_old_spellings,
+        add_output_options,
+        non_negative_int,
+        positive_int,
+    )
 
     p = sub.add_parser(
         "cache", help="store the teacher's image features for K augmented views of each training image",
@@ -555,7 +561,5 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=positive_int, default=64, help="views per teacher forward")
     p.add_argument("--num-workers", type=non_negative_int, default=0)
     p.add_argument("--precision", default="auto", choices=PRECISIONS)
-    deprecated(p, "--teacher-clip-model", "--teacher-model")
-    deprecated(p, "--teacher-clip", "--teacher-weights")
-    deprecated(p, "--num-shots", "--shots", type=non_negative_int)
+    add_old_spellings(p, "cache")
     p.set_defaults(func=_run, resume_marker="manifest.json")

@@ -104,7 +104,7 @@ def classnames_from_args(args) -> list[str]:
 
 def register(subparsers) -> None:
     from promptkd.inputs import add_clip_args
-    from promptkd.options import add_output_options, deprecated, positive_int
+    from promptkd.options import add_old_spellings, add_output_options, positive_int
     from promptkd.stages.teacher_choice import add_template_option
 
     p = subparsers.add_parser(
@@ -126,9 +126,7 @@ def register(subparsers) -> None:
     p.add_argument("--append-to", metavar="FILE", help="existing class-vector file of the same teacher to extend")
     p.add_argument("--text-chunk", type=positive_int, default=256, metavar="N",
                    help="classes per text forward (memory only; default 256)")
-    deprecated(p, "--teacher-clip", "--teacher-weights")
-    deprecated(p, "--chunk", "--text-chunk", type=positive_int)
-    deprecated(p, "--classnames-file", "--classes-file")
+    add_old_spellings(p, "class-vectors")
     p.set_defaults(func=_run)
 
 

@@ -20,17 +20,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from promptkd.artifacts import load_artifact
 from promptkd.data.protocols import PROTOCOLS, EvalSplit, Protocol, align_class_vectors, build_protocol
 from promptkd.data.views import ViewsOverImages
-from promptkd.engine.config import CHECKPOINT_NAME, COMPILE_MODES, TrainConfig
+from promptkd.engine.config import CHECKPOINT_NAME, TrainConfig
 from promptkd.errors import PromptKDError
 from promptkd.kd import (  # noqa: F401  (re-exported: the names this module always had)
     CUSTOM_KD_PER_IMAGE,
+    ENSEMBLE_MODES,
     KD_LOSSES,
     KD_REDUCTIONS,
     OFFICIAL_KD_WEIGHT,
@@ -42,16 +43,28 @@ from promptkd.kd import (  # noqa: F401  (re-exported: the names this module alw
     kd_loss,
     official_kd_weight,
 )
+from promptkd.options import (
+    MODEL_METAVAR,
+    PRECISIONS,
+    PRESET_DEFAULT,
+    TEMPLATES_HELP,
+    TEMPLATES_METAVAR,
+    WEIGHTS_METAVAR,
+    model_option_help,
+    old_keys,
+)
 from promptkd.runs import METRICS_FILE, RunFolder, run_outputs  # noqa: F401 (METRICS_FILE: re-exported)
 from promptkd.settings import (
-    check_field_types,
+    add_setting_options,
     check_known_keys,
-    check_ranges,
-    put_setting,
+    merge_settings,
     random_weights,
     read_yaml,
     rename_keys,
     require_two_classes,
+    setting,
+    settings_from_args,
+    validate,
 )
 from promptkd.stages.cache import (
     CachedViewDataset,
@@ -60,6 +73,7 @@ from promptkd.stages.cache import (
     teacher_train_transform,
 )
 from promptkd.stages.class_vectors import compute_class_vectors
+from promptkd.stages.teacher_choice import weight_list
 
 if TYPE_CHECKING:  # torch and the models are imported where they run: `promptkd distill --help` stays fast
     import torch
@@ -511,20 +525,14 @@ def _check_options(o: DistillOptions, kd: KDSettings) -> None:
 
 def _ensemble_baseline(members, protocol: Protocol, temperature: float, weights, mode: str, batch_size: int,
                        cfg: TrainConfig) -> dict:
-    """Each further teacher's scores on the test split, and the ensemble's (metrics.json "baseline")."""
-    from promptkd.data.transforms import transforms_for
-    from promptkd.metrics import evaluate_splits
+    """Each further teacher's scores on the test split, and the ensemble's (metrics.json "baseline"),
+    from one pass of each teacher over the test images."""
     from promptkd.stages.ensemble import ensemble_scores
 
-    teachers = []
-    for t, w, _ in members[1:]:
-        teachers.append(evaluate_splits(t.encode_images, w, protocol.test, transforms_for(t.clip.preprocess_cfg)[1],
-                                        batch_size=batch_size, device=next(t.parameters()).device,
-                                        num_workers=cfg.num_workers, progress=cfg.progress))
-    combined = ensemble_scores([t for t, _, _ in members], [w for _, w, _ in members], protocol,
-                               temperature=temperature, weights=weights, mode=mode, batch_size=batch_size,
-                               num_workers=cfg.num_workers, progress=cfg.progress)
-    return {"more_teachers": teachers, "ensemble": combined}
+    combined, alone = ensemble_scores([t for t, _, _ in members], [w for _, w, _ in members], protocol,
+                                      temperature=temperature, weights=weights, mode=mode, batch_size=batch_size,
+                                      num_workers=cfg.num_workers, progress=cfg.progress)
+    return {"more_teachers": alone[1:], "ensemble": combined}
 
 
 def _extra_classifier(cv: ClassVectors, teacher: Teacher, first: ClassVectors, protocol: Protocol):
@@ -651,81 +659,88 @@ def _official_best(history: list[dict], protocol: str) -> dict:
 # File-to-file stage and configuration.
 
 
+_TEACHER_MODEL_HELP, _TEACHER_WEIGHTS_HELP = model_option_help("teacher", default_note="default: what the artifact recorded")
+_STUDENT_MODEL_HELP, _STUDENT_WEIGHTS_HELP = model_option_help("student", default_note="default ViT-B-16 / openai")
+
+
 @dataclass
 class DistillConfig:
-    """Everything `promptkd distill` needs; YAML presets in configs/distill/ set these keys."""
+    """Everything `promptkd distill` needs; YAML presets in configs/distill/ set these keys, and each
+    setting with help is also an option of `promptkd distill` (settings.setting)."""
 
-    dataset: str = ""
-    root: str | None = None
-    protocol: str = "base2novel"
-    shots: int = 0  # K unlabelled images per class (0: all)
-    teacher: str = ""  # teacher file or run folder; empty with teacher_model: a plain CLIP teacher
-    teacher_model: str | None = None  # override the CLIP the teacher recorded (model name / config JSON)
-    teacher_weights: str | None = None  # ... and its weights (when the recorded file moved)
-    class_vectors: str | None = None  # None: encode the class names once with the teacher before training
-    teacher_cache: str | None = None  # folder from `promptkd cache`; None: run the teacher online
-    templates: str | None = None  # a plain CLIP teacher's templates: imagenet80, dataset, "a {} ...", or a file
-    classes_file: str | None = None  # class names of an unlabelled images: dataset (without class vectors)
+    dataset: str = setting("", metavar="NAME", help="benchmark name, or folder:PATH / images:PATH (unlabelled "
+                                                    "images) / split:FILE.json")
+    root: str | None = setting(None, help="data root holding the CoOp dataset folders")
+    protocol: str = setting("base2novel", choices=PROTOCOLS,
+                            help="base2novel, cross or dg (docs/datasets.md) (default: the preset's, else base2novel)")
+    shots: int = setting(0, metavar="K", range=(">=", 0), help="K unlabelled images per class (0: all)")
+    # empty with teacher_model: a plain CLIP teacher
+    teacher: str = setting("", metavar="PATH|DIR", help="teacher file or run folder")
+    # override the CLIP the teacher recorded (model name / config JSON), and its weights (when the recorded file moved)
+    teacher_model: str | None = setting(None, metavar=MODEL_METAVAR, help=_TEACHER_MODEL_HELP)
+    teacher_weights: str | None = setting(None, metavar=WEIGHTS_METAVAR, help=_TEACHER_WEIGHTS_HELP)
+    # None: encode the class names once with the teacher before training
+    class_vectors: str | None = setting(None, metavar="FILE", help="the teacher's stored class vectors")
+    teacher_cache: str | None = setting(None, metavar="DIR", help="teacher features from `promptkd cache` (its image "
+                                        "tower then never runs; alone, the cache's recorded teacher is used)")
+    templates: str | None = setting(None, metavar=TEMPLATES_METAVAR, help=TEMPLATES_HELP)
+    classes_file: str | None = setting(None, metavar="FILE", help="one class name per line (an unlabelled images: "
+                                                                  "dataset without --class-vectors)")
     teachers: list = field(default_factory=list)  # further teachers: mappings of teacher_choice.TEACHER_KEYS
-    ensemble: str = "mean"  # several teachers: mean of probabilities, or confidence-weighted per image
-    ensemble_weights: list | None = None  # one weight per teacher (the first, then `teachers`); None: equal
-    projector_init: str = "random"  # random (official) or text: fitted on paired text features first
-    student_model: str = "ViT-B-16"
-    student_weights: str | None = "openai"  # tag, local file, or none/null (random, seeded by train.seed)
-    vision_depth: int = 9
-    n_ctx_vision: int = 4
-    temperature: float = 1.0
-    kd_weight: float | None = None  # None: official on the paper's datasets, else per image (default_kd_weight)
-    kd_reduction: str = "official"
-    kd_loss: str = "kl"  # kl: KL(teacher || student); sym-kl: KL(t || s) + KL(s || t) (KDPL)
-    precision: str = "auto"  # auto: bf16 (fp16 without bf16) on CUDA, fp32 elsewhere
-    select_on_val: bool = True
-    official_best_on_test: bool = False
-    eval_batch_size: int = 100
-    baseline: bool = True  # score the student's zero-shot CLIP and the teacher on test before training
-    train: TrainConfig = field(default_factory=TrainConfig)
+    ensemble: str = setting("mean", choices=ENSEMBLE_MODES, help="several teachers: mean of their probabilities "
+                                                                 "(default) or confidence-weighted per image")
+    ensemble_weights: list | None = setting(None, arg_type=weight_list, metavar="W1,W2,...",
+                                            help="one weight per teacher, in order (default: equal)")
+    projector_init: str = setting("random", choices=PROJECTOR_INITS,
+                                  help="random (official, default) or text: fit the projector on paired student and "
+                                       "teacher text features first (recommended with few unlabelled images)")
+    student_model: str = setting("ViT-B-16", metavar=MODEL_METAVAR, help=_STUDENT_MODEL_HELP)
+    # tag, local file, or none/null (random, seeded by train.seed)
+    student_weights: str | None = setting("openai", metavar=WEIGHTS_METAVAR, help=_STUDENT_WEIGHTS_HELP)
+    vision_depth: int = setting(9, range=(">=", 0), help=f"prompted blocks of the trained image tower {PRESET_DEFAULT}")
+    n_ctx_vision: int = setting(4, range=(">=", 1), help=f"vision prompt tokens per block {PRESET_DEFAULT}")
+    # The KD loss's settings (promptkd.kd.KDSettings reads the fields of its names).
+    temperature: float = setting(1.0, range=(">", 0), help=f"KD softmax temperature, > 0 {PRESET_DEFAULT}")
+    kd_weight: float | None = setting(None, range=(">=", 0), help="default: the official per-dataset weight on the 11 "
+                                                                  "benchmarks, 1 per image elsewhere")
+    kd_reduction: str = setting("official", choices=KD_REDUCTIONS, help="how the KD loss is averaged: official (over "
+                                f"batch x classes) or batchmean {PRESET_DEFAULT}")
+    kd_loss: str = setting("kl", choices=KD_LOSSES, help="kl: KL(teacher || student), the paper's (default); sym-kl: "
+                                                         "KL(t || s) + KL(s || t), the symmetric KL of KDPL")
+    # auto: bf16 (fp16 without bf16) on CUDA, fp32 elsewhere
+    precision: str = setting("auto", choices=PRECISIONS, help="autocast dtype: auto (bf16 on CUDA, fp32 elsewhere), "
+                                                              f"fp32, bf16, fp16; weights stay fp32 {PRESET_DEFAULT}")
+    select_on_val: bool = setting(True, flag="--no-val",
+                                  help="skip the per-epoch validation (and best-on-val selection)")
+    official_best_on_test: bool = setting(False, help="also evaluate test every epoch and report the official "
+                                                      "best-on-test number")
+    eval_batch_size: int = setting(100, range=(">=", 1),
+                                   help=f"images per forward in validation and test passes {PRESET_DEFAULT}")
+    baseline: bool = setting(True, flag="--no-baseline", help="skip the student zero-shot and teacher passes over the "
+                                                              "test split before training")
+    train: TrainConfig = setting(default_factory=TrainConfig, options=(
+        "epochs", "batch_size", "lr", "seed", "num_workers", "max_steps_per_epoch", "checkpoint_every", "on_nonfinite",
+        "on_bad_image", "compile"))
 
     def __post_init__(self):
+        self.train = {} if self.train is None else self.train  # `train:` with nothing under it
         if isinstance(self.train, dict):
             if "precision" in self.train:
                 raise PromptKDError("set `precision` at the top level of a distill config, not under `train`")
             self.train = _from_dict(TrainConfig, self.train, "train")
-        check_field_types(self, "distill settings")
-        if self.protocol not in PROTOCOLS:
-            raise PromptKDError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
-        if self.kd_reduction not in KD_REDUCTIONS:
-            raise PromptKDError(f"kd_reduction must be one of {', '.join(KD_REDUCTIONS)}, got {self.kd_reduction!r}")
-        if self.kd_loss not in KD_LOSSES:
-            raise PromptKDError(f"kd_loss must be one of {', '.join(KD_LOSSES)}, got {self.kd_loss!r}")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise PromptKDError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
-        check_ranges(self, "distill settings", {"shots": (">=", 0), "vision_depth": (">=", 0),
-                                                 "n_ctx_vision": (">=", 1), "temperature": (">", 0),
-                                                 "kd_weight": (">=", 0), "eval_batch_size": (">=", 1)})
+        validate(self, "distill settings")
         if random_weights(self.student_weights):
             self.student_weights = None
         _check_teachers_settings(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> DistillConfig:
-        return _from_dict(cls, rename_keys(d, _OLD_KEYS, "distill config"), "distill config")
+        return _from_dict(cls, rename_keys(d, old_keys("distill"), "distill config"), "distill config")
 
     @classmethod
     def from_yaml(cls, *paths: str | Path, overrides: dict | None = None) -> DistillConfig:
         """Merge YAML presets left to right (the `train:` section key by key), then `overrides`."""
-        merged: dict = {}
-        for layer in [*(read_yaml(p) for p in paths), overrides or {}]:
-            for k, v in layer.items():
-                if k == "train" and isinstance(v, dict):
-                    merged["train"] = {**merged.get("train", {}), **v}
-                else:
-                    merged[k] = v
-        return cls.from_dict(merged)
-
-
-# Setting names before the vocabulary of docs/cli.md (read, with a warning, until 0.3).
-_OLD_KEYS = {"num_shots": "shots", "teacher_clip_model": "teacher_model", "teacher_clip": "teacher_weights",
-             "student_pretrained": "student_weights"}
+        return cls.from_dict(merge_settings(*(read_yaml(p) for p in paths), overrides or {}))
 
 
 def _from_dict(cls, d: dict, what: str):
@@ -734,13 +749,10 @@ def _from_dict(cls, d: dict, what: str):
 
 
 def _check_teachers_settings(cfg: DistillConfig) -> None:
-    from promptkd.kd import ENSEMBLE_MODES, ensemble_weights
+    """What field metadata cannot say: each further teacher, and one weight per teacher."""
+    from promptkd.kd import ensemble_weights
     from promptkd.stages.teacher_choice import TeacherChoice
 
-    if cfg.ensemble not in ENSEMBLE_MODES:
-        raise PromptKDError(f"ensemble must be one of {', '.join(ENSEMBLE_MODES)}, got {cfg.ensemble!r}")
-    if cfg.projector_init not in PROJECTOR_INITS:
-        raise PromptKDError(f"projector_init must be one of {', '.join(PROJECTOR_INITS)}, got {cfg.projector_init!r}")
     if not isinstance(cfg.teachers, list):
         raise PromptKDError("distill settings: teachers must be a list of teachers")
     for i, t in enumerate(cfg.teachers):
@@ -913,28 +925,14 @@ def _read_classes(path: str | None) -> list[str] | None:
 # ----------------------------------------------------------------------------------------------
 # `promptkd distill`
 
-_TRAIN_FLAGS = ("epochs", "batch_size", "lr", "seed", "num_workers", "device", "max_steps_per_epoch",
-                "checkpoint_every", "on_nonfinite", "on_bad_image", "compile")
-
-
 def config_from_args(args) -> DistillConfig:
-    """YAML preset(s), then --set KEY=VALUE, then the explicit options."""
-    from promptkd.options import parse_set
-
-    overrides: dict = {"train": {}}
-    for key, value in parse_set(args.set):
-        put_setting(overrides, key, value)
-    top = {f.name for f in fields(DistillConfig)} - {"train"}
-    overrides.update({k: v for k, v in vars(args).items() if k in top and v is not None})
-    overrides["train"].update({k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k, None) is not None})
+    """YAML preset(s), then --set KEY=VALUE, then the explicit options (all from DistillConfig's fields,
+    but --add-teacher)."""
+    overrides = settings_from_args(DistillConfig, args)
     if args.add_teacher:
         from promptkd.stages.teacher_choice import parse_teacher_spec
 
         overrides["teachers"] = [parse_teacher_spec(t) for t in args.add_teacher]
-    if args.no_progress:
-        overrides["train"]["progress"] = False
-    if not overrides["train"]:
-        del overrides["train"]
     return DistillConfig.from_yaml(*args.config, overrides=overrides)
 
 
@@ -965,32 +963,9 @@ def _run(args) -> int:
     return 0
 
 
-def _add_kd_options(p) -> None:
-    """The KD loss's settings (promptkd.kd.KDSettings)."""
-    from promptkd.options import non_negative_float, positive_float
-
-    p.add_argument("--temperature", type=positive_float)
-    p.add_argument("--kd-weight", type=non_negative_float, help="default: the official per-dataset weight on the 11 benchmarks, 1 per image elsewhere")
-    p.add_argument("--kd-reduction", choices=KD_REDUCTIONS)
-    p.add_argument("--kd-loss", choices=KD_LOSSES,
-                   help="kl: KL(teacher || student), the paper's (default); sym-kl: KL(t || s) + KL(s || t), the "
-                        "symmetric KL of KDPL")
-
-
 def register(sub) -> None:
-    from promptkd.inputs import add_clip_args
-    from promptkd.kd import ENSEMBLE_MODES
-    from promptkd.options import (
-        PRECISIONS,
-        add_config_options,
-        add_model_options,
-        add_output_options,
-        deprecated,
-        non_negative_int,
-        positive_float,
-        positive_int,
-    )
-    from promptkd.stages.teacher_choice import TEACHER_KEYS, add_template_option, weight_list
+    from promptkd.options import add_config_options, add_old_spellings, add_output_options
+    from promptkd.stages.teacher_choice import TEACHER_KEYS
 
     p = sub.add_parser(
         "distill", help="distil a teacher into a small student on unlabelled images",
@@ -1000,57 +975,9 @@ def register(sub) -> None:
     add_config_options(p, several=True, example="configs/distill/vit_b16_c2_ep20_batch8_4ctx.yaml")
     add_output_options(p, "dir", resume=True, what="distillation run",
                        help="run folder (student, class vectors, checkpoint, metrics, run.json)")
-    p.add_argument("--dataset", metavar="NAME",
-                   help="benchmark name, or folder:PATH / images:PATH (unlabelled images) / split:FILE.json")
-    p.add_argument("--root", help="data root holding the CoOp dataset folders")
-    p.add_argument("--protocol", choices=PROTOCOLS)
-    p.add_argument("--shots", type=non_negative_int, metavar="K", help="K unlabelled images per class (0: all)")
-    p.add_argument("--teacher", metavar="PATH|DIR", help="teacher file or run folder")
-    add_clip_args(p, "teacher")
-    p.add_argument("--class-vectors", metavar="FILE", help="the teacher's stored class vectors")
-    p.add_argument("--teacher-cache", metavar="DIR",
-                   help="teacher features from `promptkd cache` (its image tower then never runs; alone, the "
-                        "cache's recorded teacher is used)")
-    add_template_option(p)
-    p.add_argument("--classes-file", metavar="FILE", help="one class name per line (an unlabelled images: dataset "
-                                                          "without --class-vectors)")
+    add_setting_options(p, DistillConfig)  # every setting with help: its option
     p.add_argument("--add-teacher", action="append", metavar="KEY=VALUE,...",
                    help="one more teacher (repeatable), e.g. teacher_model=ViT-L-14,teacher_weights=openai,"
                         "class_vectors=cv.safetensors; keys: " + ", ".join(TEACHER_KEYS))
-    p.add_argument("--ensemble", choices=ENSEMBLE_MODES,
-                   help="several teachers: mean of their probabilities (default) or confidence-weighted per image")
-    p.add_argument("--ensemble-weights", type=weight_list, metavar="W1,W2,...",
-                   help="one weight per teacher, in order (default: equal)")
-    p.add_argument("--projector-init", choices=PROJECTOR_INITS,
-                   help="random (official, default) or text: fit the projector on paired student and teacher text "
-                        "features first (recommended with few unlabelled images)")
-    add_model_options(p, "student", default_note="default ViT-B-16 / openai")
-    p.add_argument("--vision-depth", type=non_negative_int)
-    p.add_argument("--n-ctx-vision", type=positive_int)
-    _add_kd_options(p)
-    p.add_argument("--precision", choices=PRECISIONS)
-    p.add_argument("--epochs", type=positive_int)
-    p.add_argument("--batch-size", type=positive_int)
-    p.add_argument("--lr", type=positive_float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--num-workers", type=non_negative_int)
-    p.add_argument("--max-steps-per-epoch", type=positive_int, metavar="N")
-    p.add_argument("--checkpoint-every", type=non_negative_int, metavar="STEPS")
-    p.add_argument("--on-nonfinite", choices=("stop", "skip"), help="NaN/inf loss or gradients: stop (default) or skip the batch")
-    p.add_argument("--on-bad-image", choices=("substitute", "error"),
-                   help="unreadable training image: use the next readable one (default, counted) or stop")
-    p.add_argument("--compile", choices=COMPILE_MODES,
-                   help="torch.compile the training step (CUDA graphs on CUDA); auto (default): on for "
-                        "--teacher-cache runs on one CUDA GPU")
-    p.add_argument("--eval-batch-size", type=positive_int)
-    p.add_argument("--no-val", dest="select_on_val", action="store_const", const=False,
-                   help="skip the per-epoch validation (and best-on-val selection)")
-    p.add_argument("--official-best-on-test", action="store_const", const=True,
-                   help="also evaluate test every epoch and report the official best-on-test number")
-    deprecated(p, "--teacher-clip-model", "--teacher-model")
-    deprecated(p, "--teacher-clip", "--teacher-weights")
-    deprecated(p, "--student-pretrained", "--student-weights")
-    deprecated(p, "--num-shots", "--shots", type=non_negative_int)
-    p.add_argument("--no-baseline", dest="baseline", action="store_const", const=False,
-                   help="skip the student zero-shot and teacher passes over the test split before training")
+    add_old_spellings(p, "distill")
     p.set_defaults(func=_run, resume_marker=CHECKPOINT_NAME)

@@ -75,28 +75,35 @@ class EnsembleViews(ViewsOverImages):
 
 def ensemble_scores(teachers: Sequence, classifiers: Sequence[torch.Tensor], protocol: Protocol, *, temperature: float,
                     weights: Sequence[float] | None, mode: str, batch_size: int = 100, num_workers: int = 0,
-                    progress: bool = True) -> dict:
-    """Test-split scores of the teachers' combined prediction (the argmax of their combined target)."""
+                    progress: bool = True) -> tuple[dict, list[dict]]:
+    """Test-split scores of the teachers' combined prediction (the argmax of their combined target),
+    and each teacher's own (as evaluate_splits gives them), from one pass of each teacher over the images."""
+    import torch
 
     from promptkd.data.transforms import transforms_for
     from promptkd.kd import class_logits, ensemble_log_probs
-    from promptkd.metrics import encode_items, harmonic_mean
+    from promptkd.metrics import accuracy, encode_items, harmonic_mean
 
+    if not all(torch.isfinite(W).all() for W in classifiers):
+        raise PromptKDError("the class vectors (classifier) hold non-finite values (NaN or inf)")
     out: dict[str, float] = {}
+    alone: list[dict[str, float]] = [{} for _ in teachers]
     for name, split in protocol.test.items():
         items = [it for it in split.items if it.label >= 0]
         if not items:
             continue
         logits, labels = [], None
-        for teacher, W in zip(teachers, classifiers):
+        for teacher, W, own in zip(teachers, classifiers, alone):
             device = next(teacher.parameters()).device
             feats, labels = encode_items(teacher.encode_images, items, transforms_for(teacher.clip.preprocess_cfg)[1],
                                          batch_size=batch_size, device=device, num_workers=num_workers,
                                          desc=f"ensemble {name}", progress=progress)
             w = W if split.classes is None else W[split.classes]
+            own[name] = accuracy(feats, labels, w.float().cpu())
             logits.append(class_logits(feats, w.cpu(), teacher.logit_scale.cpu()))
         pred = ensemble_log_probs(logits, temperature, weights, mode).argmax(-1)
         out[name] = 100.0 * (pred == labels).float().mean().item()
-    if "base" in out and "novel" in out:
-        out["hm"] = harmonic_mean(out["base"], out["novel"])
-    return out
+    for scores in (out, *alone):
+        if "base" in scores and "novel" in scores:
+            scores["hm"] = harmonic_mean(scores["base"], scores["novel"])
+    return out, alone

@@ -52,7 +52,6 @@ def run_eval(args) -> dict:
     from promptkd.data.protocols import build_protocol
     from promptkd.engine import distributed
     from promptkd.engine.loop import resolve_device, resolve_precision
-    from promptkd.inputs import class_vectors_path
     from promptkd.models.wrappers import ClassVectors
 
     subject, choice, cv_path = _checked_subject(args)
@@ -63,8 +62,6 @@ def run_eval(args) -> dict:
                                                    "class vectors": cv_path})
     device, info = distributed.join_ranks(resolve_device(args.device))  # torchrun: each rank takes test batches
     precision = resolve_precision(args.precision, device)
-    if choice is not None and args.class_vectors:
-        cv_path = class_vectors_path(args.class_vectors)
     cv = ClassVectors.load(cv_path) if cv_path else None
     protocol = build_protocol(protocol_name, dataset, root, num_shots=args.shots, seed=args.seed,
                               reference_classnames=cv.classnames if cv is not None else None)
@@ -87,9 +84,10 @@ def run_eval(args) -> dict:
 
 
 def _checked_subject(args):
-    """(the _subject triple, the plain CLIP teacher's choice | None, the student's class-vector file |
-    None), with every option and CLIP file checked before anything heavy runs."""
-    from promptkd.inputs import check_clip_files, student_class_vectors
+    """(the _subject triple, the plain CLIP teacher's choice | None, the class-vector file of the
+    student or the plain teacher | None), with every option and CLIP file checked before anything
+    heavy runs."""
+    from promptkd.inputs import check_clip_files, class_vectors_path, student_class_vectors
     from promptkd.stages.teacher_choice import TeacherChoice, check_teacher_choice
 
     clip_model, teacher_path, student_path = subject = _subject(args)
@@ -102,6 +100,8 @@ def _checked_subject(args):
                                templates=args.template or args.templates)
         check_teacher_choice(choice, "eval")
     cv_path = student_class_vectors(student_path, args.class_vectors) if student_path else None
+    if choice is not None and args.class_vectors:  # a file or a run folder holding one: an input of --out's check
+        cv_path = class_vectors_path(args.class_vectors)
     for role, model, weights in (("clip", args.clip_model, args.clip_weights), ("teacher", args.teacher_model,
                                  args.teacher_weights), ("student", args.student_model, args.student_weights)):
         check_clip_files(model, weights, role)
@@ -140,7 +140,7 @@ def _load_model(args, subject, choice, cv, cv_path, protocol, dataset, device):
         if clip_model:
             return _zero_shot_clip(args, clip_model, protocol, dataset, device)
         if choice is not None:
-            return _plain_teacher(args, choice, cv, protocol, dataset, device)
+            return _plain_teacher(args, choice, cv, cv_path, protocol, dataset, device)
         if teacher_path:
             from promptkd.inputs import load_teacher
 
@@ -164,15 +164,14 @@ def _zero_shot_clip(args, clip_model, protocol, dataset, device):
     return clip.model.encode_image, clip.preprocess_cfg, classifier, {"clip": clip.identity(), "templates": templates}
 
 
-def _plain_teacher(args, choice, cv, protocol, dataset, device):
+def _plain_teacher(args, choice, cv, cv_path, protocol, dataset, device):
     from promptkd.data.protocols import align_class_vectors
-    from promptkd.inputs import class_vectors_path
     from promptkd.models.wrappers import ClassVectors
     from promptkd.stages.teacher_choice import load_teacher_choice
 
     teacher, _ = load_teacher_choice(choice, device=device, seed=args.seed, dataset=dataset)
     if cv is not None:  # its own class vectors: made by this CLIP with these templates, or refused
-        ClassVectors.load(class_vectors_path(args.class_vectors), teacher=teacher, dim=teacher.dim)
+        ClassVectors.load(cv_path, teacher=teacher, dim=teacher.dim)
         classifier = align_class_vectors(cv, protocol, str(args.class_vectors))
     else:
         classifier = teacher.encode_classnames(protocol.classnames, chunk_size=args.text_chunk)
@@ -218,8 +217,8 @@ def register(sub) -> None:
     from promptkd.options import (
         PRECISIONS,
         add_model_options,
+        add_old_spellings,
         add_other_teacher_option,
-        deprecated,
         non_negative_int,
         positive_int,
     )
@@ -257,11 +256,5 @@ def register(sub) -> None:
                    help="compute precision: auto (bf16 on CUDA), fp32 (default), bf16 or fp16")
     p.add_argument("--num-workers", type=non_negative_int, default=0, help="data-loader processes (default 0)")
     p.add_argument("--out", metavar="FILE", help="write the results here (JSON)")
-    deprecated(p, "--clip", "--clip-model")
-    deprecated(p, "--pretrained", "--clip-weights")
-    deprecated(p, "--teacher-clip-model", "--teacher-model")
-    deprecated(p, "--teacher-clip", "--teacher-weights")
-    deprecated(p, "--student-clip-model", "--student-model")
-    deprecated(p, "--student-clip", "--student-weights")
-    deprecated(p, "--num-shots", "--shots", type=non_negative_int)
+    add_old_spellings(p, "eval")
     p.set_defaults(func=lambda a: (run_eval(a), 0)[1])

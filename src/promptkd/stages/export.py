@@ -208,7 +208,7 @@ def load_classifier(student: str, class_vectors: str, *, student_model: str | No
 
 def register(subparsers) -> None:
     from promptkd.inputs import add_clip_args
-    from promptkd.options import add_other_teacher_option, add_output_options, deprecated, int_range
+    from promptkd.options import add_old_spellings, add_other_teacher_option, add_output_options, int_range
 
     p = subparsers.add_parser(
         "export", help="export a student classifier (student + class vectors): ONNX, one safetensors file, "
@@ -234,7 +234,7 @@ def register(subparsers) -> None:
     p.add_argument("--no-check", action="store_true", help="skip the parity check of the written file")
     add_other_teacher_option(p)
     add_clip_args(p, "student")
-    deprecated(p, "--student-clip", "--student-weights")
+    add_old_spellings(p, "export")
     p.set_defaults(func=_run)
 
 

@@ -266,7 +266,7 @@ def import_student(checkpoint: str | Path, clip: ClipBundle, out: str | Path) ->
 
 
 def register(sub) -> None:
-    from promptkd.options import add_model_options, add_output_options, deprecated
+    from promptkd.options import add_model_options, add_old_spellings, add_output_options
 
     p = sub.add_parser("import-official", help="convert an official PromptSRC/PromptKD checkpoint into our artifact",
                        description="Convert an official Dassl checkpoint (model-best.pth.tar / model.pth.tar-20) "
@@ -279,8 +279,7 @@ def register(sub) -> None:
     add_model_options(p, "student", default_note="required for a student")
     add_output_options(p, "path", what="imported artifact",
                        help="a run folder (gets KIND.safetensors and run.json) or a .safetensors file")
-    deprecated(p, "--clip", "--teacher-model or --student-model", dest="old_model")
-    deprecated(p, "--pretrained", "--teacher-weights or --student-weights", dest="old_weights")
+    add_old_spellings(p, "import-official")
     p.add_argument("--frozen-weights", choices=FROZEN_SOURCES, default="checkpoint",
                    help="teacher only: run on the checkpoint's own frozen CLIP tensors where it has them, as the "
                         "official PromptKD teacher does (default; those differing from the archive are stored in "

@@ -123,7 +123,7 @@ def _classnames(args) -> list[str] | None:
 
 def register(subparsers) -> None:
     from promptkd.inputs import add_clip_args
-    from promptkd.options import add_other_teacher_option, deprecated, positive_int
+    from promptkd.options import add_old_spellings, add_other_teacher_option, positive_int
 
     p = subparsers.add_parser(
         "predict", help="classify images with an exported model or a student",
@@ -147,9 +147,7 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per forward (default 32)")
     add_other_teacher_option(p)
     p.add_argument("--json", action="store_true", help="print one JSON object (predictions and errors)")
-    deprecated(p, "--onnx", "--model")
-    deprecated(p, "--teacher-clip", "--teacher-weights")
-    deprecated(p, "--student-clip", "--student-weights")
+    add_old_spellings(p, "predict")
     p.set_defaults(func=_run)
 
 

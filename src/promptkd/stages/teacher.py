@@ -17,23 +17,33 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from promptkd.engine.config import CHECKPOINT_NAME, TrainConfig
 from promptkd.errors import PromptKDError
-from promptkd.options import PRECISIONS
+from promptkd.options import (
+    MODEL_METAVAR,
+    PRECISIONS,
+    PRESET_DEFAULT,
+    WEIGHTS_METAVAR,
+    model_option_help,
+    old_keys,
+    positive_float,
+)
 from promptkd.runs import RunFolder, run_outputs
 from promptkd.settings import (
-    check_field_types,
+    add_setting_options,
     check_known_keys,
-    check_ranges,
-    put_setting,
+    merge_settings,
     random_weights,
     read_yaml,
     rename_keys,
     require_two_classes,
+    setting,
+    settings_from_args,
+    validate,
 )
 from promptkd.stages.templates import IMAGENET_TEMPLATES
 
@@ -60,53 +70,58 @@ _RESUME_KEYS = ("model", "weights", "dataset", "root", "shots", "seed", "vision_
                 "logits_loss_weight", "gpa", "gpa_mean", "gpa_std")
 
 
+_MODEL_HELP, _WEIGHTS_HELP = model_option_help("teacher", default_note="default ViT-L-14 / openai")
+
+
 @dataclass
 class TeacherConfig:
-    """Everything a teacher run needs; the defaults are the official PromptSRC ViT-L/14 preset."""
+    """Everything a teacher run needs; the defaults are the official PromptSRC ViT-L/14 preset. Each
+    setting with help is also an option of `promptkd teacher` (settings.setting)."""
 
-    model: str = "ViT-L-14"
-    weights: str | None = "openai"  # open_clip tag, local checkpoint, or none/null (random, seeded by `seed`)
-    dataset: str | None = None  # a benchmark name, or folder:PATH / split:FILE.json (see build_dataset)
-    root: str | None = None
-    shots: int = 16
-    seed: int = 1  # few-shot draw, prompt initialisation and batch order
-    vision_depth: int = 9
-    text_depth: int = 9
-    n_ctx_vision: int = 4
-    n_ctx_text: int = 4
+    model: str = setting("ViT-L-14", flag="--teacher-model", metavar=MODEL_METAVAR, help=_MODEL_HELP)
+    # open_clip tag, local checkpoint, or none/null (random, seeded by `seed`)
+    weights: str | None = setting("openai", flag="--teacher-weights", metavar=WEIGHTS_METAVAR, help=_WEIGHTS_HELP)
+    # a benchmark name, or folder:PATH / split:FILE.json (see build_dataset)
+    dataset: str | None = setting(None, metavar="NAME", help="benchmark name (ImageNet, OxfordPets, ...) or "
+                                                              "folder:PATH / split:FILE.json")
+    root: str | None = setting(None, help="data root holding the datasets")
+    shots: int = setting(16, metavar="K", range=(">=", 0), help="labelled images per base class (default 16)")
+    seed: int = setting(1, help="few-shot draw, prompt init, batch order, random weights (default 1)")
+    vision_depth: int = setting(9, range=(">=", 0), help=f"prompted blocks of the trained image tower {PRESET_DEFAULT}")
+    text_depth: int = setting(9, range=(">=", 0), help=f"prompted blocks of the teacher's text tower {PRESET_DEFAULT}")
+    n_ctx_vision: int = setting(4, range=(">=", 1), help=f"vision prompt tokens per block {PRESET_DEFAULT}")
+    n_ctx_text: int = setting(4, range=(">=", 1), help=f"text prompt tokens per block {PRESET_DEFAULT}")
     ctx_init: str | None = "a photo of a"
-    mode: str = "promptsrc"  # promptsrc | ce (CE only: IVLP / CoOp)
-    text_loss_weight: float = 25.0
-    image_loss_weight: float = 10.0
-    logits_loss_weight: float = 1.0  # the official code adds the KL term unweighted
-    gpa: bool | None = None  # None: on for promptsrc, off for ce (the official IVLP trainer has none)
-    gpa_mean: float = 15.0
-    gpa_std: float = 1.0
-    text_chunk: int | None = None  # classes per checkpointed text chunk (None: all at once, as official)
-    val_every: int = 0  # also validate every N epochs (0: only the final prompts)
+    mode: str = setting("promptsrc", choices=MODES, help="promptsrc (default) or ce (CE only: IVLP/CoOp)")
+    text_loss_weight: float = setting(25.0, flag=False, range=(">=", 0))
+    image_loss_weight: float = setting(10.0, flag=False, range=(">=", 0))
+    # the official code adds the KL term unweighted
+    logits_loss_weight: float = setting(1.0, flag=False, range=(">=", 0))
+    # None: on for promptsrc, off for ce (the official IVLP trainer has none)
+    gpa: bool | None = setting(None, flag="--no-gpa", help="keep the last epoch's prompts")
+    gpa_mean: float = setting(15.0, help=f"Gaussian prompt aggregation: the epoch of largest weight {PRESET_DEFAULT}")
+    # > 0 only when gpa is on (checked in __post_init__); the option always wants > 0
+    gpa_std: float = setting(1.0, arg_type=positive_float,
+                             help=f"Gaussian prompt aggregation: the spread in epochs {PRESET_DEFAULT}")
+    text_chunk: int | None = setting(None, metavar="N", range=(">=", 1),  # None: all at once, as official
+                                     help="classes per gradient-checkpointed text forward (saves memory)")
+    val_every: int = setting(0, metavar="N", range=(">=", 0), help="also validate every N epochs")  # 0: final only
     zero_shot: bool = True  # also report plain CLIP's zero-shot val accuracy
-    eval_batch_size: int = 100
-    precision: str = "fp32"  # autocast dtype; auto: bf16 (fp16 without bf16) on CUDA, fp32 elsewhere (as distill)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    eval_batch_size: int = setting(100, flag=False, range=(">=", 1))
+    # autocast dtype; auto: bf16 (fp16 without bf16) on CUDA, fp32 elsewhere (as distill)
+    precision: str = setting("fp32", choices=PRECISIONS, help="autocast dtype (default fp32; auto: bf16 on CUDA)")
+    train: TrainConfig = setting(default_factory=TrainConfig, options=(
+        "epochs", "batch_size", "lr", "num_workers", "max_steps_per_epoch", "checkpoint_every", "on_nonfinite",
+        "on_bad_image"))
 
     def __post_init__(self):
         if isinstance(self.train, dict):
             self.train = _train_config(self.train)
-        check_field_types(self, "teacher settings")
-        if self.precision not in PRECISIONS:
-            raise PromptKDError(f"precision must be {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}, "
-                                f"got {self.precision!r}")
-        if self.mode not in MODES:
-            raise PromptKDError(f"teacher mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        validate(self, "teacher settings")
         if self.gpa is None:
             self.gpa = self.mode == "promptsrc"
         if self.gpa and self.gpa_std <= 0:
             raise PromptKDError(f"teacher settings: gpa_std must be > 0, got {self.gpa_std}")
-        check_ranges(self, "teacher settings", {
-            "shots": (">=", 0), "vision_depth": (">=", 0), "text_depth": (">=", 0), "n_ctx_vision": (">=", 1),
-            "n_ctx_text": (">=", 1), "text_loss_weight": (">=", 0), "image_loss_weight": (">=", 0),
-            "logits_loss_weight": (">=", 0), "text_chunk": (">=", 1), "val_every": (">=", 0),
-            "eval_batch_size": (">=", 1)})
         if random_weights(self.weights):
             self.weights = None
         self.train.seed = self.seed
@@ -115,20 +130,16 @@ class TeacherConfig:
     def from_dict(cls, d: dict, source: str = "config") -> TeacherConfig:
         if not isinstance(d, dict):
             raise PromptKDError(f"{source}: expected a mapping of teacher settings")
-        d = rename_keys(d, {"pretrained": "weights"}, source)
-        train = d.get("train")
-        if isinstance(train, dict) and "precision" in train:  # before 0.2 it sat under train; distill's is top-level
-            moved = rename_keys({"train.precision": train["precision"], **{k: d[k] for k in ("precision",) if k in d}},
-                                {"train.precision": "precision"}, source)
-            d = {**d, **moved, "train": {k: v for k, v in train.items() if k != "precision"}}
+        d = rename_keys(d, old_keys("teacher"), source)
         check_known_keys(cls, d, source, "teacher setting")
         if "train" in d:
             d["train"] = _train_config(d["train"], source)
         return cls(**d)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> TeacherConfig:
-        return cls.from_dict(read_yaml(path), str(path))
+    def from_yaml(cls, path: str | Path | None = None, overrides: dict | None = None) -> TeacherConfig:
+        """The YAML preset (None: the defaults), then `overrides` (the `train:` section key by key)."""
+        return cls.from_dict(merge_settings(read_yaml(path) if path else {}, overrides or {}), str(path or "settings"))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -137,6 +148,7 @@ class TeacherConfig:
 def _train_config(d: dict | TrainConfig, source: str = "config") -> TrainConfig:
     if isinstance(d, TrainConfig):
         return d
+    d = {} if d is None else d  # `train:` with nothing under it
     if not isinstance(d, dict):
         raise PromptKDError(f"{source}: 'train' must be a mapping")
     check_known_keys(TrainConfig, d, source, "train setting")
@@ -194,7 +206,7 @@ class TeacherObjective:
     """
 
     def __init__(self, teacher: Teacher, classnames: list[str], cfg: TeacherConfig):
-        from promptkd.metrics import zero_shot_class_vectors
+        from promptkd.models.teachers import template_class_vectors
 
         self.teacher, self.cfg = teacher, cfg
         device = teacher.logit_scale.device
@@ -205,7 +217,9 @@ class TeacherObjective:
         self.text_reference = None
         if cfg.mode == "promptsrc":
             log.info("frozen text reference: %d classes x %d templates", len(classnames), len(IMAGENET_TEMPLATES))
-            self.text_reference = zero_shot_class_vectors(teacher.clip, classnames, IMAGENET_TEMPLATES, device)
+            self.text_reference = template_class_vectors(lambda tokens: teacher.clip.model.encode_text(tokens.to(device)),
+                                                          teacher.clip.tokenizer, classnames, IMAGENET_TEMPLATES,
+                                                          normalize_each=False)  # PromptSRC's: raw features averaged
 
     def terms(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each loss term as it enters the total (weights applied)."""
@@ -460,49 +474,14 @@ def train_teacher(cfg: TeacherConfig, out_dir: str | Path | RunFolder, resume: b
 
 # ---------------------------------------------------------------------------------------------- CLI
 
-# flag -> (TeacherConfig field, or "train.<field>")
-_FLAGS = {
-    "teacher_model": "model", "teacher_weights": "weights", "dataset": "dataset", "root": "root", "shots": "shots",
-    "seed": "seed", "mode": "mode", "text_chunk": "text_chunk", "vision_depth": "vision_depth",
-    "text_depth": "text_depth", "n_ctx_vision": "n_ctx_vision", "n_ctx_text": "n_ctx_text",
-    "gpa_mean": "gpa_mean", "gpa_std": "gpa_std", "val_every": "val_every",
-    "epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "train.lr", "precision": "precision",
-    "device": "train.device", "num_workers": "train.num_workers", "max_steps_per_epoch": "train.max_steps_per_epoch",
-    "checkpoint_every": "train.checkpoint_every", "on_nonfinite": "train.on_nonfinite", "on_bad_image": "train.on_bad_image",
-}
-
-
 def config_from_args(args) -> TeacherConfig:
-    """YAML preset (or the ViT-L/14 defaults), then --set KEY=VALUE, then the explicit options."""
-    from promptkd.options import parse_set
-
-    data = read_yaml(args.config) if args.config else {}
-    data = {**data, "train": dict(data.get("train") or {})}
-    overrides = parse_set(args.set)
-    for dest, key in _FLAGS.items():
-        value = getattr(args, dest, None)
-        if value is not None:
-            overrides.append((key, value))
-    if args.no_gpa:
-        overrides.append(("gpa", False))
-    if getattr(args, "no_progress", False):
-        overrides.append(("train.progress", False))
-    for key, value in overrides:
-        put_setting(data, key, value)
-    return TeacherConfig.from_dict(data, args.config or "settings")
+    """YAML preset (or the ViT-L/14 defaults), then --set KEY=VALUE, then the explicit options (all
+    from TeacherConfig's fields)."""
+    return TeacherConfig.from_yaml(args.config, overrides=settings_from_args(TeacherConfig, args))
 
 
 def register(subparsers) -> None:
-    from promptkd.options import (
-        PRECISIONS,
-        add_config_options,
-        add_model_options,
-        add_output_options,
-        deprecated,
-        non_negative_int,
-        positive_float,
-        positive_int,
-    )
+    from promptkd.options import add_config_options, add_old_spellings, add_output_options
 
     p = subparsers.add_parser(
         "teacher", help="train a teacher's prompts (PromptSRC) on K-shot base-class images",
@@ -512,35 +491,8 @@ def register(subparsers) -> None:
     add_config_options(p, example="configs/teacher/vit_l14.yaml")
     add_output_options(p, "dir", resume=True, what="teacher run",
                        help="run folder (teacher.safetensors, metrics.json, checkpoint, run.json)")
-    p.add_argument("--dataset", metavar="NAME", help="benchmark name (ImageNet, OxfordPets, ...) or folder:PATH / split:FILE.json")
-    p.add_argument("--root", help="data root holding the datasets")
-    add_model_options(p, "teacher", default_note="default ViT-L-14 / openai")
-    p.add_argument("--shots", type=non_negative_int, metavar="K", help="labelled images per base class (default 16)")
-    p.add_argument("--seed", type=int, help="few-shot draw, prompt init, batch order, random weights (default 1)")
-    p.add_argument("--mode", choices=MODES, help="promptsrc (default) or ce (CE only: IVLP/CoOp)")
-    p.add_argument("--text-chunk", type=positive_int, metavar="N",
-                   help="classes per gradient-checkpointed text forward (saves memory)")
-    p.add_argument("--vision-depth", type=non_negative_int)
-    p.add_argument("--text-depth", type=non_negative_int)
-    p.add_argument("--n-ctx-vision", type=positive_int)
-    p.add_argument("--n-ctx-text", type=positive_int)
-    p.add_argument("--gpa-mean", type=float)
-    p.add_argument("--gpa-std", type=positive_float)
-    p.add_argument("--no-gpa", action="store_true", help="keep the last epoch's prompts")
-    p.add_argument("--val-every", type=non_negative_int, metavar="N", help="also validate every N epochs")
-    p.add_argument("--epochs", type=positive_int)
-    p.add_argument("--batch-size", type=positive_int)
-    p.add_argument("--lr", type=positive_float)
-    p.add_argument("--precision", choices=PRECISIONS, help="autocast dtype (default fp32; auto: bf16 on CUDA)")
-    p.add_argument("--num-workers", type=non_negative_int)
-    p.add_argument("--max-steps-per-epoch", type=positive_int, metavar="N", help="cap steps per epoch (quick runs)")
-    p.add_argument("--checkpoint-every", type=non_negative_int, metavar="STEPS",
-                   help="also checkpoint every N steps (for --resume)")
-    p.add_argument("--on-nonfinite", choices=("stop", "skip"), help="NaN/inf loss or gradients: stop (default) or skip the batch")
-    p.add_argument("--on-bad-image", choices=("substitute", "error"),
-                   help="unreadable training image: use the next readable one (default, counted) or stop")
-    deprecated(p, "--model", "--teacher-model")
-    deprecated(p, "--pretrained", "--teacher-weights")
+    add_setting_options(p, TeacherConfig)  # every setting with help: its option
+    add_old_spellings(p, "teacher")
     p.set_defaults(func=_run, resume_marker=CHECKPOINT_NAME)
 
 

@@ -150,10 +150,9 @@ def load_teacher_choice(choice: TeacherChoice, *, device, seed: int = 0, dataset
 
 def add_template_option(p) -> None:
     """--templates: a plain CLIP's zero-shot templates (the same choice in every command)."""
-    p.add_argument("--templates", metavar="NAME|TEMPLATE|FILE",
-                   help="a plain CLIP's zero-shot templates: imagenet80 (CLIP's 80, averaged as CLIP does), "
-                        "dataset (the benchmark's CoOp template), one template with {} or a file of templates "
-                        "(default 'a photo of a {}.')")
+    from promptkd.options import TEMPLATES_HELP, TEMPLATES_METAVAR
+
+    p.add_argument("--templates", metavar=TEMPLATES_METAVAR, help=TEMPLATES_HELP)
 
 
 def weight_list(text: str) -> list[float]:

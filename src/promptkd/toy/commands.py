@@ -13,7 +13,7 @@ PRETRAIN_DESCRIPTION = "Contrastive pretraining of the toy CLIPs on the toy worl
 
 
 def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
-    from promptkd.options import deprecated, positive_float, positive_int
+    from promptkd.options import add_old_spellings, positive_float, positive_int
 
     p.add_argument("which", choices=["teacher", "student", *TOY_MODELS])
     p.add_argument("--out", metavar="DIR", default="runs/toy-pretrain", help="output folder (weights, checkpoints, log)")
@@ -33,8 +33,7 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
                    help="stop at this step of the --steps schedule (a less trained model)")
     p.add_argument("--eval-n-per-class", type=int, default=50, help="domain test images per class for evaluations")
     p.add_argument("--ship", action="store_true", help="copy the final weights into the package assets")
-    deprecated(p, "--eval-every", "--eval-seconds", type=float)
-    deprecated(p, "--checkpoint-every", "--checkpoint-seconds", type=float)
+    add_old_spellings(p, "toy pretrain")
 
 
 def run_pretrain(a) -> int:
