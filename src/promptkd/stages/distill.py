@@ -12,8 +12,9 @@ Before training, the run measures its baseline on the test split: the student's 
 and the teacher through the class vectors. After it, one table puts the distilled student between
 the two, and a student that ends below its zero-shot baseline is a warning, not a silent loss.
 
-`distill(cfg, out_dir)` is the file-to-file stage behind `promptkd distill`; `distill_models`
-is the in-process variant for models and item lists already in memory.
+`run_distill(check_distill(cfg), out)` is the file-to-file stage behind `promptkd distill` (it returns
+the result; `distill(cfg, out_dir)` the student's path); `distill_models` is the in-process variant for
+models and item lists already in memory.
 """
 
 from __future__ import annotations
