@@ -11,6 +11,9 @@ claims its output.
   also with `--overwrite`; a folder holding another command's run is refused by name.
 - One writer per run folder: a run holds an exclusive OS lock (`flock`) on its folder's
   `.promptkd.lock` for its whole life; the OS drops it when the process dies, even by SIGKILL.
+- One owner per training run's folder (`RunFolder`): it claims the folder, writes run.json (start:
+  the inputs; finish: the outputs it holds) and metrics.json, and names every other file in it (the
+  checkpoint, the stage's artifacts); the engine writes its own files (engine.config.ENGINE_FILES).
 
 No torch here: the CLI runs these checks before any heavy import.
 """
@@ -30,16 +33,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from promptkd.artifacts import ARTIFACT_FILES, CLASS_VECTORS_FILE
+from promptkd.artifacts import ARTIFACT_FILES, CLASS_VECTORS_FILE, write_json
+from promptkd.engine.config import CHECKPOINT_NAME, ENGINE_FILES
 from promptkd.errors import PromptKDError
 from promptkd.files import check_file_record, file_digest, file_record, is_file_record  # noqa: F401 (re-exported)
 
 RUN_FILE = "run.json"
+METRICS_FILE = "metrics.json"  # a training run's results, written by its RunFolder
 LOCK_FILE = ".promptkd.lock"
 # Files of a run folder that another command's --out may never replace, while the run's own list of
 # outputs (run.json, written when it finishes) is not there yet.
 RUN_FOLDER_FILES = (*ARTIFACT_FILES.values(), "student-best-val.safetensors", CLASS_VECTORS_FILE,
-                    "checkpoint.safetensors", "metrics.json", "metrics.jsonl",
+                    CHECKPOINT_NAME, METRICS_FILE, "metrics.jsonl",
                     "manifest.json", "images.json", "shard-*.safetensors", RUN_FILE)
 # What each command's run folder is called in messages.
 RUN_KINDS = {"teacher": "teacher run", "distill": "distillation run", "cache": "teacher cache",
@@ -74,7 +79,6 @@ def write_run_record(out_dir: str | os.PathLike, command: str, inputs: dict) -> 
     """Write out_dir/run.json: the command and its inputs (paths and hashes), status running
     (finish_run_record marks it finished)."""
     from promptkd import __version__
-    from promptkd.artifacts import write_json
 
     record = {"kind": "promptkd_run", "command": command, "status": "running", "promptkd": __version__,
               "command_line": shlex.join(COMMAND_LINE) if COMMAND_LINE else None,
@@ -87,8 +91,6 @@ def write_run_record(out_dir: str | os.PathLike, command: str, inputs: dict) -> 
 
 def finish_run_record(out_dir: str | os.PathLike, outputs: list[str]) -> None:
     """Mark run.json finished, listing the files written."""
-    from promptkd.artifacts import write_json
-
     record = read_run_record(out_dir)
     if record is not None:
         write_json(Path(out_dir) / RUN_FILE, {**record, "status": "finished", "outputs": outputs})
@@ -340,3 +342,81 @@ def _inspect_folder(path: Path, outputs, *, overwrite, resume, what, finished, m
             "pass --overwrite to start again"
         raise PromptKDError(f"{path} already holds an unfinished {what} ({names}); {hint}")
     return FolderClaim(path, present if overwrite else [])
+
+
+# ---------------------------------------------------------------------------------------------
+# A training run's folder
+
+
+def run_outputs(*artifacts: str) -> tuple[str, ...]:
+    """Everything a training run writes into its folder: the stage's `artifacts`, the engine's files
+    and the run's own (run.json, metrics.json). An --overwrite removes these first."""
+    return (*artifacts, *ENGINE_FILES, RUN_FILE, METRICS_FILE)
+
+
+@dataclass
+class RunFolder:
+    """The one owner of a training run's folder (`teacher`, `distill`). `claim` takes it for the CLI
+    (claim_folder and its lock); `start` writes run.json with the inputs, `finish` marks it finished
+    with the outputs the folder holds; `file` names each artifact the stage writes (only the
+    declared ones) and `write_metrics` writes metrics.json. The engine trains in `path` and writes
+    its own files there (engine.config.ENGINE_FILES), the checkpoint at `checkpoint`.
+
+    A Python caller may make one straight from a folder (no claim): the in-process stages do."""
+
+    path: Path
+    command: str  # the command it records in run.json, e.g. "distill"
+    artifacts: tuple[str, ...] = ()  # the stage's own files (names or glob patterns)
+    claimed: FolderClaim | None = None
+
+    @classmethod
+    def claim(cls, path: str | os.PathLike, command: str, artifacts: tuple[str, ...], *, overwrite: bool,
+              resume: bool, finished: str) -> RunFolder:
+        """Claim `path` for a run of `command` (see claim_folder): a finished result (`finished`, an
+        artifact) is refused unless --overwrite or --resume, and --resume needs the checkpoint."""
+        claimed = claim_folder(path, run_outputs(*artifacts), overwrite=overwrite, resume=resume,
+                               what=RUN_KINDS[command], finished=finished, marker=CHECKPOINT_NAME, command=command)
+        return cls(Path(path), command, tuple(artifacts), claimed)
+
+    def __post_init__(self):
+        self.path = Path(self.path)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return run_outputs(*self.artifacts)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / CHECKPOINT_NAME
+
+    def prepare(self) -> RunFolder:
+        """Once every check has passed: lock the folder, remove what an --overwrite replaces, create it."""
+        if self.claimed is not None:
+            self.claimed.prepare()
+        else:
+            self.path.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def file(self, name: str) -> Path:
+        """Where the stage writes its artifact `name`; one it did not declare is a programming error."""
+        if not any(fnmatch.fnmatchcase(name, pat) for pat in self.artifacts):
+            raise ValueError(f"{name} is not an artifact of a {self.command} run ({', '.join(self.artifacts)})")
+        return self.path / name
+
+    def start(self, inputs: dict) -> None:
+        """run.json, status running, with every input (the main process writes it)."""
+        if is_main_process():
+            write_run_record(self.path, self.command, inputs)
+
+    def write_metrics(self, metrics: dict) -> Path:
+        """metrics.json: the run's results, for later reading (the stage returns them too)."""
+        path = self.path / METRICS_FILE
+        write_json(path, metrics)
+        return path
+
+    def finish(self) -> list[str]:
+        """run.json, status finished, listing the outputs this run's folder holds; returns them."""
+        outputs = [p.name for p in promptkd_files(self.path, self.outputs)]
+        if is_main_process():
+            finish_run_record(self.path, outputs)
+        return outputs

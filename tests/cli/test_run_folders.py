@@ -46,6 +46,17 @@ def test_run_json_records_every_input_by_absolute_path_and_sha256(runs, clips, d
     assert read_artifact_meta(runs.teacher / "teacher.safetensors")["clip_source"] == clip
 
 
+def test_run_json_lists_exactly_the_files_each_run_wrote(runs):
+    """The outputs in run.json are what the folder holds (the run's lock aside), derived from what the
+    engine, the run and the stage write: no file is left out, none is listed that is not there."""
+    for folder, artifacts in ((runs.teacher, {"teacher.safetensors"}),
+                              (runs.student, {"student.safetensors", "class_vectors.safetensors"})):
+        listed = record(folder)["outputs"]
+        held = {p.name for p in folder.iterdir() if p.name != ".promptkd.lock"}
+        assert sorted(listed) == sorted(held), folder
+        assert artifacts | {"run.json", "metrics.json", "metrics.jsonl", "checkpoint.safetensors"} <= held
+
+
 def test_later_commands_take_the_run_folder_alone(runs, clips, data, tmp_path, capsys):
     # class vectors from the teacher's run folder = from its file with the CLIP named explicitly
     assert main(["-q", "class-vectors", str(runs.teacher), "--classes", "red,green", "--out",

@@ -33,6 +33,29 @@ def test_resume_with_other_settings_is_refused_from_the_header_alone(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())  # refused before any load
 
 
+def test_one_check_names_the_stage_setting_that_differs_and_shortens_long_values(tmp_path):
+    """The stage's settings (in their header section, or at the top level) are checked with the engine's,
+    in one message style; a setting the checkpoint never recorded (an older version's) is not compared."""
+    from promptkd.artifacts import save_artifact
+
+    cfg = TrainConfig(epochs=2, lr=0.05, progress=False)
+    names = [f"class number {i}" for i in range(50)]
+    path = save_artifact(tmp_path / CHECKPOINT_NAME, {"w": torch.zeros(1)}, {
+        "kind": "checkpoint", "epoch": 1, "step": 0, "config": {"epochs": 2, "lr": 0.05},
+        "teacher_config": {"mode": "promptsrc", "shots": 16}, "classnames": names})
+    same = {"teacher_config": {"mode": "promptsrc", "shots": 16, "gpa_std": 9.0}, None: {"classnames": names}}
+    assert read_header(path, cfg, same)["epoch"] == 1  # gpa_std: not in this checkpoint, not compared
+
+    with pytest.raises(PromptKDError, match=r"cannot resume: checkpoint was written with mode='promptsrc', this run "
+                                            r"has mode='ce' \(other settings differ too: lr\)$"):
+        read_header(path, replace(cfg, lr=0.1), {**same, "teacher_config": {"mode": "ce", "shots": 16}})
+    with pytest.raises(PromptKDError, match="cannot resume") as refused:
+        read_header(path, cfg, {**same, None: {"classnames": names[:-1] + ["another class"]}})
+    message = str(refused.value)
+    assert "written with classnames=['class number 0', " in message and "..." in message
+    assert len(message) - len(str(path)) < 250 < len(repr(names))  # fifty class names are not spelt out
+
+
 def test_engine_functions_fit_on_a_screen():
     """The loop reads top to bottom: no function in engine/ is longer than 80 lines, train_loop well under."""
     lengths = {}

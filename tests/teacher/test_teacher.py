@@ -249,3 +249,16 @@ def test_cli_teacher_on_a_folder(tiny_clip, image_folder, tmp_path, capsys):
 def test_train_teacher_needs_a_dataset():
     with pytest.raises(PromptKDError, match="no dataset"):
         train_teacher(TeacherConfig(), "unused")
+
+
+def test_the_recipe_returns_what_it_wrote(make_teacher, make_config, fruit, tmp_path):
+    """TeacherRecipe.run() returns the artifact, the metrics and the training record: a caller needs
+    not read metrics.json back, and what it gets is what the file says."""
+    from promptkd.stages.teacher import TeacherRecipe
+
+    result = TeacherRecipe(make_teacher(), fruit.train, fruit.val, fruit.classnames, make_config(mode="ce"),
+                           tmp_path).run()
+    assert result.path == tmp_path / "teacher.safetensors" and result.path.is_file()
+    assert result.metrics == json.loads((tmp_path / "metrics.json").read_text())
+    assert result.metrics["history"] == result.train.history and len(result.train.history) >= 1
+    assert result.metrics["val_acc"] == load_artifact(result.path, kind="teacher")[1]["val_acc"]

@@ -3,8 +3,8 @@
 One safetensors file (engine.config.CHECKPOINT_NAME) holds the trainable weights and persistent
 buffers, the optimiser's momentum, the torch RNG and each `Stateful`'s tensors; its JSON header
 holds the position (epoch, step), the progress so far (`TrainResult`), the settings, the Python
-and NumPy RNG states and whatever the stage adds (`meta_extra`). `check_header` is the one
-resume-compatibility check, and it needs the header alone (`read_header`).
+and NumPy RNG states and whatever the stage adds (`meta_extra`). `read_header` is the one
+resume-compatibility check (the engine's settings and the stage's), from the header alone.
 """
 
 from __future__ import annotations
@@ -108,9 +108,8 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     save_artifact(path, tensors, meta)
 
 
-def check_header(meta: dict, cfg: TrainConfig, path: Path) -> None:
-    """A checkpoint's header has the types this engine writes (a damaged file says so), and this run
-    may continue it: the settings in RESUME_KEYS are the ones it was written with."""
+def check_header(meta: dict, path: Path) -> None:
+    """A checkpoint's header has the types this engine writes: a damaged file says so."""
     for key in ("epoch", "step", "steps", "skipped_steps"):
         value = meta.get(key, 0)
         if type(value) is not int or value < 0:
@@ -120,20 +119,36 @@ def check_header(meta: dict, cfg: TrainConfig, path: Path) -> None:
             raise PromptKDError(f"{path}: checkpoint metadata '{key}' must be a JSON {kind.__name__}")
     if not isinstance(meta.get("seconds", 0.0), (int, float)):
         raise PromptKDError(f"{path}: checkpoint metadata 'seconds' must be a number")
-    saved_cfg = meta.get("config", {})
-    for key in RESUME_KEYS:
-        if key in saved_cfg and saved_cfg[key] != getattr(cfg, key):
-            raise PromptKDError(
-                f"{path}: cannot resume: checkpoint was written with {key}={saved_cfg[key]!r}, "
-                f"this run has {key}={getattr(cfg, key)!r}"
-            )
 
 
-def read_header(path: Path, cfg: TrainConfig) -> dict:
-    """The checkpoint's header, checked (`check_header`), without reading its tensors."""
+def read_header(path: Path, cfg: TrainConfig, stage: dict[str | None, dict] | None = None) -> dict:
+    """The one resume-compatibility check, from the header alone (the tensors are not read): the
+    header has the engine's types (`check_header`), and this run may continue the checkpoint. Each
+    setting must equal what the checkpoint was written with: the stage's first, then the engine's
+    RESUME_KEYS. `stage` maps a header key (a section of the stage's `checkpoint_meta`, e.g.
+    "distill"; None: the header's top level) to {setting: this run's value}; a setting the
+    checkpoint did not record is not compared, so checkpoints of older versions still resume.
+    Returns the header."""
     meta = read_artifact_meta(path, kind="checkpoint")
-    check_header(meta, cfg, path)
+    check_header(meta, path)
+    sections = {**(stage or {}), "config": {key: getattr(cfg, key) for key in RESUME_KEYS}}
+    differ = []
+    for where, settings in sections.items():
+        saved = meta if where is None else meta.get(where)
+        saved = saved if isinstance(saved, dict) else {}
+        differ += [(key, saved[key], value) for key, value in settings.items() if key in saved and saved[key] != value]
+    if differ:
+        key, saved, value = differ[0]
+        more = f" (other settings differ too: {', '.join(k for k, _, _ in differ[1:])})" if differ[1:] else ""
+        raise PromptKDError(f"{path}: cannot resume: checkpoint was written with {key}={_shown(saved)}, "
+                            f"this run has {key}={_shown(value)}{more}")
     return meta
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """A setting's value in a message: its repr, cut to `limit` characters (a class-name list can be long)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_shapes(path: Path, model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -153,10 +168,11 @@ def _check_shapes(path: Path, model: nn.Module, tensors: dict[str, torch.Tensor]
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler,
-                    extra: list[Stateful], cfg: TrainConfig) -> tuple[int, int, TrainResult, dict]:
-    """Restore everything `save_checkpoint` wrote; returns (epoch, step, result so far, header)."""
+                    extra: list[Stateful]) -> tuple[int, int, TrainResult, dict]:
+    """Restore everything `save_checkpoint` wrote; returns (epoch, step, result so far, header). Whether
+    this run may continue it is `read_header`'s to decide, before; here only a damaged header is refused."""
     tensors, meta = load_artifact(path, kind="checkpoint")
-    check_header(meta, cfg, path)
+    check_header(meta, path)
     restore(model, _check_shapes(path, model, tensors))
     params = dict(model.named_parameters())
     for k, v in tensors.items():

@@ -11,6 +11,11 @@ from promptkd.options import PRESET_DEFAULT
 from promptkd.settings import setting, validate
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
+METRICS_LOG_NAME = "metrics.jsonl"  # one JSON line per step and per epoch
+TENSORBOARD_DIR = "tensorboard"  # written when tensorboard is installed
+# Every file the engine (promptkd.engine.loop) writes into the folder it trains in: a run folder's
+# list of outputs is composed from these, the run's own files and the stage's artifacts (runs.run_outputs).
+ENGINE_FILES = (CHECKPOINT_NAME, METRICS_LOG_NAME, TENSORBOARD_DIR)
 COMPILE_MODES = ("auto", "on", "off")
 NONFINITE_ACTIONS = ("stop", "skip")
 BAD_IMAGE_ACTIONS = ("substitute", "error")

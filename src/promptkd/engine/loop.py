@@ -31,12 +31,13 @@ from promptkd.engine.checkpoint import (
     Stateful,
     TrainResult,
     load_checkpoint,
+    read_header,
     restore,
     save_checkpoint,
     snapshot,
     trainable_state,
 )
-from promptkd.engine.config import CHECKPOINT_NAME, TrainConfig
+from promptkd.engine.config import CHECKPOINT_NAME, METRICS_LOG_NAME, TENSORBOARD_DIR, TrainConfig
 from promptkd.errors import PromptKDError, raise_if_interrupted
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ class MetricsLog:
 
     def __init__(self, out_dir: Path, enabled: bool):
         self.enabled = enabled
-        self.path = out_dir / "metrics.jsonl"
+        self.path = out_dir / METRICS_LOG_NAME
         # Opened once, line-buffered: every record still reaches the file when it is written.
         self.file = open(self.path, "a") if enabled else None
         if self.file is not None:
@@ -149,7 +150,7 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+                self.tb = SummaryWriter(str(out_dir / TENSORBOARD_DIR))
             except Exception:  # tensorboard is optional (but a Ctrl-C that cut its import short is not lost)
                 raise_if_interrupted()
                 self.tb = None
@@ -302,6 +303,7 @@ def train_loop(
     out_dir: str | Path,
     *,
     resume: bool = False,
+    resume_header: dict | None = None,
     on_epoch_end: Callable[[int], dict] | None = None,
     extra_state: list[Stateful] | None = None,
     desc: str = "train",
@@ -316,7 +318,9 @@ def train_loop(
     rank takes its slice of every global batch (EpochBatchSampler). `on_epoch_end(epoch)` runs
     after each epoch (validation, prompt aggregation) and its dict is logged. A checkpoint is
     written after every epoch (and every `checkpoint_every` steps), with `extra_state` in it and
-    `checkpoint_meta` in its header; `resume` continues from it. A dataset with
+    `checkpoint_meta` in its header; `resume` continues from it, once its header allows it
+    (engine.checkpoint.read_header: the stage passes the header it checked, with its own settings, as
+    `resume_header`; without one the loop checks the engine's settings itself). A dataset with
     `set_on_bad_image` / `unreadable_count` (data.dataset.ImageDataset) gets `cfg.on_bad_image`,
     and its count of unreadable images is logged in the epoch record. A non-finite loss or
     gradient stops the run naming the step (`_Training.fast_update`) or, with on_nonfinite="skip",
@@ -326,9 +330,9 @@ def train_loop(
     run = _Training(model, loss_fn, dataset, cfg, Path(out_dir), list(extra_state or []), desc,
                     checkpoint_meta or {}, compile_default)
     if resume:
-        run.resume()
-    elif run.dist.is_main and (run.out_dir / "metrics.jsonl").exists():
-        (run.out_dir / "metrics.jsonl").unlink()
+        run.resume(resume_header)
+    elif run.dist.is_main and (run.out_dir / METRICS_LOG_NAME).exists():
+        (run.out_dir / METRICS_LOG_NAME).unlink()
     run.start()
     try:
         for epoch in range(run.start_epoch, cfg.epochs):
@@ -384,15 +388,18 @@ class _Training:
         self.ckpt_path = out_dir / CHECKPOINT_NAME
         self.start_epoch, self.start_step, self.result, self.partial = 0, 0, TrainResult(), {}
 
-    def resume(self) -> None:
-        """Continue from the checkpoint: weights, optimiser, RNGs, position, and the log trimmed to it."""
+    def resume(self, checked: dict | None) -> None:
+        """Continue from the checkpoint: weights, optimiser, RNGs, position, and the log trimmed to it.
+        `checked`: its header, already checked by the caller (read_header); None: checked here."""
         if not self.ckpt_path.is_file():
             raise PromptKDError(f"--resume: no checkpoint at {self.ckpt_path}")
+        if checked is None:
+            read_header(self.ckpt_path, self.cfg)
         self.start_epoch, self.start_step, self.result, meta = load_checkpoint(
-            self.ckpt_path, self.model, self.optimizer, self.scaler, self.extra, self.cfg)
+            self.ckpt_path, self.model, self.optimizer, self.scaler, self.extra)
         self.partial = (meta.get("partial") or {}) if self.start_step else {}
         if self.dist.is_main:
-            trim_metrics_log(self.out_dir / "metrics.jsonl", self.result.steps)
+            trim_metrics_log(self.out_dir / METRICS_LOG_NAME, self.result.steps)
         log.info("resuming from %s at epoch %d step %d", self.ckpt_path, self.start_epoch, self.start_step)
 
     def start(self) -> None:

@@ -499,7 +499,7 @@ def _run(args) -> int:
     )
 
     choice = TeacherChoice(args.teacher, args.teacher_model, args.teacher_weights)  # or a plain CLIP
-    check_teacher_choice(choice, "cache")
+    choice = check_teacher_choice(choice, "cache")  # its teacher file resolved once
     data, roots = dataset_inputs(args.dataset, args.root)
     check_apart(args.out, {**teacher_inputs(choice), **data}, roots=roots)
     device, info = distributed.join_ranks(resolve_device(args.device))  # torchrun: each rank builds its shards

@@ -148,7 +148,7 @@ def _run(args) -> int:
                             "or a plain CLIP with --teacher-model M --teacher-weights W")
     choice = TeacherChoice(given, args.teacher_model, args.teacher_weights, class_vectors=args.append_to,
                            templates=args.templates)  # appended rows: the file's templates unless given
-    check_teacher_choice(choice, "class-vectors")
+    choice = check_teacher_choice(choice, "class-vectors")  # its teacher file resolved once
     out = args.out or args.append_to
     if not out:
         raise PromptKDError("--out is required (unless --append-to updates a file in place)")

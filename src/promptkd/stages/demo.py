@@ -18,7 +18,7 @@ import time
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
-from promptkd.artifacts import atomic_open, read_json, write_json
+from promptkd.artifacts import atomic_open, write_json
 from promptkd.errors import PromptKDError, raise_if_interrupted
 from promptkd.inputs import ARTIFACT_FILES, CLASS_VECTORS_FILE
 from promptkd.settings import apply_sets, check_field_types, check_known_keys, read_yaml
@@ -218,7 +218,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> dict:
     from promptkd.metrics import zero_shot_scores
     from promptkd.models import load_clip
     from promptkd.stages.class_vectors import write_class_vectors
-    from promptkd.stages.distill import METRICS_FILE, baseline_table, below_baseline, distill
+    from promptkd.stages.distill import baseline_table, below_baseline, check_distill, run_distill
     from promptkd.stages.teacher import train_teacher
     from promptkd.toy.world import World
 
@@ -251,8 +251,8 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> dict:
         _build_cache(teacher, protocol, out / CACHE_DIR, cfg)
 
     log.info("[5/7] distillation on %d unlabelled images (with its baseline)", len(protocol.train))
-    student_path = distill(dcfg, out / STUDENT_DIR)
-    run = read_json(out / STUDENT_DIR / METRICS_FILE)
+    distilled = run_distill(check_distill(dcfg), out / STUDENT_DIR)
+    student_path, run = distilled.student_path, distilled.metrics
     log.info("%s", baseline_table(run))
     metrics["student_zeroshot"] = _scores(run["baseline"]["student_zero_shot"])
     metrics["teacher"] = _scores(run["baseline"]["teacher"])
@@ -306,7 +306,7 @@ def _label_free_students(cfg: DemoConfig, out: Path, protocol, extra_cfgs: dict)
     from promptkd.models import load_clip
     from promptkd.models.teachers import ZeroShotTeacher
     from promptkd.stages.class_vectors import write_class_vectors
-    from promptkd.stages.distill import METRICS_FILE, baseline_table, distill
+    from promptkd.stages.distill import baseline_table, check_distill, run_distill
 
     log.info("[5b] the teacher's plain CLIP as a teacher: class vectors%s",
              f", teacher cache of {cfg.cache_views} views per image" if cfg.cache_views else "")
@@ -321,8 +321,7 @@ def _label_free_students(cfg: DemoConfig, out: Path, protocol, extra_cfgs: dict)
         if name in extra_cfgs:
             log.info("[5b] distillation: %s", name.replace("_", " "))
             t0 = time.perf_counter()
-            distill(extra_cfgs[name], out / folder)
-            run = read_json(out / folder / METRICS_FILE)
+            run = run_distill(check_distill(extra_cfgs[name]), out / folder).metrics
             log.info("%s", baseline_table(run))
             metrics[f"student_{name}"] = _scores(run["results"]["last"])
             seconds[name] = time.perf_counter() - t0

@@ -12,8 +12,9 @@ Before training, the run measures its baseline on the test split: the student's 
 and the teacher through the class vectors. After it, one table puts the distilled student between
 the two, and a student that ends below its zero-shot baseline is a warning, not a silent loss.
 
-`distill(cfg, out_dir)` is the file-to-file stage behind `promptkd distill`; `distill_models`
-is the in-process variant for models and item lists already in memory.
+`run_distill(check_distill(cfg), out)` is the file-to-file stage behind `promptkd distill` (it returns
+the result; `distill(cfg, out_dir)` the student's path); `distill_models` is the in-process variant for
+models and item lists already in memory.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from promptkd.artifacts import load_artifact, read_json, write_json
+from promptkd.artifacts import load_artifact
 from promptkd.data.protocols import PROTOCOLS, EvalSplit, Protocol, align_class_vectors, build_protocol
 from promptkd.data.views import ViewsOverImages
 from promptkd.engine.config import CHECKPOINT_NAME, TrainConfig
@@ -53,6 +54,7 @@ from promptkd.options import (
     model_option_help,
     old_keys,
 )
+from promptkd.runs import METRICS_FILE, RunFolder, run_outputs  # noqa: F401 (METRICS_FILE: re-exported)
 from promptkd.settings import (
     add_setting_options,
     check_known_keys,
@@ -87,10 +89,10 @@ PROJECTOR_INITS = ("random", "text")
 STUDENT_FILE = "student.safetensors"
 BEST_VAL_FILE = "student-best-val.safetensors"
 CLASS_VECTORS_FILE = "class_vectors.safetensors"
-METRICS_FILE = "metrics.json"
-# What a distillation run writes into its folder (an --overwrite removes these first).
-DISTILL_OUTPUTS = (STUDENT_FILE, BEST_VAL_FILE, CLASS_VECTORS_FILE, CHECKPOINT_NAME, METRICS_FILE, "metrics.jsonl",
-                   "run.json", "tensorboard")
+# The artifacts a distillation run writes into its folder (RunFolder.file); with the engine's files and
+# the run's own they are all it writes (an --overwrite removes these first).
+DISTILL_ARTIFACTS = (STUDENT_FILE, BEST_VAL_FILE, CLASS_VECTORS_FILE)
+DISTILL_OUTPUTS = run_outputs(*DISTILL_ARTIFACTS)
 
 
 class PairedViews(ViewsOverImages):
@@ -129,6 +131,9 @@ def _same_input(a, b) -> bool:
 
 @dataclass
 class DistillResult:
+    """What a distillation returns: the student file, the metrics (metrics.json's content; {} off the
+    main process) and the engine's record of the training."""
+
     student_path: Path
     metrics: dict
     train: TrainResult
@@ -195,7 +200,7 @@ def distill_models(
     student: Student,
     class_vectors: ClassVectors,
     train_items: Sequence[Item],
-    out_dir: str | Path,
+    out_dir: str | Path | RunFolder,
     *,
     val_items: Sequence[Item] = (),
     test_items: Sequence[Item] = (),
@@ -238,7 +243,8 @@ def distill_models(
     `kd` (promptkd.kd.KDSettings): every KD setting at once; when given it replaces `temperature`,
     `kd_weight` and `kd_reduction`.
     Writes student.safetensors (last epoch, the reported model), student-best-val.safetensors,
-    class_vectors.safetensors, checkpoint, metrics.jsonl and metrics.json into `out_dir`.
+    class_vectors.safetensors, checkpoint, metrics.jsonl and metrics.json into `out_dir` (a folder, or
+    the RunFolder that owns it).
     """
     options = DistillOptions(
         val_items=val_items, test_items=test_items, protocol=protocol, train=train,
@@ -254,12 +260,15 @@ class DistillRecipe:
     teachers and training views), `prepare` (resume header, baseline, projector start), `loss` (the
     step's forward, run by the engine), `evaluate` / `on_epoch_end`, and `save_outputs` (student,
     metrics).
-    The run's state lives on this object; the engine (promptkd.engine.loop) owns the loop itself."""
+    The run's state lives on this object; the engine (promptkd.engine.loop) owns the loop itself, and
+    the RunFolder (promptkd.runs) the folder: the recipe writes its files where that names them."""
 
     def __init__(self, teacher: Teacher, student: Student, class_vectors: ClassVectors, train_items: Sequence[Item],
-                 out_dir: str | Path, options: DistillOptions):
+                 out_dir: str | Path | RunFolder, options: DistillOptions):
         self.teacher, self.student, self.class_vectors = teacher, student, class_vectors
-        self.train_items, self.out_dir, self.opts = train_items, Path(out_dir), options
+        self.run_folder = out_dir if isinstance(out_dir, RunFolder) else RunFolder(Path(out_dir), "distill",
+                                                                                   DISTILL_ARTIFACTS)
+        self.train_items, self.out_dir, self.opts = train_items, self.run_folder.path, options
         self.cfg, self.kd = options.train or TrainConfig(), options.kd
 
     def run(self) -> DistillResult:
@@ -268,7 +277,7 @@ class DistillRecipe:
         self.setup()
         self.prepare()
         result = train_loop(self.student, self.loss, self.dataset, self.cfg, self.out_dir, resume=self.opts.resume,
-                            on_epoch_end=self.on_epoch_end, desc="distill",
+                            resume_header=self.resume_header, on_epoch_end=self.on_epoch_end, desc="distill",
                             checkpoint_meta={"distill": self.settings, "baseline": self.before},
                             compile_default=self.cache is not None)  # auto: the cached step compiles on CUDA
         return self.save_outputs(result)
@@ -356,11 +365,15 @@ class DistillRecipe:
         import torch
 
         from promptkd.engine import distributed
+        from promptkd.engine.checkpoint import read_header
         from promptkd.models.wrappers import ClassVectors
 
-        o, cfg, ckpt = self.opts, self.cfg, self.out_dir / CHECKPOINT_NAME
+        o, cfg, ckpt = self.opts, self.cfg, self.run_folder.checkpoint
         resuming = o.resume and ckpt.is_file()
-        history, self.before = self._resumed_header(ckpt) if resuming else ([], None)
+        # The one resume check (engine and distill settings); the loop then only loads the tensors.
+        self.resume_header = read_header(ckpt, cfg, {"distill": self.settings}) if resuming else None
+        history = list((self.resume_header or {}).get("history") or [])
+        self.before = (self.resume_header or {}).get("baseline")
         if self.main and o.baseline and self.before is None and _labelled(self.protocol.test):
             with torch.random.fork_rng(devices=[]):  # a run with or without a baseline trains the same
                 self.before = self._measure_baseline()
@@ -385,18 +398,7 @@ class DistillRecipe:
         if self.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             cv = ClassVectors(self.classifier.cpu(), self.protocol.classnames, self.class_vectors.teacher)
-            cv.save(self.out_dir / CLASS_VECTORS_FILE)
-
-    def _resumed_header(self, ckpt: Path) -> tuple[list[dict], dict | None]:
-        """The checkpoint's history and baseline, once its settings match this run's (header only)."""
-        from promptkd.artifacts import read_artifact_meta
-
-        ck_meta = read_artifact_meta(ckpt, kind="checkpoint")
-        saved = ck_meta.get("distill") or {}
-        diff = [k for k in self.settings if k in saved and saved[k] != self.settings[k]]
-        if diff:
-            raise PromptKDError(f"{ckpt}: cannot resume: the run was started with other {', '.join(diff)}")
-        return list(ck_meta.get("history") or []), ck_meta.get("baseline")
+            cv.save(self.run_folder.file(CLASS_VECTORS_FILE))
 
     def _measure_baseline(self) -> dict:
         o, cfg = self.opts, self.cfg
@@ -453,7 +455,7 @@ class DistillRecipe:
             record["val"] = self.evaluate(self.protocol.val).get("val", float("nan"))
             if record["val"] > self.best_val:
                 self.best_val = record["val"]
-                self.student.save(self.out_dir / BEST_VAL_FILE, epoch=epoch + 1, selected_on="val", **self.file_meta)
+                self.student.save(self.run_folder.file(BEST_VAL_FILE), epoch=epoch + 1, selected_on="val", **self.file_meta)
         if self.opts.official_best_on_test:
             record.update({f"test_{k}": v for k, v in self.evaluate(self.protocol.test).items()})
         return record
@@ -464,13 +466,13 @@ class DistillRecipe:
         """The last-epoch student, its test scores (and the best-on-val student's), metrics.json."""
         from promptkd.engine import distributed
 
-        student_path = self.out_dir / STUDENT_FILE
+        student_path = self.run_folder.file(STUDENT_FILE)
         metrics: dict = {}
         if self.main:
             self.student.eval()
             self.student.save(student_path, epoch=self.cfg.epochs, selected_on="last", **self.file_meta)
             metrics = self._metrics(result, self._test_results(result))
-            write_json(self.out_dir / METRICS_FILE, metrics)
+            self.run_folder.write_metrics(metrics)
             _warn_if_below_baseline(metrics)
         distributed.barrier()
         return DistillResult(student_path, metrics, result)
@@ -486,7 +488,7 @@ class DistillRecipe:
                 scores = {k: v for k, v in results["last"].items() if k != "epoch"}
             else:
                 last_state = _trainable(self.student)
-                _load_trainable(self.student, load_artifact(self.out_dir / BEST_VAL_FILE, kind="student")[0],
+                _load_trainable(self.student, load_artifact(self.run_folder.file(BEST_VAL_FILE), kind="student")[0],
                                 BEST_VAL_FILE)
                 scores = self.evaluate(self.protocol.test)
                 _load_trainable(self.student, last_state, "last epoch")
@@ -772,53 +774,106 @@ def teacher_choices(cfg: DistillConfig):
     return [first] + [TeacherChoice.from_dict(t, f"teachers[{i}]") for i, t in enumerate(cfg.teachers)]
 
 
-def _check_required(cfg: DistillConfig) -> None:
+@dataclass
+class DistillPlan:
+    """A distill config after its one check (`check_distill`); what runs from it trusts it: the
+    teachers (each checked, its artifact resolved) and the device."""
+
+    cfg: DistillConfig
+    teachers: list  # stages.teacher_choice.TeacherChoice, checked: the first, then `teachers`
+    device: torch.device
+
+
+def check_distill(cfg: DistillConfig) -> DistillPlan:
+    """Every check before heavy work, once: the dataset named, every teacher's files, class vectors,
+    cache and templates, the classes file, the device and the student's CLIP files."""
+    from promptkd.engine.loop import resolve_device
+    from promptkd.inputs import check_clip_files
     from promptkd.stages.teacher_choice import check_teacher_choice
 
     if not cfg.dataset:
         raise PromptKDError("distill: no dataset (--dataset or `dataset:` in a config)")
+    teachers = []
     for choice in teacher_choices(cfg):
         if choice.teacher_cache:
             require_cache_folder(choice.teacher_cache, "--teacher-cache")
-        check_teacher_choice(choice)
+        teachers.append(check_teacher_choice(choice))
     if cfg.classes_file and not Path(cfg.classes_file).is_file():
         raise PromptKDError(f"--classes-file {cfg.classes_file}: file not found")
+    device = resolve_device(cfg.train.device)
+    check_clip_files(cfg.student_model, cfg.student_weights, "student")
+    return DistillPlan(cfg, teachers, device)
 
 
 def distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = False) -> Path:
-    """Load teacher, class vectors and data, build the student, distil; returns the student file.
+    """Check the settings, then distil (run_distill); returns the student file."""
+    return run_distill(check_distill(cfg), out_dir, resume).student_path
+
+
+def run_distill(plan: DistillPlan, out_dir: str | Path | RunFolder, resume: bool = False) -> DistillResult:
+    """Load teachers, class vectors and data, build the student, distil; returns the result (the
+    student file, the metrics). The run folder (`out_dir`, or the RunFolder that claimed it) records
+    the inputs in run.json before training and the outputs after.
 
     Under torchrun every process calls this; it joins the process group itself.
     """
     import torch
 
     from promptkd.engine import distributed
-    from promptkd.engine.loop import resolve_device, resolve_precision
+    from promptkd.engine.loop import resolve_precision
     from promptkd.models import load_clip
-    from promptkd.models.wrappers import ClassVectors, Student
-    from promptkd.runs import (
-        dataset_record,
-        file_digest,
-        file_record,
-        finish_run_record,
-        promptkd_files,
-        write_run_record,
-    )
-    from promptkd.stages.teacher_choice import load_teacher_choice
+    from promptkd.models.wrappers import Student
 
-    _check_required(cfg)
-    device = resolve_device(cfg.train.device)
+    cfg, device = plan.cfg, plan.device
+    run = out_dir if isinstance(out_dir, RunFolder) else RunFolder(Path(out_dir), "distill", DISTILL_ARTIFACTS)
     info = distributed.init_distributed(device.type)
     if device.type == "cuda" and info.enabled:
         device = torch.device("cuda", info.local_rank)
     train_cfg = TrainConfig(**{**asdict(cfg.train), "precision": resolve_precision(cfg.precision, device)})
+    inputs = _load_inputs(plan, device, train_cfg.seed)
+    kd_weight = _kd_weight(cfg, len(inputs.protocol.classnames))
 
-    loaded = [load_teacher_choice(c, device=device, seed=train_cfg.seed, dataset=cfg.dataset)
-              for c in teacher_choices(cfg)]
+    torch.manual_seed(train_cfg.seed)  # prompt and projector initialisation
+    clip = load_clip(cfg.student_model, cfg.student_weights, init_seed=train_cfg.seed)
+    student = Student(clip, inputs.teacher.dim, cfg.vision_depth, cfg.n_ctx_vision).to(device)
+    if info.is_main:
+        run.start(_run_inputs(plan, inputs, clip.source, train_cfg.seed))
+    config = asdict(cfg)
+    config.update(kd_weight=kd_weight, precision=train_cfg.precision, train=asdict(train_cfg))
+    result = distill_models(
+        inputs.teacher, student, inputs.class_vectors, inputs.protocol.train, run, protocol=inputs.protocol,
+        train=train_cfg, kd=KDSettings.from_config(cfg, kd_weight=kd_weight), select_on_val=cfg.select_on_val,
+        official_best_on_test=cfg.official_best_on_test, eval_batch_size=cfg.eval_batch_size, resume=resume,
+        meta={"config": config}, teacher_cache=cfg.teacher_cache, baseline=cfg.baseline, more_teachers=inputs.more,
+        ensemble=cfg.ensemble, ensemble_weights=cfg.ensemble_weights, projector_init=cfg.projector_init,
+    )
+    if info.is_main:
+        run.finish()
+    return result
+
+
+@dataclass
+class _Inputs:
+    """What a distill run loads before its student: the teachers, class vectors and protocol."""
+
+    teacher: Teacher
+    records: list[dict]  # each teacher's run.json record
+    class_vectors: ClassVectors
+    protocol: Protocol
+    more: list  # (teacher, class vectors, cache) of each further teacher
+
+
+def _load_inputs(plan: DistillPlan, device, seed: int) -> _Inputs:
+    """Each teacher, the class vectors (computed once when none are given, §6.1) and the protocol's splits."""
+    from promptkd.models.wrappers import ClassVectors
+    from promptkd.stages.teacher_choice import load_teacher_choice
+
+    cfg = plan.cfg
+    loaded = [load_teacher_choice(c, device=device, seed=seed, dataset=cfg.dataset) for c in plan.teachers]
     teacher = loaded[0][0]
     cv = ClassVectors.load(cfg.class_vectors, teacher=teacher, dim=teacher.dim) if cfg.class_vectors else None
     names = cv.classnames if cv is not None else _read_classes(cfg.classes_file)
-    protocol = build_protocol(cfg.protocol, cfg.dataset, cfg.root, num_shots=cfg.shots, seed=train_cfg.seed,
+    protocol = build_protocol(cfg.protocol, cfg.dataset, cfg.root, num_shots=cfg.shots, seed=seed,
                               reference_classnames=names)
     if not protocol.classnames:
         raise PromptKDError(f"{cfg.dataset}: no class names; give --classes-file FILE (or --class-vectors) for "
@@ -827,42 +882,37 @@ def distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = False) -> Pa
     if cv is None:  # pre-store once, after the teacher's prompts are loaded (§6.1)
         cv = compute_class_vectors(teacher, protocol.classnames)
     more = []
-    for choice, (t, _) in zip(teacher_choices(cfg)[1:], loaded[1:]):
+    for choice, (t, _) in zip(plan.teachers[1:], loaded[1:]):
         t_cv = ClassVectors.load(choice.class_vectors, teacher=t, dim=t.dim) if choice.class_vectors else \
             compute_class_vectors(t, protocol.classnames)
         more.append((t, t_cv, choice.teacher_cache))
-    kd_weight = cfg.kd_weight
-    if kd_weight is None:
-        kd_weight = default_kd_weight(cfg.dataset, cfg.protocol, len(protocol.classnames), cfg.kd_reduction)
-        if not is_benchmark(cfg.dataset):
-            log.info("kd weight %g: %g per image for a dataset outside the paper's (the official 1000 would be "
-                     "%.3g per image with %d classes; --kd-weight sets another)", kd_weight, CUSTOM_KD_PER_IMAGE,
-                     OFFICIAL_KD_WEIGHT / max(1, len(protocol.classnames)), len(protocol.classnames))
+    return _Inputs(teacher, [record for _, record in loaded], cv, protocol, more)
 
-    torch.manual_seed(train_cfg.seed)  # prompt and projector initialisation
-    clip = load_clip(cfg.student_model, cfg.student_weights, init_seed=train_cfg.seed)
-    student = Student(clip, teacher.dim, cfg.vision_depth, cfg.n_ctx_vision).to(device)
-    if info.is_main:
-        records = [{**record, "class_vectors": file_record(c.class_vectors) if c.class_vectors else None,
-                    "teacher_cache": {"path": str(Path(c.teacher_cache).resolve()),
-                                      "manifest_sha256": file_digest(Path(c.teacher_cache) / "manifest.json")}
-                    if c.teacher_cache else None} for c, (_, record) in zip(teacher_choices(cfg), loaded)]
-        write_run_record(out_dir, "distill", {
-            **records[0], "student_clip": clip.source, **({"more_teachers": records[1:]} if more else {}),
-            "dataset": dataset_record(protocol.dataset, cfg.root, protocol.train, protocol=cfg.protocol,
-                                      shots=cfg.shots, seed=train_cfg.seed)})
-    config = asdict(cfg)
-    config.update(kd_weight=kd_weight, precision=train_cfg.precision, train=asdict(train_cfg))
-    result = distill_models(
-        teacher, student, cv, protocol.train, out_dir, protocol=protocol, train=train_cfg,
-        kd=KDSettings.from_config(cfg, kd_weight=kd_weight), select_on_val=cfg.select_on_val, official_best_on_test=cfg.official_best_on_test,
-        eval_batch_size=cfg.eval_batch_size, resume=resume, meta={"config": config},
-        teacher_cache=cfg.teacher_cache, baseline=cfg.baseline, more_teachers=more, ensemble=cfg.ensemble,
-        ensemble_weights=cfg.ensemble_weights, projector_init=cfg.projector_init,
-    )
-    if info.is_main:
-        finish_run_record(out_dir, [p.name for p in promptkd_files(Path(out_dir), DISTILL_OUTPUTS)])
-    return result.student_path
+
+def _kd_weight(cfg: DistillConfig, n_classes: int) -> float:
+    """The KD weight: as set, else the official one on the paper's datasets, else per image."""
+    if cfg.kd_weight is not None:
+        return cfg.kd_weight
+    kd_weight = default_kd_weight(cfg.dataset, cfg.protocol, n_classes, cfg.kd_reduction)
+    if not is_benchmark(cfg.dataset):
+        log.info("kd weight %g: %g per image for a dataset outside the paper's (the official 1000 would be "
+                 "%.3g per image with %d classes; --kd-weight sets another)", kd_weight, CUSTOM_KD_PER_IMAGE,
+                 OFFICIAL_KD_WEIGHT / max(1, n_classes), n_classes)
+    return kd_weight
+
+
+def _run_inputs(plan: DistillPlan, inputs: _Inputs, student_clip: dict, seed: int) -> dict:
+    """run.json's inputs: every teacher (file, class vectors, cache), the student's CLIP and the data."""
+    from promptkd.runs import dataset_record, file_digest, file_record
+
+    cfg = plan.cfg
+    records = [{**record, "class_vectors": file_record(c.class_vectors) if c.class_vectors else None,
+                "teacher_cache": {"path": str(Path(c.teacher_cache).resolve()),
+                                  "manifest_sha256": file_digest(Path(c.teacher_cache) / "manifest.json")}
+                if c.teacher_cache else None} for c, record in zip(plan.teachers, inputs.records)]
+    return {**records[0], "student_clip": student_clip, **({"more_teachers": records[1:]} if inputs.more else {}),
+            "dataset": dataset_record(inputs.protocol.dataset, cfg.root, inputs.protocol.train, protocol=cfg.protocol,
+                                      shots=cfg.shots, seed=seed)}
 
 
 def _read_classes(path: str | None) -> list[str] | None:
@@ -889,31 +939,26 @@ def config_from_args(args) -> DistillConfig:
 
 def _run(args) -> int:
     from promptkd.engine import distributed
-    from promptkd.engine.loop import resolve_device
-    from promptkd.inputs import check_clip_files, clip_inputs, dataset_inputs
-    from promptkd.runs import check_apart, claim_folder
+    from promptkd.inputs import clip_inputs, dataset_inputs
+    from promptkd.runs import check_apart
     from promptkd.stages.teacher_choice import teacher_inputs
 
     cfg = config_from_args(args)  # types and ranges of every setting
-    _check_required(cfg)  # every teacher: its files, class vectors, cache and templates
-    resolve_device(cfg.train.device)
-    check_clip_files(cfg.student_model, cfg.student_weights, "student")
+    plan = check_distill(cfg)  # every teacher (files, class vectors, cache, templates), the device, the student
     data, roots = dataset_inputs(cfg.dataset, cfg.root)
-    teachers = {k: v for i, choice in enumerate(teacher_choices(cfg))  # the first teacher, then " 2", " 3", ...
+    teachers = {k: v for i, choice in enumerate(plan.teachers)  # the first teacher, then " 2", " 3", ...
                 for k, v in teacher_inputs(choice, f" {i + 1}" if i else "").items()}
     check_apart(args.out, {**teachers, **data, **clip_inputs(cfg.student_model, cfg.student_weights, "student")},
                 roots=roots)
-    claim = claim_folder(args.out, DISTILL_OUTPUTS, overwrite=args.overwrite, resume=args.resume,
-                         what="distillation run", finished=STUDENT_FILE, marker=CHECKPOINT_NAME, command="distill")
-    path = distill(cfg, claim.prepare(), resume=args.resume)
+    run = RunFolder.claim(args.out, "distill", DISTILL_ARTIFACTS, overwrite=args.overwrite, resume=args.resume,
+                          finished=STUDENT_FILE)
+    result = run_distill(plan, run.prepare(), resume=args.resume)
     if distributed.current().is_main:
-        metrics = read_json(Path(args.out) / METRICS_FILE)
-        results = metrics.get("results", {})
-        print(f"student: {path}")
-        for name, r in results.items():
+        print(f"student: {result.student_path}")
+        for name, r in result.metrics.get("results", {}).items():
             shown = ", ".join(f"{k} {v:.2f}" for k, v in r.items() if isinstance(v, float))
             print(f"{name}: {shown}")
-        table = baseline_table(metrics)
+        table = baseline_table(result.metrics)
         if table:
             print(table)
     return 0

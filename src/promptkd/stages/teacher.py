@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from promptkd.artifacts import read_artifact_meta, write_json
 from promptkd.engine.config import CHECKPOINT_NAME, TrainConfig
 from promptkd.errors import PromptKDError
 from promptkd.options import (
@@ -33,6 +32,7 @@ from promptkd.options import (
     old_keys,
     positive_float,
 )
+from promptkd.runs import RunFolder, run_outputs
 from promptkd.settings import (
     add_setting_options,
     check_known_keys,
@@ -50,14 +50,17 @@ from promptkd.stages.templates import IMAGENET_TEMPLATES
 if TYPE_CHECKING:  # torch and the models are imported where they run: `promptkd teacher --help` stays fast
     import torch
 
+    from promptkd.engine.checkpoint import TrainResult
     from promptkd.models.loading import ClipBundle
     from promptkd.models.wrappers import Teacher
 
 log = logging.getLogger(__name__)
 
 TEACHER_NAME = "teacher.safetensors"
-# What a teacher run writes into its folder (an --overwrite removes these first).
-TEACHER_OUTPUTS = (TEACHER_NAME, "metrics.json", "metrics.jsonl", CHECKPOINT_NAME, "run.json", "tensorboard")
+# The artifact a teacher run writes (RunFolder.file); with the engine's files and the run's own, all it
+# writes into its folder (an --overwrite removes these first).
+TEACHER_ARTIFACTS = (TEACHER_NAME,)
+TEACHER_OUTPUTS = run_outputs(*TEACHER_ARTIFACTS)
 MODES = ("promptsrc", "ce")
 LOSS_TERMS = ("ce", "text_l1", "image_l1", "logits_kl")
 
@@ -276,142 +279,196 @@ def loss_curves(history: list[dict]) -> dict[str, list[float]]:
     return {k: [r.get(k) for r in history] for k in keys}
 
 
-def _check_resume(out_dir: Path, cfg: TeacherConfig, classnames: list[str]) -> None:
-    path = out_dir / CHECKPOINT_NAME
-    if not path.is_file():
-        return  # train_loop reports the missing checkpoint
-    meta = read_artifact_meta(path, kind="checkpoint")  # the header: train_loop loads the tensors
-    saved = meta.get("teacher_config") or {}
-    for key in _RESUME_KEYS:
-        if key in saved and saved[key] != getattr(cfg, key):
-            raise PromptKDError(f"{path}: cannot resume: the checkpoint was written with {key}={saved[key]!r}, "
-                                f"this run has {key}={getattr(cfg, key)!r}")
-    if meta.get("classnames") not in (None, classnames):
-        raise PromptKDError(f"{path}: cannot resume: the checkpoint was trained on other classes")
+def _resume_settings(cfg: TeacherConfig, classnames: list[str]) -> dict:
+    """What a resumed teacher run must share with its checkpoint, by header key (engine.checkpoint.read_header)."""
+    return {"teacher_config": {key: getattr(cfg, key) for key in _RESUME_KEYS}, None: {"classnames": list(classnames)}}
+
+
+@dataclass
+class TeacherResult:
+    """What a teacher run returns: the artifact, the metrics (metrics.json's content; {} off the main
+    process) and the engine's record of the training."""
+
+    path: Path
+    metrics: dict
+    train: TrainResult
+
+
+class TeacherRecipe:
+    """One teacher run in named phases, as DistillRecipe: `setup` (device, views), `prepare` (the one
+    resume check, the loss: TeacherObjective, GPA), `on_epoch_end` (GPA sum, val), `save_outputs`
+    (teacher.safetensors, metrics.json). The engine owns the loop, the RunFolder the folder."""
+
+    def __init__(self, teacher: Teacher, train_items, val_items, classnames: list[str], cfg: TeacherConfig,
+                 out_dir: str | Path | RunFolder, *, resume: bool = False, meta: dict | None = None,
+                 device: torch.device | None = None, resume_header: dict | None = None):
+        self.teacher, self.train_items, self.val_items = teacher, list(train_items), list(val_items or [])
+        self.classnames, self.cfg, self.resume, self.meta = list(classnames), cfg, resume, meta
+        self.run_folder = out_dir if isinstance(out_dir, RunFolder) else RunFolder(Path(out_dir), "teacher",
+                                                                                   TEACHER_ARTIFACTS)
+        self.device, self.resume_header = device, resume_header
+
+    def run(self) -> TeacherResult:
+        from promptkd.engine.loop import train_loop
+
+        self.setup()
+        self.prepare()
+        result = train_loop(self.teacher, self.objective, self.dataset, self.train_cfg, self.run_folder.path,
+                            resume=self.resume, resume_header=self.resume_header, on_epoch_end=self.on_epoch_end,
+                            extra_state=[self.gpa] if self.gpa is not None else [], desc="teacher",
+                            checkpoint_meta={"teacher_config": self.cfg.to_dict(), "classnames": self.classnames})
+        return self.save_outputs(result)
+
+    def setup(self) -> None:
+        """The device (resolved once), the precision, the teacher on it, the training views."""
+        from promptkd.data.dataset import ImageDataset
+        from promptkd.data.transforms import transforms_for
+        from promptkd.engine import distributed
+        from promptkd.engine.loop import resolve_device
+
+        cfg = self.cfg
+        self.device = self.device or resolve_device(cfg.train.device)
+        distributed.init_distributed(self.device.type)
+        self.train_cfg = _train_settings(cfg, self.device)
+        self.teacher.clip.model.to(self.device)  # parts of CLIP the teacher does not own (the zero-shot path uses them)
+        self.teacher.to(self.device)
+        # Chunking only saves memory when each chunk is recomputed in backward.
+        self.teacher.text.grad_checkpointing = bool(cfg.text_chunk)
+        train_tf, self.test_tf = transforms_for(self.teacher.clip.preprocess_cfg)
+        self.dataset = ImageDataset(self.train_items, train_tf, seed=cfg.seed, train=True)
+        self.main = distributed.current().is_main
+        self.eval_kw = {"text_chunk": cfg.text_chunk or 256, "batch_size": cfg.eval_batch_size,
+                        "progress": cfg.train.progress}
+
+    def prepare(self) -> None:
+        """The one resume check (engine and teacher settings, from the header), the loss and GPA."""
+        from promptkd.engine.checkpoint import read_header
+
+        cfg, ckpt = self.cfg, self.run_folder.checkpoint
+        if self.resume and self.resume_header is None and ckpt.is_file():  # a missing one: train_loop says so
+            self.resume_header = read_header(ckpt, self.train_cfg, _resume_settings(cfg, self.classnames))
+        self.objective = TeacherObjective(self.teacher, self.classnames, cfg)
+        self.gpa = None
+        if cfg.gpa:
+            weights = gpa_weights(cfg.train.epochs, cfg.gpa_mean, cfg.gpa_std)
+            if not 1 <= cfg.gpa_mean <= cfg.train.epochs:
+                log.warning("GPA mean %s is outside epochs 1..%d: the aggregate is mostly epoch %d",
+                            cfg.gpa_mean, cfg.train.epochs, max(range(len(weights)), key=weights.__getitem__) + 1)
+            self.gpa = PromptAggregate(self.teacher, weights)
+
+    def on_epoch_end(self, epoch: int) -> dict:
+        """The epoch's prompts into the GPA sum; the val accuracy every `val_every` epochs."""
+        cfg, record = self.cfg, {}
+        if self.gpa is not None:
+            record["gpa_weight"] = self.gpa.add(epoch)
+        if self.main and cfg.val_every and self.val_items and (epoch + 1) % cfg.val_every == 0:
+            record["val_acc"] = teacher_accuracy(self.teacher, self.val_items, self.classnames, self.test_tf,
+                                                 **self.eval_kw)
+        return record
+
+    def save_outputs(self, result: TrainResult) -> TeacherResult:
+        """The aggregated prompts, their val and zero-shot accuracy: teacher.safetensors and metrics.json."""
+        cfg, teacher, val_items = self.cfg, self.teacher, self.val_items
+        if self.gpa is not None:
+            self.gpa.write_into(teacher)
+        path = self.run_folder.file(TEACHER_NAME)
+        if not self.main:
+            return TeacherResult(path, {}, result)
+        teacher.eval()
+        val_acc = teacher_accuracy(teacher, val_items, self.classnames, self.test_tf, **self.eval_kw) \
+            if val_items else None
+        zs_acc = None
+        if cfg.zero_shot and val_items:
+            from promptkd.data.protocols import EvalSplit
+            from promptkd.metrics import zero_shot_scores
+
+            zs_acc = zero_shot_scores(teacher.clip, self.classnames, {"val": EvalSplit(val_items)},
+                                      batch_size=cfg.eval_batch_size, device=self.device,
+                                      progress=cfg.train.progress)["val"]
+        if not val_items:
+            log.info("no validation images (e.g. ImageNet has no val split): no val accuracy reported")
+        summary = {"val_acc": val_acc, "zero_shot_val_acc": zs_acc, "n_train": len(self.dataset),
+                   "n_val": len(val_items), "classnames": self.classnames, "loss_curves": loss_curves(result.history),
+                   "gpa_weights": self.gpa.weights if self.gpa is not None else None, "seconds": result.seconds}
+        teacher.save(path, **(self.meta or {}), **summary,
+                     config={**cfg.to_dict(), "precision": self.train_cfg.precision, "train": asdict(self.train_cfg)})
+        metrics = {**summary, "history": result.history}
+        self.run_folder.write_metrics(metrics)
+        log.info("teacher written to %s (val acc %s, zero-shot %s)", path, _pct(val_acc), _pct(zs_acc))
+        return TeacherResult(path, metrics, result)
+
+
+def _train_settings(cfg: TeacherConfig, device: torch.device) -> TrainConfig:
+    """The engine's settings: `train`, with the top-level precision resolved for the device (auto)."""
+    from promptkd.engine.loop import resolve_precision
+
+    return replace(cfg.train, precision=resolve_precision(cfg.precision, device))
 
 
 def train_teacher_on(teacher: Teacher, train_items, val_items, classnames: list[str], cfg: TeacherConfig,
-                     out_dir: str | Path, *, resume: bool = False, meta: dict | None = None) -> Path:
+                     out_dir: str | Path | RunFolder, *, resume: bool = False, meta: dict | None = None,
+                     device: torch.device | None = None, resume_header: dict | None = None) -> Path:
     """Train `teacher`'s prompts on labelled items (labels index `classnames`); returns the artifact path.
 
     Writes out_dir/teacher.safetensors (prompts + metadata: val and zero-shot accuracy, loss
-    curves, settings), out_dir/metrics.json, and the engine's checkpoint and metrics.jsonl.
+    curves, settings), out_dir/metrics.json, and the engine's checkpoint and metrics.jsonl
+    (TeacherRecipe; its `run()` returns the metrics too). `device`: resolved by the caller (None: here).
     """
-    from promptkd.data.dataset import ImageDataset
-    from promptkd.data.transforms import transforms_for
-    from promptkd.engine import distributed
-    from promptkd.engine.loop import resolve_device, resolve_precision, train_loop
-
-    out_dir = Path(out_dir)
-    device = resolve_device(cfg.train.device)
-    distributed.init_distributed(device.type)
-    train_cfg = replace(cfg.train, precision=resolve_precision(cfg.precision, device))
-    teacher.clip.model.to(device)  # parts of CLIP the teacher does not own (the zero-shot path uses them)
-    teacher.to(device)
-    # Chunking only saves memory when each chunk is recomputed in backward.
-    teacher.text.grad_checkpointing = bool(cfg.text_chunk)
-    train_tf, test_tf = transforms_for(teacher.clip.preprocess_cfg)
-    dataset = ImageDataset(list(train_items), train_tf, seed=cfg.seed, train=True)
-    val_items = list(val_items or [])
-    if resume:
-        _check_resume(out_dir, cfg, classnames)
-    objective = TeacherObjective(teacher, classnames, cfg)
-    gpa = None
-    if cfg.gpa:
-        weights = gpa_weights(cfg.train.epochs, cfg.gpa_mean, cfg.gpa_std)
-        if not 1 <= cfg.gpa_mean <= cfg.train.epochs:
-            log.warning("GPA mean %s is outside epochs 1..%d: the aggregate is mostly epoch %d",
-                        cfg.gpa_mean, cfg.train.epochs, max(range(len(weights)), key=weights.__getitem__) + 1)
-        gpa = PromptAggregate(teacher, weights)
-    main = distributed.current().is_main
-    eval_kw = {"text_chunk": cfg.text_chunk or 256, "batch_size": cfg.eval_batch_size, "progress": cfg.train.progress}
-
-    def on_epoch_end(epoch: int) -> dict:
-        record = {}
-        if gpa is not None:
-            record["gpa_weight"] = gpa.add(epoch)
-        if main and cfg.val_every and val_items and (epoch + 1) % cfg.val_every == 0:
-            record["val_acc"] = teacher_accuracy(teacher, val_items, classnames, test_tf, **eval_kw)
-        return record
-
-    result = train_loop(teacher, objective, dataset, train_cfg, out_dir, resume=resume, on_epoch_end=on_epoch_end,
-                        extra_state=[gpa] if gpa is not None else [], desc="teacher",
-                        checkpoint_meta={"teacher_config": cfg.to_dict(), "classnames": list(classnames)})
-    if gpa is not None:
-        gpa.write_into(teacher)
-    path = out_dir / TEACHER_NAME
-    if not main:
-        return path
-    teacher.eval()
-    val_acc = teacher_accuracy(teacher, val_items, classnames, test_tf, **eval_kw) if val_items else None
-    zs_acc = None
-    if cfg.zero_shot and val_items:
-        from promptkd.data.protocols import EvalSplit
-        from promptkd.metrics import zero_shot_scores
-
-        zs_acc = zero_shot_scores(teacher.clip, classnames, {"val": EvalSplit(list(val_items))},
-                                  batch_size=cfg.eval_batch_size, device=device, progress=cfg.train.progress)["val"]
-    if not val_items:
-        log.info("no validation images (e.g. ImageNet has no val split): no val accuracy reported")
-    curves = loss_curves(result.history)
-    summary = {
-        "val_acc": val_acc,
-        "zero_shot_val_acc": zs_acc,
-        "n_train": len(dataset),
-        "n_val": len(val_items),
-        "classnames": list(classnames),
-        "loss_curves": curves,
-        "gpa_weights": gpa.weights if gpa is not None else None,
-        "seconds": result.seconds,
-    }
-    teacher.save(path, **(meta or {}), **summary,
-                 config={**cfg.to_dict(), "precision": train_cfg.precision, "train": asdict(train_cfg)})
-    write_json(out_dir / "metrics.json", {**summary, "history": result.history})
-    log.info("teacher written to %s (val acc %s, zero-shot %s)", path, _pct(val_acc), _pct(zs_acc))
-    return path
+    return TeacherRecipe(teacher, train_items, val_items, classnames, cfg, out_dir, resume=resume, meta=meta,
+                         device=device, resume_header=resume_header).run().path
 
 
 def _pct(x: float | None) -> str:
     return "n/a" if x is None or math.isnan(x) else f"{x:.2f}%"
 
 
-def train_teacher(cfg: TeacherConfig, out_dir: str | Path, resume: bool = False) -> Path:
-    """Build the dataset's teacher split and the prompted CLIP, then train (see train_teacher_on)."""
-    from promptkd.data.protocols import teacher_split
-    from promptkd.data.registry import build_dataset
-    from promptkd.data.sampling import set_random_seed
+def check_teacher(cfg: TeacherConfig) -> torch.device:
+    """Every check of a teacher run before heavy work, once: the device, a labelled dataset named,
+    the CLIP's files. Returns the device."""
     from promptkd.engine.loop import resolve_device
-    from promptkd.models.loading import load_clip
-    from promptkd.runs import (
-        dataset_record,
-        finish_run_record,
-        is_main_process,
-        promptkd_files,
-        write_run_record,
-    )
+    from promptkd.inputs import check_clip_files
 
+    device = resolve_device(cfg.train.device)
     if not cfg.dataset:
         raise PromptKDError("no dataset: pass --dataset NAME (or folder:PATH) or set 'dataset' in the config")
     _check_labelled(cfg.dataset)
+    check_clip_files(cfg.model, cfg.weights, "teacher")
+    return device
+
+
+def train_teacher(cfg: TeacherConfig, out_dir: str | Path | RunFolder, resume: bool = False, *,
+                  device: torch.device | None = None) -> Path:
+    """Build the dataset's teacher split and the prompted CLIP, then train (TeacherRecipe); returns the
+    artifact. `device`: what check_teacher returned (the CLI checks before claiming the folder); None:
+    the settings are checked here."""
+    from promptkd.data.protocols import teacher_split
+    from promptkd.data.registry import build_dataset
+    from promptkd.data.sampling import set_random_seed
+    from promptkd.engine.checkpoint import read_header
+    from promptkd.models.loading import load_clip
+    from promptkd.runs import dataset_record
+
+    device = device or check_teacher(cfg)
+    run = out_dir if isinstance(out_dir, RunFolder) else RunFolder(Path(out_dir), "teacher", TEACHER_ARTIFACTS)
     ds = build_dataset(cfg.dataset, cfg.root)
     split = teacher_split(ds, cfg.shots, cfg.seed)
     if not split.train:
         raise PromptKDError(f"{cfg.dataset}: no training images for the base classes")
     require_two_classes(split.classnames, cfg.dataset, "base classes")
-    if resume:
-        _check_resume(Path(out_dir), cfg, split.classnames)
+    header = None
+    if resume and run.checkpoint.is_file():  # the one resume check, before the CLIP is loaded
+        header = read_header(run.checkpoint, _train_settings(cfg, device), _resume_settings(cfg, split.classnames))
     set_random_seed(cfg.seed)  # prompt initialisation depends on the seed alone
-    clip = load_clip(cfg.model, cfg.weights, device=resolve_device(cfg.train.device), init_seed=cfg.seed)
+    clip = load_clip(cfg.model, cfg.weights, device=device, init_seed=cfg.seed)
     teacher = build_teacher(clip, cfg)
     log.info("teacher: %s/%s, %d base classes, %d train and %d val images", cfg.model, cfg.weights,
              len(split.classnames), len(split.train), len(split.val or []))
-    if is_main_process():
-        write_run_record(out_dir, "teacher", {"teacher_clip": clip.source, "dataset": dataset_record(
-            ds.name, cfg.root, split.train, shots=cfg.shots, seed=cfg.seed)})
-    path = train_teacher_on(teacher, split.train, split.val, split.classnames, cfg, out_dir, resume=resume,
-                            meta={"dataset": ds.name, "shots": cfg.shots, "seed": cfg.seed})
-    if is_main_process():
-        finish_run_record(out_dir, [p.name for p in promptkd_files(Path(out_dir), TEACHER_OUTPUTS)])
+    run.start({"teacher_clip": clip.source, "dataset": dataset_record(ds.name, cfg.root, split.train, shots=cfg.shots,
+                                                                       seed=cfg.seed)})
+    path = train_teacher_on(teacher, split.train, split.val, split.classnames, cfg, run, resume=resume,
+                            meta={"dataset": ds.name, "shots": cfg.shots, "seed": cfg.seed}, device=device,
+                            resume_header=header)
+    run.finish()
     return path
 
 
@@ -449,20 +506,15 @@ def _check_labelled(dataset: str) -> None:
 
 
 def _run(args) -> int:
-    from promptkd.engine.loop import resolve_device
-    from promptkd.inputs import check_clip_files, clip_inputs, dataset_inputs
-    from promptkd.runs import check_apart, claim_folder
+    from promptkd.inputs import clip_inputs, dataset_inputs
+    from promptkd.runs import check_apart
 
     cfg = config_from_args(args)  # types and ranges of every setting
-    resolve_device(cfg.train.device)  # the device exists here
-    if not cfg.dataset:
-        raise PromptKDError("no dataset: pass --dataset NAME (or folder:PATH) or set 'dataset' in the config")
+    device = check_teacher(cfg)  # the device exists here, a labelled dataset, the CLIP's files
     data, roots = dataset_inputs(cfg.dataset, cfg.root)
     check_apart(args.out, {**data, **clip_inputs(cfg.model, cfg.weights, "teacher")}, roots=roots)
-    _check_labelled(cfg.dataset)  # before --out is touched
-    claim = claim_folder(args.out, TEACHER_OUTPUTS, overwrite=args.overwrite, resume=args.resume,
-                         what="teacher run", finished=TEACHER_NAME, marker=CHECKPOINT_NAME, command="teacher")
-    check_clip_files(cfg.model, cfg.weights, "teacher")
-    path = train_teacher(cfg, claim.prepare(), resume=args.resume)
+    run = RunFolder.claim(args.out, "teacher", TEACHER_ARTIFACTS, overwrite=args.overwrite, resume=args.resume,
+                          finished=TEACHER_NAME)
+    path = train_teacher(cfg, run.prepare(), resume=args.resume, device=device)
     print(path)
     return 0

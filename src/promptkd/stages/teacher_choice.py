@@ -9,7 +9,7 @@ class vectors, caches and students are matched to it as a PromptSRC teacher's ar
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from promptkd.artifacts import read_artifact_meta
@@ -27,6 +27,7 @@ class TeacherChoice:
     class_vectors: str | None = None
     teacher_cache: str | None = None
     templates: str | list | None = None  # a plain CLIP teacher's templates (promptkd.templates)
+    checked: bool = field(default=False, repr=False)  # by check_teacher_choice: `teacher` is the artifact file
 
     @classmethod
     def from_dict(cls, d: dict, where: str) -> TeacherChoice:
@@ -63,9 +64,10 @@ def cache_teacher_record(cache_dir: str | Path) -> dict:
     return (read_run_record(cache_dir) or {}).get("inputs") or {}
 
 
-def check_teacher_choice(choice: TeacherChoice, where: str = "distill") -> None:
+def check_teacher_choice(choice: TeacherChoice, where: str = "distill") -> TeacherChoice:
     """Everything about a teacher choice that needs no torch: which kind, files present, templates
-    (its cache folder is the caller's to check: promptkd.stages.cache.require_cache_folder)."""
+    (its cache folder is the caller's to check: promptkd.stages.cache.require_cache_folder). Returns
+    the choice checked, its teacher resolved to the artifact file: later steps trust it."""
     from promptkd.inputs import artifact_path, check_clip_files, class_vectors_path
     from promptkd.templates import resolve_templates
 
@@ -73,8 +75,9 @@ def check_teacher_choice(choice: TeacherChoice, where: str = "distill") -> None:
         if not (choice.teacher_cache and cache_teacher_record(choice.teacher_cache).get("teacher_clip")):
             raise PromptKDError(f"{where}: no teacher (--teacher FILE|DIR, or a plain CLIP with --teacher-model M "
                                 "--teacher-weights W, or a --teacher-cache DIR that recorded its teacher)")
+    path = None
     if choice.teacher:
-        artifact_path(choice.teacher, "teacher")
+        path = artifact_path(choice.teacher, "teacher")
         if choice.templates:
             raise PromptKDError("--templates is for a plain CLIP teacher (--teacher-model without --teacher); a "
                                 "PromptSRC teacher's class prompts are its own")
@@ -83,14 +86,24 @@ def check_teacher_choice(choice: TeacherChoice, where: str = "distill") -> None:
     if choice.class_vectors:
         class_vectors_path(choice.class_vectors)
     check_clip_files(choice.teacher_model, choice.teacher_weights, "teacher")
+    return replace(choice, teacher=str(path) if path else choice.teacher, checked=True)
+
+
+def _teacher_file(choice: TeacherChoice) -> Path | None:
+    """The teacher artifact a choice names: resolved once (by check_teacher_choice), or here."""
+    from promptkd.inputs import artifact_path
+
+    if not choice.teacher:
+        return None
+    return Path(choice.teacher) if choice.checked else artifact_path(choice.teacher, "teacher")
 
 
 def teacher_inputs(choice: TeacherChoice, suffix: str = "") -> dict:
     """The files a teacher choice reads (artifact, class vectors, cache, CLIP files), as inputs for
     runs.check_apart."""
-    from promptkd.inputs import artifact_path, clip_inputs
+    from promptkd.inputs import clip_inputs
 
-    return {f"teacher{suffix}": artifact_path(choice.teacher, "teacher") if choice.teacher else None,
+    return {f"teacher{suffix}": _teacher_file(choice),
             f"class vectors{suffix}": choice.class_vectors, f"teacher cache{suffix}": choice.teacher_cache,
             **{f"{k}{suffix}": v for k, v in clip_inputs(choice.teacher_model, choice.teacher_weights, "teacher").items()}}
 
@@ -108,14 +121,14 @@ def _recorded_templates(class_vectors: str | None) -> list | None:
 def load_teacher_choice(choice: TeacherChoice, *, device, seed: int = 0, dataset: str | None = None):
     """(teacher model, its run.json record). A plain CLIP takes --templates, else the templates its
     class vectors recorded, else the default template."""
-    from promptkd.inputs import artifact_path, load_teacher
+    from promptkd.inputs import load_teacher
     from promptkd.models.loading import clip_from_source, load_clip
     from promptkd.models.teachers import ZeroShotTeacher
     from promptkd.runs import check_file_record, file_record, is_file_record
     from promptkd.templates import resolve_templates
 
     if choice.teacher:
-        path = artifact_path(choice.teacher, "teacher")
+        path = _teacher_file(choice)
         teacher = load_teacher(path, choice.teacher_model, choice.teacher_weights, device)
         return teacher, {"teacher": file_record(path), "teacher_clip": teacher.clip.source}
     if choice.teacher_model:
