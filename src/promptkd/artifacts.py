@@ -28,6 +28,7 @@ _META_KEY = "promptkd"
 # The artifacts a run folder holds, by the names every command finds them by.
 ARTIFACT_FILES = {"teacher": "teacher.safetensors", "student": "student.safetensors"}
 CLASS_VECTORS_FILE = "class_vectors.safetensors"
+METRICS_FILE = "metrics.json"  # a run's results (teacher, distill), as JSON
 
 
 def _new_file_mode(path: Path) -> int:

@@ -33,18 +33,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from promptkd.artifacts import ARTIFACT_FILES, CLASS_VECTORS_FILE, write_json
-from promptkd.engine.config import CHECKPOINT_NAME, ENGINE_FILES
+from promptkd.artifacts import ARTIFACT_FILES, CLASS_VECTORS_FILE, METRICS_FILE, write_json
+from promptkd.engine.config import CHECKPOINT_NAME, ENGINE_FILES, METRICS_LOG_NAME
 from promptkd.errors import PromptKDError
 from promptkd.files import check_file_record, file_digest, file_record, is_file_record  # noqa: F401 (re-exported)
 
 RUN_FILE = "run.json"
-METRICS_FILE = "metrics.json"  # a training run's results, written by its RunFolder
 LOCK_FILE = ".promptkd.lock"
 # Files of a run folder that another command's --out may never replace, while the run's own list of
 # outputs (run.json, written when it finishes) is not there yet.
 RUN_FOLDER_FILES = (*ARTIFACT_FILES.values(), "student-best-val.safetensors", CLASS_VECTORS_FILE,
-                    CHECKPOINT_NAME, METRICS_FILE, "metrics.jsonl",
+                    CHECKPOINT_NAME, METRICS_FILE, METRICS_LOG_NAME,
                     "manifest.json", "images.json", "shard-*.safetensors", RUN_FILE)
 # What each command's run folder is called in messages.
 RUN_KINDS = {"teacher": "teacher run", "distill": "distillation run", "cache": "teacher cache",

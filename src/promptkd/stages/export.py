@@ -27,7 +27,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from promptkd.artifacts import about_file, atomic_open, save_artifact
+from promptkd.artifacts import METRICS_FILE, about_file, atomic_open, save_artifact
 from promptkd.errors import PromptKDError, optional_import
 
 if TYPE_CHECKING:  # torch and the models are imported where they run: `promptkd export --help` stays fast
@@ -262,7 +262,7 @@ def _run_metrics(student: Path, cv: Path) -> tuple[dict | None, str | None]:
     from promptkd.artifacts import read_json
     from promptkd.inputs import CLASS_VECTORS_FILE, run_record_of
 
-    metrics_file = student.parent / "metrics.json"
+    metrics_file = student.parent / METRICS_FILE
     if not metrics_file.is_file() or cv.resolve() != (student.parent / CLASS_VECTORS_FILE).resolve():
         return None, None
     metrics = read_json(metrics_file)

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from promptkd.artifacts import METRICS_FILE
 from promptkd.errors import PromptKDError
 
 _KIND_NAMES = {"teacher": "teacher (PromptSRC prompts)", "student": "student (prompts and projector)",
@@ -142,7 +143,7 @@ def _source(source: dict) -> str:
 
 
 def _run_metrics(folder: Path) -> dict[str, str]:
-    metrics_file = folder / "metrics.json"
+    metrics_file = folder / METRICS_FILE
     if not metrics_file.is_file():
         return {}
     try:

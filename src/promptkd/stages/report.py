@@ -14,7 +14,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from promptkd.artifacts import atomic_open, read_json, write_json
+from promptkd.artifacts import METRICS_FILE, atomic_open, read_json, write_json
 from promptkd.errors import PromptKDError
 
 # Table order of the paper.
@@ -42,10 +42,10 @@ def find_runs(paths) -> list[Path]:
     for p in map(Path, paths):
         if p.is_file():
             found.append(p)
-        elif (p / "metrics.json").is_file():
-            found.append(p / "metrics.json")
+        elif (p / METRICS_FILE).is_file():
+            found.append(p / METRICS_FILE)
         elif p.is_dir():
-            found.extend(f for f in sorted(p.rglob("metrics.json")) if _is_distill_metrics(f))
+            found.extend(f for f in sorted(p.rglob(METRICS_FILE)) if _is_distill_metrics(f))
         else:
             raise PromptKDError(f"{p}: no such run folder")
     if not found:
