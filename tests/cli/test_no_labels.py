@@ -84,6 +84,20 @@ def test_plain_clip_teacher_without_any_label(clips, unlabelled, tmp_path, capsy
     assert main([*predict, "--allow-other-teacher"]) == 0
 
 
+def test_distill_takes_class_vectors_from_a_run_folder(clips, unlabelled, tmp_path):
+    """--class-vectors DIR (a run folder holding class_vectors.safetensors) is the file in it, as in
+    eval and predict: the run trains on those vectors and run.json records the file."""
+    photos, names = unlabelled
+    made = tmp_path / "made"
+    common = ["-q", "distill", *_teacher(clips), "--dataset", f"images:{photos}", "--protocol", "cross",
+              *_student(clips), "--device", "cpu", "--no-progress"]
+    assert main([*common, "--classes-file", str(names), "--out", str(made)]) == 0
+    assert main([*common, "--class-vectors", str(made), "--out", str(tmp_path / "again")]) == 0
+    record = json.loads((tmp_path / "again" / "run.json").read_text())["inputs"]["class_vectors"]
+    assert record["path"] == str((made / "class_vectors.safetensors").resolve())
+    assert read_artifact_meta(tmp_path / "again" / "class_vectors.safetensors", "class_vectors")["classnames"] == NAMES
+
+
 def test_class_vectors_of_another_plain_clip_are_refused(clips, unlabelled, data, tmp_path, capsys):
     photos, names = unlabelled
     cv = tmp_path / "cv.safetensors"

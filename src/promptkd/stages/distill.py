@@ -868,10 +868,10 @@ def _load_inputs(plan: DistillPlan, device, seed: int) -> _Inputs:
     from promptkd.models.wrappers import ClassVectors
     from promptkd.stages.teacher_choice import load_teacher_choice
 
-    cfg = plan.cfg
+    cfg, first = plan.cfg, plan.teachers[0]
     loaded = [load_teacher_choice(c, device=device, seed=seed, dataset=cfg.dataset) for c in plan.teachers]
     teacher = loaded[0][0]
-    cv = ClassVectors.load(cfg.class_vectors, teacher=teacher, dim=teacher.dim) if cfg.class_vectors else None
+    cv = ClassVectors.load(first.class_vectors, teacher=teacher, dim=teacher.dim) if first.class_vectors else None
     names = cv.classnames if cv is not None else _read_classes(cfg.classes_file)
     protocol = build_protocol(cfg.protocol, cfg.dataset, cfg.root, num_shots=cfg.shots, seed=seed,
                               reference_classnames=names)

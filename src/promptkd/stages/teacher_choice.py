@@ -67,7 +67,8 @@ def cache_teacher_record(cache_dir: str | Path) -> dict:
 def check_teacher_choice(choice: TeacherChoice, where: str = "distill") -> TeacherChoice:
     """Everything about a teacher choice that needs no torch: which kind, files present, templates
     (its cache folder is the caller's to check: promptkd.stages.cache.require_cache_folder). Returns
-    the choice checked, its teacher resolved to the artifact file: later steps trust it."""
+    the choice checked, its teacher and class vectors resolved to their files (a run folder names the
+    file in it): later steps trust it."""
     from promptkd.inputs import artifact_path, check_clip_files, class_vectors_path
     from promptkd.templates import resolve_templates
 
@@ -83,10 +84,9 @@ def check_teacher_choice(choice: TeacherChoice, where: str = "distill") -> Teach
                                 "PromptSRC teacher's class prompts are its own")
     if choice.templates and choice.templates != "dataset":  # the dataset's template: once the dataset is known
         resolve_templates(choice.templates)
-    if choice.class_vectors:
-        class_vectors_path(choice.class_vectors)
+    vectors = str(class_vectors_path(choice.class_vectors)) if choice.class_vectors else None
     check_clip_files(choice.teacher_model, choice.teacher_weights, "teacher")
-    return replace(choice, teacher=str(path) if path else choice.teacher, checked=True)
+    return replace(choice, teacher=str(path) if path else choice.teacher, class_vectors=vectors, checked=True)
 
 
 def _teacher_file(choice: TeacherChoice) -> Path | None:
