@@ -87,7 +87,7 @@ def _checked_subject(args):
     """(the _subject triple, the plain CLIP teacher's choice | None, the class-vector file of the
     student or the plain teacher | None), with every option and CLIP file checked before anything
     heavy runs."""
-    from promptkd.inputs import check_clip_files, class_vectors_path, student_class_vectors
+    from promptkd.inputs import check_clip_files, student_class_vectors
     from promptkd.stages.teacher_choice import TeacherChoice, check_teacher_choice
 
     clip_model, teacher_path, student_path = subject = _subject(args)
@@ -98,10 +98,10 @@ def _checked_subject(args):
     if plain:
         choice = TeacherChoice(None, args.teacher_model, args.teacher_weights, args.class_vectors,
                                templates=args.template or args.templates)
-        check_teacher_choice(choice, "eval")
+        choice = check_teacher_choice(choice, "eval")  # its class vectors resolved (a run folder: the file in it)
     cv_path = student_class_vectors(student_path, args.class_vectors) if student_path else None
-    if choice is not None and args.class_vectors:  # a file or a run folder holding one: an input of --out's check
-        cv_path = class_vectors_path(args.class_vectors)
+    if choice is not None and choice.class_vectors:  # an input of --out's check
+        cv_path = choice.class_vectors
     for role, model, weights in (("clip", args.clip_model, args.clip_weights), ("teacher", args.teacher_model,
                                  args.teacher_weights), ("student", args.student_model, args.student_weights)):
         check_clip_files(model, weights, role)
